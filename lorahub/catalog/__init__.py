@@ -1,0 +1,1 @@
+"""The catalog: what the store holds, in SQL (SQLite by default)."""

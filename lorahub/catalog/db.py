@@ -1,0 +1,107 @@
+"""The catalog's engine: SQLite in WAL mode with immediate write transactions, migrated by
+Alembic when a store is opened.
+
+Readers never block in WAL; writers take the write lock at ``BEGIN IMMEDIATE`` so two
+processes never both read-then-upgrade and deadlock, and the busy timeout makes them queue
+instead of failing with "database is locked".
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy.orm import Session
+
+from ..errors import StoreError
+
+# The newest Alembic revision; a test checks it equals the head of migrations/.
+SCHEMA_HEAD = "0001"
+BUSY_TIMEOUT_S = 60
+
+
+def migrations_dir() -> Path:
+    """Revisions ship inside the wheel as ``lorahub/_migrations``; from a source checkout
+    they are the top-level ``migrations/``."""
+    pkg = Path(__file__).resolve().parent.parent
+    packaged = pkg / "_migrations"
+    return packaged if packaged.is_dir() else pkg.parent / "migrations"
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a busy timeout and immediate writes."""
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(
+        url, connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False}
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:
+        # Take transaction control from the driver so BEGIN IMMEDIATE below is honoured.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:
+        mode = "IMMEDIATE" if conn.get_execution_options().get("lorahub_write") else "DEFERRED"
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def upgrade(engine: Engine, lock_path: Path | None) -> None:
+    """Bring the schema to the newest revision, unless it is there already (the usual case,
+    which must not pay for importing Alembic)."""
+    try:
+        if current_revision(engine) == SCHEMA_HEAD:
+            return
+        lock = contextlib.nullcontext()
+        if lock_path is not None:
+            from filelock import FileLock
+
+            lock = FileLock(str(lock_path))
+        with lock:
+            if current_revision(engine) == SCHEMA_HEAD:
+                return
+            from alembic import command
+            from alembic.config import Config
+
+            cfg = Config()
+            cfg.set_main_option("script_location", str(migrations_dir()))
+            with engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+    except StoreError:
+        raise
+    except Exception as exc:  # sqlalchemy/alembic errors about the database itself
+        raise StoreError(f"cannot open the catalog at {engine.url!r}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def write_session(engine: Engine) -> Iterator[Session]:
+    """A session whose transaction holds the write lock from its first statement."""
+    with engine.connect() as conn:
+        conn = conn.execution_options(lorahub_write=True)
+        with Session(bind=conn) as session, session.begin():
+            yield session
+
+
+@contextlib.contextmanager
+def read_session(engine: Engine) -> Iterator[Session]:
+    with Session(engine) as session:
+        yield session

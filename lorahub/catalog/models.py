@@ -1,0 +1,149 @@
+"""SQLAlchemy 2.0 models of the catalog.
+
+What users filter on lives in indexed columns; the manifest (the identity of an adapter) is
+kept verbatim as canonical JSON next to them. The schema is created and changed only by the
+Alembic revisions in ``migrations/``; a test checks they produce exactly these models.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Blob(Base):
+    """A weights file in the blob directory; rows are written after the file is published."""
+
+    __tablename__ = "blobs"
+
+    digest: Mapped[str] = mapped_column(String(40), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class BaseModelRow(Base):
+    """A base model lorahub has seen: where it was, its fingerprints and its tensor table."""
+
+    __tablename__ = "base_models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(512), index=True)
+    path: Mapped[str | None] = mapped_column(Text)
+    repo_id: Mapped[str | None] = mapped_column(String(256), index=True)
+    revision: Mapped[str | None] = mapped_column(String(128))
+    signature: Mapped[str] = mapped_column(String(40), index=True)
+    content_hash: Mapped[str | None] = mapped_column(String(40), index=True)
+    tensor_count: Mapped[int] = mapped_column(Integer)
+    total_bytes: Mapped[int] = mapped_column(BigInteger)
+    tensor_table: Mapped[str] = mapped_column(Text)  # JSON: [[name, dtype, [shape...]], ...]
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Adapter(Base):
+    """One adapter, identified by the digest of its manifest."""
+
+    __tablename__ = "adapters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    digest: Mapped[str] = mapped_column(String(40), unique=True)
+    manifest: Mapped[str] = mapped_column(Text)
+    weights_digest: Mapped[str] = mapped_column(ForeignKey("blobs.digest"), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    rank: Mapped[int] = mapped_column(Integer, index=True)
+    alpha: Mapped[float] = mapped_column(Float, index=True)
+    use_rslora: Mapped[bool] = mapped_column(Boolean, default=False)
+    use_dora: Mapped[bool] = mapped_column(Boolean, default=False)
+    targets: Mapped[str] = mapped_column(Text)  # comma-separated leaf names, for display
+    module_count: Mapped[int] = mapped_column(Integer)
+    base_name: Mapped[str | None] = mapped_column(String(512), index=True)
+    base_revision: Mapped[str | None] = mapped_column(String(128))
+    base_signature: Mapped[str | None] = mapped_column(String(40), index=True)
+    base_content_hash: Mapped[str | None] = mapped_column(String(40), index=True)
+    base_id: Mapped[int | None] = mapped_column(ForeignKey("base_models.id"), index=True)
+    origin_kind: Mapped[str] = mapped_column(String(32), index=True)  # import | compose | pull
+    origin: Mapped[str] = mapped_column(Text)  # JSON: where it came from (path, repo, ...)
+    created_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+    modules: Mapped[list[AdapterModule]] = relationship(
+        back_populates="adapter", cascade="all, delete-orphan", passive_deletes=True
+    )
+    refs: Mapped[list[Ref]] = relationship(
+        back_populates="adapter", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class AdapterModule(Base):
+    """One adapted module of an adapter, so `--filter target=q_proj` is an index lookup."""
+
+    __tablename__ = "adapter_modules"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"))
+    module: Mapped[str] = mapped_column(String(512))
+    leaf: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))
+    in_features: Mapped[int] = mapped_column(Integer)
+    out_features: Mapped[int] = mapped_column(Integer)
+    rank: Mapped[int] = mapped_column(Integer)
+    alpha: Mapped[float] = mapped_column(Float)
+
+    adapter: Mapped[Adapter] = relationship(back_populates="modules")
+
+    __table_args__ = (
+        Index("ix_adapter_modules_adapter", "adapter_id"),
+        Index("ix_adapter_modules_leaf", "leaf", "adapter_id"),
+        Index("ix_adapter_modules_module", "module", "adapter_id"),
+    )
+
+
+class Ref(Base):
+    """``name:tag`` pointing at an adapter; one per base variant, like multi-platform images."""
+
+    __tablename__ = "refs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(256))
+    tag: Mapped[str] = mapped_column(String(128))
+    variant: Mapped[str] = mapped_column(String(600))  # the base this variant is for ("" = any)
+    adapter_id: Mapped[int] = mapped_column(
+        ForeignKey("adapters.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+    adapter: Mapped[Adapter] = relationship(back_populates="refs")
+
+    __table_args__ = (UniqueConstraint("name", "tag", "variant", name="uq_ref_variant"),)
+
+
+class MergedEntry(Base):
+    """An on-demand merged checkpoint under ``<home>/merged/``, with its provenance."""
+
+    __tablename__ = "merged"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(40), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    base_content_hash: Mapped[str] = mapped_column(String(40), index=True)
+    base_name: Mapped[str] = mapped_column(String(512))
+    adapters: Mapped[str] = mapped_column(Text)  # JSON: [[digest, weight], ...]
+    dtype: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    last_used_at: Mapped[datetime] = mapped_column(DateTime, index=True)

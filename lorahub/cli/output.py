@@ -1,0 +1,86 @@
+"""Printing helpers for the CLI: tables, JSON, sizes and progress bars."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from ..hub import Hub
+
+
+def hub_from(ctx: click.Context) -> Hub:
+    """The Hub for this invocation, opened on first use (so ``--help`` never touches disk)."""
+    root = ctx.find_root()
+    obj = root.obj if isinstance(root.obj, dict) else {}
+    if "hub" not in obj:
+        obj["hub"] = Hub(obj.get("home"))
+        root.obj = obj
+        ctx.call_on_close(obj["hub"].close)
+    return obj["hub"]
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> None:
+    """Left-aligned columns, two spaces apart, like ``docker images``."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    click.echo(fmt.format(*headers).rstrip())
+    for row in rows:
+        click.echo(fmt.format(*row).rstrip())
+
+
+def show_progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+@contextmanager
+def progress(label: str, quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A ``(done, total)`` callback drawing a bar on stderr, or None when not on a TTY."""
+    if not show_progress(quiet):
+        yield None
+        return
+    bar_holder: dict[str, Any] = {}
+
+    def update(done: int, total: int) -> None:
+        bar = bar_holder.get("bar")
+        if bar is None:
+            bar = click.progressbar(length=max(total, 1), label=label, file=sys.stderr)
+            bar.__enter__()
+            bar_holder["bar"] = bar
+        bar.update(done - bar.pos)
+
+    try:
+        yield update
+    finally:
+        if "bar" in bar_holder:
+            bar_holder["bar"].__exit__(None, None, None)
+
+
+def parse_duration(text: str) -> float:
+    """``3600``, ``90s``, ``30m``, ``1h``, ``2d`` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a duration like 90s, 30m, 1h") from None

@@ -1,0 +1,289 @@
+"""Store commands: add, ls, show, tag, rm, export, verify, gc."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..info import AdapterInfo
+from .output import echo_json, hub_from, human_size, parse_duration, progress, table
+
+
+def _base_label(info: AdapterInfo) -> str:
+    b = info.base
+    if b.name:
+        return b.name if b.verified else f"{b.name} (unverified)"
+    return b.signature[7:19] if b.signature else "-"
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("-n", "--name", help="Reference to give it: name or name:tag (default: folder name).")
+@click.option("-r", "--recursive", is_flag=True, help="Find every adapter below each folder.")
+@click.option(
+    "--base",
+    help="Base model (folder, .safetensors file or Hub repo id) to record and check against.",
+)
+@click.option("--force", is_flag=True, help="Store even if it does not fit --base.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@click.pass_context
+def add(
+    ctx: click.Context,
+    paths: tuple[str, ...],
+    name: str | None,
+    recursive: bool,
+    base: str | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Import adapters (PEFT folders; kohya/diffusers files with --base).
+
+    \b
+    Examples:
+      lorahub add ./my-peft-adapter --name sql-expert:v1
+      lorahub add --recursive ~/runs
+    """
+    hub = hub_from(ctx)
+    results = hub.add_many(list(paths), recursive=recursive, name=name, base=base, force=force)
+    if as_json:
+        echo_json([r.to_dict() for r in results])
+    else:
+        for r in results:
+            if r.adapter is not None:
+                refs = ", ".join(r.adapter.refs) or "(no name)"
+                click.echo(f"{r.status:<8} {r.adapter.digest}  {refs}  <- {r.source}")
+            else:
+                click.echo(f"refused  {r.source}: {r.reason}", err=True)
+    if not results or any(r.status == "refused" for r in results):
+        sys.exit(1)
+
+
+@click.command("ls")
+@click.option(
+    "-f",
+    "--filter",
+    "filters",
+    multiple=True,
+    help="key=value; keys: rank, alpha, target, module, base, dora, rslora, origin, name.",
+)
+@click.option("--base", "base", help="Only adapters that fit this base model.")
+@click.option("-q", "--quiet", is_flag=True, help="Print one digest reference per line.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.option("--limit", type=int, help="At most this many adapters.")
+@click.pass_context
+def ls(
+    ctx: click.Context,
+    filters: tuple[str, ...],
+    base: str | None,
+    quiet: bool,
+    as_json: bool,
+    limit: int | None,
+) -> None:
+    """List stored adapters, newest first.
+
+    \b
+    Examples:
+      lorahub ls --filter rank=16 --filter target=q_proj
+      lorahub rm -y $(lorahub ls -q --filter base=meta-llama/Llama-3.2-1B)
+    """
+    hub = hub_from(ctx)
+    infos = hub.list(filters, base=base, limit=limit)
+    if as_json:
+        echo_json([i.to_dict() for i in infos])
+        return
+    if quiet:
+        for i in infos:
+            click.echo(f"@{i.digest}")
+        return
+    rows = []
+    for i in infos:
+        for ref in i.refs or ("<none>",):
+            rows.append(
+                [
+                    ref,
+                    i.short,
+                    str(i.rank),
+                    f"{i.alpha:g}",
+                    ",".join(i.targets),
+                    _base_label(i),
+                    human_size(i.size),
+                    i.created_at.strftime("%Y-%m-%d %H:%M"),
+                ]
+            )
+    table(rows, ["REFERENCE", "DIGEST", "RANK", "ALPHA", "TARGETS", "BASE", "SIZE", "CREATED"])
+
+
+@click.command()
+@click.argument("reference")
+@click.option("--json", "as_json", is_flag=True, help="Print the full record, manifest included.")
+@click.pass_context
+def show(ctx: click.Context, reference: str, as_json: bool) -> None:
+    """Show one adapter: identity, LoRA settings, base, origin and provenance.
+
+    \b
+    Example:
+      lorahub show sql-expert:v1 --json
+    """
+    info = hub_from(ctx).get(reference)
+    if as_json:
+        echo_json(info.to_dict(manifest=True))
+        return
+    cfg = info.config
+    lines = [
+        ("digest", info.digest),
+        ("names", ", ".join(info.refs) or "-"),
+        ("rank", str(info.rank)),
+        ("alpha", f"{info.alpha:g}"),
+        ("rsLoRA", "yes" if info.use_rslora else "no"),
+        ("DoRA", "yes" if info.use_dora else "no"),
+        ("targets", f"{', '.join(info.targets)} ({info.module_count} modules)"),
+        ("task", str(cfg.get("task_type") or "-")),
+        ("size", human_size(info.size)),
+        ("weights", info.weights_digest),
+        ("base", _base_label(info)),
+    ]
+    if info.base.revision:
+        lines.append(("base revision", info.base.revision))
+    if info.base.signature:
+        lines.append(("base signature", info.base.signature))
+    if info.base.content_hash:
+        lines.append(("base content", info.base.content_hash))
+    lines.append(("origin", info.origin_kind))
+    for k, v in sorted(info.origin.items()):
+        lines.append((f"  {k}", str(v)))
+    prov = info.provenance
+    if prov.get("kind") not in (None, "import"):
+        for k, v in sorted(prov.items()):
+            lines.append((f"provenance {k}", str(v)))
+    lines.append(("created", info.created_at.strftime("%Y-%m-%d %H:%M:%S UTC")))
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        click.echo(f"{k:<{width}}  {v}")
+
+
+@click.command()
+@click.argument("reference")
+@click.argument("new")
+@click.pass_context
+def tag(ctx: click.Context, reference: str, new: str) -> None:
+    """Give an adapter another name:tag.
+
+    \b
+    Example:
+      lorahub tag sql-expert:v1 sql-expert:prod
+    """
+    info = hub_from(ctx).tag(reference, new)
+    click.echo(f"{new} -> {info.digest}")
+
+
+@click.command()
+@click.argument("references", nargs=-1, required=True)
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def rm(ctx: click.Context, references: tuple[str, ...], yes: bool) -> None:
+    """Remove names (a digest removes the adapter and all its names).
+
+    Blobs are freed later by `lorahub gc`.
+
+    \b
+    Example:
+      lorahub rm sql-expert:v1
+    """
+    hub = hub_from(ctx)
+    infos = [hub.get(r) for r in references]  # fail on a bad reference before removing any
+    if not yes:
+        if not sys.stdin.isatty():
+            raise click.UsageError("refusing to remove without confirmation; pass -y")
+        listed = ", ".join(references)
+        if not click.confirm(f"Remove {listed}?", default=False, err=True):
+            click.echo("Nothing removed.", err=True)
+            sys.exit(1)
+    for ref, info in zip(references, infos, strict=True):
+        removed = hub.remove(ref)
+        click.echo(f"removed {', '.join(removed)} ({info.short})")
+
+
+@click.command()
+@click.argument("reference")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.pass_context
+def export(ctx: click.Context, reference: str, out: str, force: bool) -> None:
+    """Write an adapter as a PEFT folder (PeftModel.from_pretrained loads it).
+
+    \b
+    Example:
+      lorahub export sql-expert:prod ./out
+    """
+    path = hub_from(ctx).export(reference, out, force=force)
+    click.echo(str(path))
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="Check existence and size only, no re-hashing.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def verify(ctx: click.Context, quick: bool, quiet: bool, as_json: bool) -> None:
+    """Re-hash every blob and check every catalog row; exit 1 if anything is wrong.
+
+    \b
+    Example:
+      lorahub verify --quick
+    """
+    with progress("verifying", quiet) as cb:
+        report = hub_from(ctx).verify(quick=quick, progress=cb)
+    if as_json:
+        echo_json(
+            {
+                "ok": report.ok,
+                "blobs": report.checked_blobs,
+                "adapters": report.checked_adapters,
+                "problems": [p.__dict__ for p in report.problems],
+            }
+        )
+    else:
+        for p in report.problems:
+            click.echo(f"BAD {p.what} {p.digest}: {p.problem}", err=True)
+        status = "ok" if report.ok else f"{len(report.problems)} problem(s)"
+        click.echo(f"{report.checked_blobs} blobs, {report.checked_adapters} adapters: {status}")
+    if not report.ok:
+        sys.exit(1)
+
+
+@click.command()
+@click.option(
+    "--grace",
+    default="1h",
+    show_default=True,
+    help="Keep unreferenced blobs younger than this (90s, 30m, 1h).",
+)
+@click.option("--dry-run", is_flag=True, help="Only print what would be freed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def gc(ctx: click.Context, grace: str, dry_run: bool, as_json: bool) -> None:
+    """Delete blobs no adapter uses, and stale temporary files.
+
+    \b
+    Example:
+      lorahub gc --dry-run
+    """
+    report = hub_from(ctx).gc(grace=parse_duration(grace), dry_run=dry_run)
+    if as_json:
+        echo_json(report.__dict__)
+        return
+    verb = "would free" if dry_run else "freed"
+    for b in report.blobs:
+        click.echo(f"{'would delete' if dry_run else 'deleted'} blob {b}")
+    for t in report.temp_files:
+        click.echo(f"{'would delete' if dry_run else 'deleted'} temp file {t}")
+    click.echo(
+        f"{verb} {human_size(report.bytes_freed)} "
+        f"({len(report.blobs)} blobs, {len(report.temp_files)} temp files)"
+    )
+
+
+def register(group: click.Group) -> None:
+    for command in (add, ls, show, tag, rm, export, verify, gc):
+        group.add_command(command)

@@ -1,0 +1,123 @@
+"""PEFT adapter directories: ``adapter_config.json`` plus ``adapter_model.safetensors``
+(or the older pickled ``adapter_model.bin``, opened only with ``weights_only=True``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..adapter import LoraAdapter
+from ..errors import InvalidAdapter
+
+if TYPE_CHECKING:
+    import torch
+
+CONFIG = "adapter_config.json"
+SAFETENSORS = "adapter_model.safetensors"
+BIN = "adapter_model.bin"
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / CONFIG).is_file()
+
+
+def find_adapter_dirs(root: Path, recursive: bool = False) -> list[Path]:
+    """Adapter directories at ``root``: itself, else (PEFT's named adapters) its direct
+    subfolders, or every directory below it with ``recursive``."""
+    if not recursive:
+        if is_adapter_dir(root):
+            return [root]
+        return sorted(p for p in root.iterdir() if p.is_dir() and is_adapter_dir(p))
+    return sorted(p.parent for p in root.rglob(CONFIG) if p.is_file())
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    cfg_path = path / CONFIG
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidAdapter(f"{path} has no {CONFIG}; is it a PEFT adapter directory?") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidAdapter(f"{cfg_path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise InvalidAdapter(f"{cfg_path} must hold a JSON object, not {type(config).__name__}")
+    return config
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata; a truncated or lying file is an ``InvalidAdapter``."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise InvalidAdapter(f"{path} is not a valid safetensors file: {exc}") from None
+    return tensors, metadata
+
+
+def read_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict, loaded with ``weights_only=True``: no code in it ever runs."""
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidAdapter(
+            f"{path} was refused: it is not a plain tensor file that loads with "
+            f"weights_only=True ({first}). Convert it with the tool that made it, or re-save "
+            "it as safetensors."
+        ) from None
+    if not isinstance(obj, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise InvalidAdapter(f"{path} does not hold a mapping of names to tensors")
+    return dict(obj)
+
+
+def read_peft_dir(path: Path) -> LoraAdapter:
+    """Read a directory written by PEFT's ``save_pretrained``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InvalidAdapter(f"{path} is not a directory")
+    config = read_config(path)
+    if (path / SAFETENSORS).is_file():
+        tensors, metadata = read_safetensors(path / SAFETENSORS)
+        metadata.pop("format", None)
+    elif (path / BIN).is_file():
+        tensors, metadata = read_bin(path / BIN), {}
+    else:
+        raise InvalidAdapter(f"{path} has {CONFIG} but neither {SAFETENSORS} nor {BIN}")
+    return LoraAdapter.from_state_dict(config, tensors, metadata)
+
+
+def canonical_weights(adapter: LoraAdapter) -> bytes:
+    """The one byte form of an adapter's weights: PEFT's keys, ``{"format": "pt"}`` metadata.
+
+    The same tensors give the same bytes whichever file they came from, which is what makes
+    a ``.bin`` and a ``.safetensors`` import share one blob and one digest.
+    """
+    from safetensors.torch import save
+
+    tensors = adapter.state_dict()
+    try:
+        return save(tensors, metadata={"format": "pt"})
+    except RuntimeError:
+        # Tensors that share storage (possible from a pickle) must be separated first.
+        return save({k: v.clone() for k, v in tensors.items()}, metadata={"format": "pt"})
+
+
+def write_config(config: Mapping[str, Any], out: Path) -> None:
+    (out / CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+
+
+def iter_files(path: Path) -> Iterator[Path]:
+    for name in (CONFIG, SAFETENSORS, BIN):
+        if (path / name).is_file():
+            yield path / name

@@ -1,0 +1,507 @@
+"""``Hub``: the public Python API, tying the blob store, the catalog and the formats together.
+
+>>> import lorahub
+>>> hub = lorahub.open(home="/tmp/lorahub-demo")
+>>> info = hub.add("./my-peft-adapter", name="sql-expert:v1").adapter
+>>> hub.export("sql-expert:v1", "./out")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import manifest as mf
+from .adapter import LoraAdapter
+from .blobs import BlobStore
+from .catalog import db
+from .catalog import queries as q
+from .digest import Digest, hash_bytes
+from .errors import InvalidAdapter, InvalidReference, LorahubError, StoreError
+from .formats import peft
+from .info import AdapterInfo, AddResult, GcReport, VerifyProblem, VerifyReport
+from .manifest import BaseRef
+from .refs import Reference, format_ref, parse, validate_name
+from .settings import Settings, load
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRACE_S = 3600.0
+Progress = Callable[[int, int], None]
+
+
+class Hub:
+    """A lorahub store: blobs on disk, a catalog in SQL.
+
+    Args:
+        home: the store directory; default ``LORAHUB_HOME`` or the user data directory.
+        settings: overrides everything else (tests, embedding).
+    """
+
+    def __init__(
+        self, home: str | os.PathLike[str] | None = None, *, settings: Settings | None = None
+    ):
+        self.settings = settings or load(home)
+        self.home = self.settings.home
+        try:
+            for sub in ("blobs", "tmp", "merged"):
+                (self.home / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the store at {self.home}: {exc}") from exc
+        self.blobs = BlobStore(self.home / "blobs", self.home / "tmp")
+        self._engine: Engine | None = None
+
+    def __repr__(self) -> str:
+        return f"Hub(home={str(self.home)!r})"
+
+    @property
+    def engine(self) -> Engine:
+        """The catalog engine, migrated on first use."""
+        if self._engine is None:
+            engine = db.make_engine(self.settings.db_url)
+            db.upgrade(engine, self.home / "migrate.lock")
+            self._engine = engine
+        return self._engine
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    def __enter__(self) -> Hub:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ import
+
+    def add(
+        self,
+        source: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        base: str | os.PathLike[str] | None = None,
+        force: bool = False,
+    ) -> AddResult:
+        """Import one adapter (a PEFT directory, or a kohya/diffusers file with ``base``).
+
+        Returns an ``AddResult`` whose status is ``added`` or ``present``.
+
+        Raises:
+            InvalidAdapter: the source is not a readable adapter; the store is unchanged.
+        """
+        path = Path(source)
+        adapter, fmt = self._read(path, base)
+        origin = {"path": str(path.resolve()), "format": fmt}
+        info, added = self.store(
+            adapter, name=name, origin_kind="import", origin=origin, base=base, force=force
+        )
+        return AddResult(str(path), "added" if added else "present", info)
+
+    def add_many(
+        self,
+        sources: Sequence[str | os.PathLike[str]],
+        *,
+        recursive: bool = False,
+        name: str | None = None,
+        base: str | os.PathLike[str] | None = None,
+        force: bool = False,
+    ) -> list[AddResult]:
+        """Import every adapter found at ``sources``; one bad adapter does not stop the rest.
+
+        Without a name, each adapter is named after its directory (relative to the folder
+        given, with ``/`` turned into ``-``), tag ``latest``.
+        """
+        found: list[tuple[Path, str | None]] = []
+        results: list[AddResult] = []
+        for src in sources:
+            root = Path(src)
+            if not root.exists():
+                results.append(AddResult(str(root), "refused", reason=f"{root} does not exist"))
+                continue
+            if root.is_file() or peft.is_adapter_dir(root):
+                found.append(
+                    (
+                        root,
+                        None
+                        if name
+                        else _default_name(
+                            root.parent
+                            if root.is_file() and root.name.startswith("adapter_model")
+                            else root
+                        ),
+                    )
+                )
+                continue
+            dirs = peft.find_adapter_dirs(root, recursive=recursive)
+            if not dirs and recursive:
+                dirs = (
+                    [p for p in sorted(root.rglob("*.safetensors")) if p.is_file()] if base else []
+                )
+            if not dirs:
+                hint = "" if recursive else " (use --recursive to search below it)"
+                results.append(
+                    AddResult(str(root), "refused", reason=f"no adapter found in {root}{hint}")
+                )
+                continue
+            for d in dirs:
+                rel = d.relative_to(root) if d != root else Path(d.name)
+                found.append((d, None if name else _default_name(rel, root)))
+        if name and len(found) > 1:
+            raise InvalidReference(
+                f"--name {name} names one adapter, but {len(found)} were found; "
+                "leave it out to name each after its directory"
+            )
+        for path, default in found:
+            try:
+                results.append(self.add(path, name=name or default, base=base, force=force))
+            except LorahubError as exc:
+                results.append(AddResult(str(path), "refused", reason=str(exc)))
+        return results
+
+    def _read(self, path: Path, base: str | os.PathLike[str] | None) -> tuple[LoraAdapter, str]:
+        if not path.exists():
+            raise InvalidAdapter(f"{path} does not exist")
+        if (
+            path.is_file()
+            and path.name in (peft.SAFETENSORS, peft.BIN)
+            and peft.is_adapter_dir(path.parent)
+        ):
+            path = path.parent
+        if path.is_dir():
+            if not peft.is_adapter_dir(path):
+                raise InvalidAdapter(
+                    f"{path} holds no adapter ({peft.CONFIG} not found); "
+                    "for a folder of adapters use `lorahub add --recursive`"
+                )
+            fmt = "peft-safetensors" if (path / peft.SAFETENSORS).is_file() else "peft-bin"
+            return peft.read_peft_dir(path), fmt
+        return self._read_file(path, base)
+
+    def _read_file(
+        self, path: Path, base: str | os.PathLike[str] | None
+    ) -> tuple[LoraAdapter, str]:
+        if path.suffix != ".safetensors":
+            raise InvalidAdapter(
+                f"{path} is not an adapter: give a PEFT directory or a .safetensors LoRA file"
+            )
+        try:
+            from .formats import kohya
+        except ImportError:  # pragma: no cover - kohya support not installed
+            kohya = None  # type: ignore[assignment]
+        if kohya is None:
+            raise InvalidAdapter(f"{path}: single-file LoRA import is not available")
+        return kohya.read_file(path, self._base_tensors(base) if base is not None else None)
+
+    def _base_tensors(self, base: str | os.PathLike[str]) -> Mapping[str, Any]:
+        from .base import open_base
+
+        return open_base(str(base)).tensors
+
+    def store(
+        self,
+        adapter: LoraAdapter,
+        *,
+        name: str | None = None,
+        origin_kind: str,
+        origin: Mapping[str, Any],
+        provenance: Mapping[str, Any] | None = None,
+        base: str | os.PathLike[str] | BaseRef | None = None,
+        force: bool = False,
+    ) -> tuple[AdapterInfo, bool]:
+        """Store an in-memory adapter: blob first, then its rows, in one transaction.
+
+        Returns the stored adapter and whether it was new.
+        """
+        ref = parse(name) if name else None
+        if ref is not None and ref.name is None:
+            raise InvalidReference(f"{name!r} is a digest; give a name such as 'my-adapter:v1'")
+        base_ref, base_id = self._base_for(adapter, base, force)
+        data = peft.canonical_weights(adapter)
+        weights = hash_bytes(data)
+        manifest = mf.build(adapter, weights, len(data), base_ref, provenance)
+        text = mf.encode(manifest).decode()
+        digest = str(hash_bytes(text.encode()))
+        if self.blobs.exists(weights):
+            # Refresh the mtime so a concurrent `gc` sees the blob as young and keeps it.
+            os.utime(self.blobs.path(weights))
+        else:
+            self.blobs.put_bytes(data, weights)
+        with db.write_session(self.engine) as s:
+            row = q.adapter_by_digest(s, digest)
+            added = row is None
+            if row is None:
+                q.ensure_blob(s, str(weights), len(data))
+                row = q.insert_adapter(
+                    s,
+                    digest=digest,
+                    manifest_text=text,
+                    adapter=adapter,
+                    weights_digest=str(weights),
+                    size=len(data),
+                    base=base_ref,
+                    base_id=base_id,
+                    origin_kind=origin_kind,
+                    origin=origin,
+                )
+            if ref is not None:
+                q.set_ref(s, ref.name, ref.tag, row)  # type: ignore[arg-type]
+            s.refresh(row)
+            info = q.to_info(row)
+        log.info("%s %s", "added" if added else "already present", digest)
+        return info, added
+
+    def _base_for(
+        self, adapter: LoraAdapter, base: str | os.PathLike[str] | BaseRef | None, force: bool
+    ) -> tuple[BaseRef, int | None]:
+        """The base an adapter is recorded against; unverified from its config when not given."""
+        if isinstance(base, BaseRef):
+            return base, None
+        if base is None:
+            return BaseRef(adapter.base_model_name, adapter.config.get("revision") or None), None
+        return self._register_base_for(adapter, base, force)
+
+    def _register_base_for(
+        self, adapter: LoraAdapter, base: str | os.PathLike[str], force: bool
+    ) -> tuple[BaseRef, int | None]:
+        raise LorahubError("recording a base model needs lorahub.base, which is not available")
+
+    # ------------------------------------------------------------------ lookups
+
+    def _find(self, s: Any, reference: str | Reference) -> Any:
+        ref = parse(reference) if isinstance(reference, str) else reference
+        return q.resolve_one(s, ref)
+
+    def get(self, reference: str) -> AdapterInfo:
+        """The adapter a reference names.
+
+        Raises:
+            AdapterNotFound: nothing matches. AmbiguousReference: several do.
+        """
+        with db.read_session(self.engine) as s:
+            return q.to_info(self._find(s, reference))
+
+    def list(
+        self,
+        filters: Iterable[str] | Mapping[str, str] = (),
+        *,
+        base: str | os.PathLike[str] | None = None,
+        limit: int | None = None,
+    ) -> list[AdapterInfo]:
+        """Stored adapters, newest first; ``filters`` like ``["rank=16", "target=q_proj"]``;
+        ``base`` keeps only those that fit that base model."""
+        parsed = q.parse_filters(filters)
+        with db.read_session(self.engine) as s:
+            infos = [q.to_info(r) for r in q.list_adapters(s, parsed, None if base else limit)]
+        if base is not None:
+            infos = self._fitting(infos, base)[:limit] if limit else self._fitting(infos, base)
+        return infos
+
+    def _fitting(self, infos: list[AdapterInfo], base: str | os.PathLike[str]) -> list[AdapterInfo]:
+        raise LorahubError("filtering by base model needs lorahub.base, which is not available")
+
+    def load(self, reference: str) -> LoraAdapter:
+        """The adapter's tensors and config, read from its blob."""
+        info = self.get(reference)
+        return self.load_info(info)
+
+    def load_info(self, info: AdapterInfo) -> LoraAdapter:
+        blob = Digest.parse(info.weights_digest)
+        tensors, _ = peft.read_safetensors(self.blobs.path(blob))
+        return LoraAdapter.from_state_dict(info.config, tensors, info.manifest.get("metadata"))
+
+    # ------------------------------------------------------------------ names
+
+    def tag(self, reference: str, new: str) -> AdapterInfo:
+        """Give the adapter ``reference`` names another name ``new`` (``name[:tag]``)."""
+        target = parse(new)
+        if target.name is None:
+            raise InvalidReference(
+                f"{new!r} is a digest; a tag must be a name like 'sql-expert:prod'"
+            )
+        with db.write_session(self.engine) as s:
+            row = self._find(s, reference)
+            q.set_ref(s, target.name, target.tag, row)
+            s.refresh(row)
+            return q.to_info(row)
+
+    def remove(self, reference: str) -> list[str]:
+        """Remove a name (or, for a digest, the adapter and all its names).
+
+        An adapter left without names is deleted from the catalog; its blob stays until
+        ``gc`` (other adapters may share it). Returns the names removed.
+        """
+        ref = parse(reference)
+        removed: list[str] = []
+        with db.write_session(self.engine) as s:
+            row = self._find(s, ref)
+            by_name = ref.name is not None and any(
+                r.name == ref.name and r.tag == ref.tag for r in row.refs
+            )
+            if by_name:
+                q.remove_ref(s, ref.name, ref.tag, row.id)  # type: ignore[arg-type]
+                removed.append(format_ref(ref.name, ref.tag))  # type: ignore[arg-type]
+                s.expire(row)
+                if q.ref_count(s, row.id) == 0:
+                    q.delete_adapter(s, row)
+            else:
+                removed.extend(format_ref(r.name, r.tag) for r in row.refs)
+                q.delete_adapter(s, row)
+            return removed or [row.digest]
+
+    # ------------------------------------------------------------------ export
+
+    def export(self, reference: str, out: str | os.PathLike[str], *, force: bool = False) -> Path:
+        """Write a directory ``PeftModel.from_pretrained`` loads: config, weights, model card.
+
+        The directory appears complete or not at all.
+        """
+        info = self.get(reference)
+        dest = Path(out)
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not force:
+            raise StoreError(f"{dest} already exists and is not empty; pass --force to replace it")
+        from .card import adapter_card
+
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        try:
+            shutil.copyfile(
+                self.blobs.path(Digest.parse(info.weights_digest)), tmp / peft.SAFETENSORS
+            )
+            peft.write_config(info.config, tmp)
+            (tmp / "README.md").write_text(adapter_card(info))
+            (tmp / "lorahub.json").write_text(
+                json.dumps(_lorahub_json(info), indent=2, sort_keys=True) + "\n"
+            )
+            _replace_dir(tmp, dest)
+        except FileNotFoundError as exc:
+            raise StoreError(
+                f"blob of {info.digest} is missing; run `lorahub verify`: {exc}"
+            ) from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+
+    # ------------------------------------------------------------------ health
+
+    def verify(self, *, quick: bool = False, progress: Progress | None = None) -> VerifyReport:
+        """Re-hash every blob (or, ``quick``, check existence and size) and check every
+        adapter row against its blob and its manifest."""
+        from .catalog.models import Adapter, Blob
+
+        problems: list[VerifyProblem] = []
+        with db.read_session(self.engine) as s:
+            blobs = [(b.digest, b.size) for b in s.query(Blob)]
+            adapters = [(a.digest, a.weights_digest, a.size, a.manifest) for a in s.query(Adapter)]
+        total = sum(size for _, size in blobs)
+        done = 0
+        for digest, size in blobs:
+            problem = self.blobs.verify(Digest.parse(digest), size, quick)
+            if problem:
+                problems.append(VerifyProblem("blob", digest, problem))
+            done += size
+            if progress:
+                progress(done, total)
+        known = {d for d, _ in blobs}
+        for digest, weights, _size, text in adapters:
+            if weights not in known:
+                problems.append(
+                    VerifyProblem("adapter", digest, f"weights blob {weights} has no row")
+                )
+            if str(hash_bytes(text.encode())) != digest:
+                problems.append(
+                    VerifyProblem("adapter", digest, "manifest does not hash to its digest")
+                )
+            try:
+                if json.loads(text)["weights"]["digest"] != weights:
+                    problems.append(VerifyProblem("adapter", digest, "manifest names another blob"))
+            except (KeyError, ValueError):
+                problems.append(VerifyProblem("adapter", digest, "manifest is not valid"))
+        return VerifyReport(len(blobs), len(adapters), tuple(problems))
+
+    def gc(self, *, grace: float = DEFAULT_GRACE_S, dry_run: bool = False) -> GcReport:
+        """Delete blobs no adapter uses and stale temp files, older than ``grace`` seconds.
+
+        The grace period protects a concurrent ``add`` that has published a blob and not
+        yet committed the row that uses it.
+        """
+        from .catalog.models import Blob
+
+        cutoff = time.time() - grace
+        freed: list[str] = []
+        size = 0
+        with db.write_session(self.engine) as s:
+            used = q.referenced_weights(s)
+            rows = {b.digest: b for b in s.query(Blob)}
+            for info in self.blobs:
+                key = str(info.digest)
+                if key in used or info.mtime >= cutoff:
+                    continue
+                freed.append(key)
+                size += info.size
+                if not dry_run:
+                    if key in rows:
+                        s.delete(rows[key])
+                    self.blobs.delete(info.digest)
+            if not dry_run:
+                on_disk = {str(b.digest) for b in self.blobs}
+                for key, row in rows.items():
+                    if key not in used and key not in on_disk:
+                        s.delete(row)
+        temps = self.blobs.stale_temp_files(grace)
+        for t in temps:
+            try:
+                size += t.stat().st_size
+                if not dry_run:
+                    t.unlink()
+            except FileNotFoundError:
+                pass
+        return GcReport(tuple(freed), tuple(str(t) for t in temps), size, dry_run)
+
+
+def open(home: str | os.PathLike[str] | None = None) -> Hub:
+    """Open (creating if needed) the store at ``home``."""
+    return Hub(home)
+
+
+def _default_name(rel: Path, root: Path | None = None) -> str | None:
+    text = "-".join(p for p in rel.parts if p not in ("", ".")) or (root.name if root else "")
+    text = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._")[:128]
+    try:
+        return validate_name(text) if text else None
+    except InvalidReference:
+        return None
+
+
+def _lorahub_json(info: AdapterInfo) -> dict[str, Any]:
+    return {
+        "lorahub_version": 1,
+        "digest": info.digest,
+        "manifest": info.manifest,
+    }
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    """Move a finished directory into place; an old one is moved aside first, then removed."""
+    for f in tmp.iterdir():
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.rename(dest, old)
+    os.rename(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,82 @@
+"""References: ``name``, ``name:tag``, ``@xxh128:<hex>``, ``xxh128:<hex>`` or a hex prefix."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import InvalidReference
+
+DEFAULT_TAG = "latest"
+MIN_PREFIX = 8
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_HEX = re.compile(r"^[0-9a-f]+$")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A parsed reference. ``prefix`` is set for digest references (full or partial);
+    ``name`` is set for names. A bare hex string sets both: names win, like docker."""
+
+    text: str
+    name: str | None = None
+    tag: str = DEFAULT_TAG
+    prefix: str | None = None
+
+    @property
+    def is_digest(self) -> bool:
+        return self.name is None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def validate_name(name: str) -> str:
+    if not _NAME.match(name) or ".." in name:
+        raise InvalidReference(
+            f"invalid name {name!r}: use letters, digits, '.', '_' and '-' "
+            "(optionally 'namespace/name'), starting with a letter or digit"
+        )
+    return name
+
+
+def validate_tag(tag: str) -> str:
+    if not _TAG.match(tag):
+        raise InvalidReference(f"invalid tag {tag!r}: use letters, digits, '.', '_' and '-'")
+    return tag
+
+
+def parse(text: str) -> Reference:
+    """Parse a reference string.
+
+    >>> parse("sql-expert:v1").tag
+    'v1'
+    """
+    raw = text.strip()
+    if not raw:
+        raise InvalidReference("empty reference")
+    body = raw[1:] if raw.startswith("@") else raw
+    lowered = body.lower()
+    if lowered.startswith("xxh128:"):
+        hexpart = lowered[len("xxh128:") :]
+        if not _HEX.match(hexpart) or not MIN_PREFIX <= len(hexpart) <= 32:
+            raise InvalidReference(f"invalid digest {raw!r}: expected xxh128:<8 to 32 hex>")
+        return Reference(raw, prefix=hexpart)
+    if raw.startswith("@"):
+        if not _HEX.match(lowered) or not MIN_PREFIX <= len(lowered) <= 32:
+            raise InvalidReference(f"invalid digest {raw!r}: give at least {MIN_PREFIX} hex digits")
+        return Reference(raw, prefix=lowered)
+    name, sep, tag = body.rpartition(":") if ":" in body else (body, "", DEFAULT_TAG)
+    if not sep:
+        name, tag = body, DEFAULT_TAG
+    validate_name(name)
+    validate_tag(tag)
+    prefix = (
+        lowered if not sep and _HEX.match(lowered) and MIN_PREFIX <= len(lowered) <= 32 else None
+    )
+    return Reference(raw, name=name, tag=tag, prefix=prefix)
+
+
+def format_ref(name: str, tag: str) -> str:
+    return f"{name}:{tag}"

@@ -1,0 +1,43 @@
+"""Settings read from the environment when an entry point runs, never at import time."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+APP_NAME = "lorahub"
+DEFAULT_MERGED_MAX_BYTES = 200 * 1024**3
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the store lives and its limits; build with :func:`load`."""
+
+    home: Path
+    database_url: str | None = None
+    merged_max_bytes: int = DEFAULT_MERGED_MAX_BYTES
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'lorahub.db'}"
+
+
+def default_home() -> Path:
+    """``LORAHUB_HOME``, else the platform's user data directory."""
+    env = os.environ.get("LORAHUB_HOME")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+
+
+def load(home: str | os.PathLike[str] | None = None) -> Settings:
+    """Settings from arguments first, then the environment, then defaults."""
+    max_bytes = os.environ.get("LORAHUB_MERGED_MAX_BYTES")
+    return Settings(
+        home=Path(home).expanduser() if home is not None else default_home(),
+        database_url=os.environ.get("LORAHUB_DATABASE_URL") or None,
+        merged_max_bytes=int(max_bytes) if max_bytes else DEFAULT_MERGED_MAX_BYTES,
+    )

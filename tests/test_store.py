@@ -1,0 +1,327 @@
+"""The store through the Python API: identity, references, import formats, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from factories import write_peft_adapter
+from safetensors.torch import load_file
+
+import lorahub
+from lorahub.errors import (
+    AdapterNotFound,
+    AmbiguousReference,
+    InvalidAdapter,
+    InvalidReference,
+    LorahubError,
+)
+
+
+@pytest.fixture
+def hub(tmp_path):
+    with lorahub.open(tmp_path / "store") as h:
+        yield h
+
+
+def store_files(hub) -> dict[str, bytes]:
+    """Every file in the store but the database's WAL side files, for 'unchanged' checks."""
+    out = {}
+    for p in sorted(hub.home.rglob("*")):
+        if p.is_file() and "lorahub.db" not in p.name and not p.name.endswith(".lock"):
+            out[str(p.relative_to(hub.home))] = p.read_bytes()
+    return out
+
+
+def snapshot(hub):
+    return store_files(hub), [(i.digest, i.refs) for i in hub.list()]
+
+
+def test_add_records_queryable_columns_and_blob_layout(hub, tmp_path):
+    src = write_peft_adapter(tmp_path / "a", r=4, alpha=8)
+    res = hub.add(src, name="sql-expert:v1")
+    info = res.adapter
+    assert res.status == "added"
+    assert info.refs == ("sql-expert:v1",)
+    assert (info.rank, info.alpha, info.module_count) == (4, 8.0, 4)
+    assert info.targets == ("q_proj", "v_proj")
+    assert info.base.name == "tiny/llama" and not info.base.verified
+    assert info.digest.startswith("xxh128:") and len(info.digest) == 39
+    hexd = info.weights_digest.split(":")[1]
+    blob = hub.home / "blobs" / "xxh128" / hexd[:2] / hexd[2:]
+    assert blob.is_file() and blob.stat().st_size == info.size
+    assert hub.list(["rank=4", "target=q_proj"])[0].digest == info.digest
+    assert hub.list(["rank=16"]) == []
+    assert hub.list(["target=k_proj"]) == []
+    assert hub.list({"module": "model.layers.1.self_attn.v_proj"})[0].digest == info.digest
+
+
+def test_same_adapter_from_bin_and_safetensors_has_one_digest(hub, tmp_path):
+    a = hub.add(write_peft_adapter(tmp_path / "st", fmt="safetensors")).adapter
+    b = hub.add(write_peft_adapter(tmp_path / "bin", fmt="bin"), name="other").adapter
+    assert a.digest == b.digest
+    assert len(list(hub.blobs)) == 1
+
+
+def test_changing_alpha_changes_digest_and_shares_weights(hub, tmp_path):
+    a = hub.add(write_peft_adapter(tmp_path / "a", alpha=8)).adapter
+    b = hub.add(write_peft_adapter(tmp_path / "b", alpha=16)).adapter
+    assert a.digest != b.digest
+    assert a.weights_digest == b.weights_digest
+    assert len(list(hub.blobs)) == 1
+
+
+def test_readding_costs_no_second_copy(hub, tmp_path):
+    src = write_peft_adapter(tmp_path / "a")
+    first = hub.add(src, name="x")
+    blob = hub.blobs.path(lorahub.digest.Digest.parse(first.adapter.weights_digest))
+    inode = blob.stat().st_ino
+    second = hub.add(src, name="x:v2")
+    assert second.status == "present"
+    assert blob.stat().st_ino == inode
+    assert sorted(second.adapter.refs) == ["x:latest", "x:v2"]
+    assert list((hub.home / "tmp").iterdir()) == []
+
+
+def test_named_adapter_subfolder_and_recursive_pile(hub, tmp_path):
+    pile = tmp_path / "pile"
+    write_peft_adapter(pile / "run1" / "final", seed=1)
+    write_peft_adapter(pile / "run2" / "final", seed=2)
+    (pile / "run3").mkdir(parents=True)
+    (pile / "run3" / "adapter_config.json").write_text("{not json")
+    results = hub.add_many([pile], recursive=True)
+    by_status = {r.source: r.status for r in results}
+    assert list(by_status.values()).count("added") == 2
+    assert by_status[str(pile / "run3")] == "refused"
+    refused = next(r for r in results if r.status == "refused")
+    assert "not valid JSON" in refused.reason
+    assert sorted(r for i in hub.list() for r in i.refs) == [
+        "run1-final:latest",
+        "run2-final:latest",
+    ]
+    # A PEFT save with a named adapter holds it in a subfolder named after it.
+    named = tmp_path / "named-save"
+    write_peft_adapter(named / "my_adapter", seed=3)
+    (res,) = hub.add_many([named])
+    assert res.status == "added" and res.adapter.refs == ("my_adapter:latest",)
+
+
+def test_unknown_config_keys_survive_export(hub, tmp_path):
+    src = write_peft_adapter(tmp_path / "a")
+    hub.add(src, name="k")
+    out = hub.export("k", tmp_path / "out")
+    original = json.loads((src / "adapter_config.json").read_text())
+    exported = json.loads((out / "adapter_config.json").read_text())
+    assert exported == original
+    assert exported["some_future_key"] == {"kept": True}
+    a, b = load_file(src / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    card = (out / "README.md").read_text()
+    assert "library_name: peft" in card and "base_model: tiny/llama" in card
+
+
+def test_export_refuses_existing_dir_unless_forced(hub, tmp_path):
+    hub.add(write_peft_adapter(tmp_path / "a"), name="k")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(LorahubError, match="already exists"):
+        hub.export("k", out)
+    assert (out / "keep.txt").read_text() == "mine"
+    hub.export("k", out, force=True)
+    assert not (out / "keep.txt").exists() and (out / "adapter_config.json").is_file()
+
+
+def test_references(hub, tmp_path):
+    a = hub.add(write_peft_adapter(tmp_path / "a", seed=1), name="sql:v1").adapter
+    hub.tag("sql:v1", "sql:prod")
+    hub.tag(a.digest, "alias")
+    assert hub.get("sql:prod").digest == a.digest
+    assert hub.get("alias").digest == a.digest  # default tag latest
+    assert hub.get("alias:latest").digest == a.digest
+    assert hub.get("@" + a.digest).digest == a.digest
+    assert hub.get(a.digest.split(":")[1][:8]).digest == a.digest
+    assert hub.get("@" + a.digest.split(":")[1][:10]).digest == a.digest
+    with pytest.raises(AdapterNotFound, match="nope"):
+        hub.get("nope")
+    with pytest.raises(InvalidReference):
+        hub.get("bad name!")
+    with pytest.raises(InvalidReference):
+        hub.get("@abc")  # too short a prefix
+    # Moving a tag: sql:prod now points at b.
+    b = hub.add(write_peft_adapter(tmp_path / "b", seed=2), name="sql:v2").adapter
+    hub.tag("sql:v2", "sql:prod")
+    assert hub.get("sql:prod").digest == b.digest
+    assert "sql:prod" not in hub.get("sql:v1").refs
+
+
+def test_ambiguous_prefix_lists_candidates(hub, tmp_path):
+    # Real 8-hex collisions need ~65,000 adapters, so look up the longest prefix that 40
+    # adapters share, below the parser's 8-character minimum, straight through the catalog.
+    digests = {}
+    seed = 0
+    while len(digests) < 40:
+        info = hub.add(write_peft_adapter(tmp_path / f"a{seed}", seed=seed)).adapter
+        digests[info.digest] = info
+        seed += 1
+    hexes = sorted(d.split(":")[1] for d in digests)
+    from lorahub.catalog import db
+    from lorahub.catalog import queries as q
+    from lorahub.refs import Reference
+
+    best = max(zip(hexes, hexes[1:]), key=lambda p: len(os.path.commonprefix(p)))
+    prefix = os.path.commonprefix(best)
+    with db.read_session(hub.engine) as s, pytest.raises(AmbiguousReference) as err:
+        q.resolve_one(s, Reference(prefix, prefix=prefix))
+    assert best[0] in str(err.value) and best[1] in str(err.value)
+
+
+def test_remove_name_then_adapter_then_gc(hub, tmp_path):
+    a = hub.add(write_peft_adapter(tmp_path / "a"), name="x:v1").adapter
+    hub.tag("x:v1", "x:v2")
+    assert hub.remove("x:v1") == ["x:v1"]
+    assert hub.get("x:v2").digest == a.digest
+    assert hub.remove("x:v2") == ["x:v2"]
+    with pytest.raises(AdapterNotFound):
+        hub.get(a.digest)
+    # The blob stays until gc, and gc keeps it during the grace period.
+    assert hub.blobs.exists(lorahub.digest.Digest.parse(a.weights_digest))
+    assert hub.gc().blobs == ()
+    dry = hub.gc(grace=0, dry_run=True)
+    assert dry.blobs == (a.weights_digest,) and dry.bytes_freed == a.size
+    assert hub.blobs.exists(lorahub.digest.Digest.parse(a.weights_digest))
+    hub.gc(grace=0)
+    assert not hub.blobs.exists(lorahub.digest.Digest.parse(a.weights_digest))
+    assert hub.verify().ok
+
+
+def test_gc_keeps_blobs_in_use_and_removes_stale_temp(hub, tmp_path):
+    a = hub.add(write_peft_adapter(tmp_path / "a"), name="keep").adapter
+    stale = hub.home / "tmp" / "blob-deadbeef"
+    stale.write_bytes(b"partial")
+    os.utime(stale, (1, 1))
+    report = hub.gc(grace=60)
+    assert report.blobs == () and report.temp_files == (str(stale),)
+    assert not stale.exists()
+    assert hub.blobs.exists(lorahub.digest.Digest.parse(a.weights_digest))
+
+
+def test_verify_names_corrupt_and_missing_blobs(hub, tmp_path):
+    a = hub.add(write_peft_adapter(tmp_path / "a", seed=1)).adapter
+    b = hub.add(write_peft_adapter(tmp_path / "b", seed=2)).adapter
+    assert hub.verify().ok
+    pa = hub.blobs.path(lorahub.digest.Digest.parse(a.weights_digest))
+    os.chmod(pa, 0o644)
+    data = bytearray(pa.read_bytes())
+    data[-1] ^= 0xFF
+    pa.write_bytes(bytes(data))
+    hub.blobs.path(lorahub.digest.Digest.parse(b.weights_digest)).unlink()
+    report = hub.verify()
+    problems = {p.digest: p.problem for p in report.problems}
+    assert "content hashes to" in problems[a.weights_digest]
+    assert problems[b.weights_digest] == "missing"
+    quick = hub.verify(quick=True)
+    assert {p.digest for p in quick.problems} == {b.weights_digest}  # same size: quick misses it
+
+
+def _truncated(src: Path) -> None:
+    f = src / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+
+
+def _lying_header(src: Path) -> None:
+    f = src / "adapter_model.safetensors"
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["data_offsets"][1] += 4096
+    new = json.dumps(header).encode()
+    f.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+def _r_mismatch(src: Path) -> None:
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["r"] = 16
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def _not_json(src: Path) -> None:
+    (src / "adapter_config.json").write_text("r = 4")
+
+
+def _no_weights(src: Path) -> None:
+    (src / "adapter_model.safetensors").unlink()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/lorahub-pwned-marker",))
+
+
+def _evil_pickle(src: Path) -> None:
+    (src / "adapter_model.safetensors").unlink()
+    with open(src / "adapter_model.bin", "wb") as f:
+        pickle.dump({"base_model.model.x.lora_A.weight": _Evil()}, f)
+
+
+@pytest.mark.parametrize(
+    ("break_it", "message"),
+    [
+        (_truncated, "not a valid safetensors file"),
+        (_lying_header, "not a valid safetensors file"),
+        (_r_mismatch, "config says r=16 but the tensors have rank 4"),
+        (_not_json, "not valid JSON"),
+        (_no_weights, "neither adapter_model.safetensors nor adapter_model.bin"),
+        (_evil_pickle, "weights_only=True"),
+    ],
+)
+def test_bad_input_is_refused_and_changes_nothing(hub, tmp_path, break_it, message):
+    hub.add(write_peft_adapter(tmp_path / "good", seed=9), name="good")
+    before = snapshot(hub)
+    src = write_peft_adapter(tmp_path / "bad")
+    break_it(src)
+    marker = Path("/tmp/lorahub-pwned-marker")
+    marker.unlink(missing_ok=True)
+    with pytest.raises(InvalidAdapter, match=message):
+        hub.add(src, name="bad")
+    assert not marker.exists(), "the pickle's code ran"
+    assert snapshot(hub) == before
+    assert hub.verify().ok
+
+
+def test_directory_without_adapter(hub, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidAdapter, match="holds no adapter"):
+        hub.add(tmp_path / "empty")
+    (res,) = hub.add_many([tmp_path / "empty"])
+    assert res.status == "refused" and "--recursive" in res.reason
+
+
+def test_name_must_name_one_adapter(hub, tmp_path):
+    write_peft_adapter(tmp_path / "pile" / "a", seed=1)
+    write_peft_adapter(tmp_path / "pile" / "b", seed=2)
+    with pytest.raises(InvalidReference, match="names one adapter"):
+        hub.add_many([tmp_path / "pile"], recursive=True, name="x")
+    assert hub.list() == []
+
+
+def test_hostile_names_are_refused(hub, tmp_path):
+    src = write_peft_adapter(tmp_path / "a")
+    for bad in ("../etc", "a b", "-x", "x:../../y", "a/b/c", "name:"):
+        with pytest.raises(InvalidReference):
+            hub.add(src, name=bad)
+    assert hub.list() == []
+
+
+def test_settings_come_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAHUB_HOME", str(tmp_path / "env-home"))
+    h = lorahub.Hub()
+    assert h.home == tmp_path / "env-home"
+    assert h.list() == [] and (tmp_path / "env-home" / "lorahub.db").is_file()
+    h.close()
