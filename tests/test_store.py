@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
@@ -119,7 +120,8 @@ def test_unknown_config_keys_survive_export(hub, tmp_path):
     exported = json.loads((out / "adapter_config.json").read_text())
     assert exported == original
     assert exported["some_future_key"] == {"kept": True}
-    a, b = load_file(src / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    a = load_file(src / "adapter_model.safetensors")
+    b = load_file(out / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     card = (out / "README.md").read_text()
     assert "library_name: peft" in card and "base_model: tiny/llama" in card
@@ -174,8 +176,11 @@ def test_ambiguous_prefix_lists_candidates(hub, tmp_path):
     from lorahub.catalog import queries as q
     from lorahub.refs import Reference
 
-    best = max(zip(hexes, hexes[1:]), key=lambda p: len(os.path.commonprefix(p)))
-    prefix = os.path.commonprefix(best)
+    def shared(pair):
+        return next((i for i, (x, y) in enumerate(zip(*pair, strict=True)) if x != y), 32)
+
+    best = max(itertools.pairwise(hexes), key=shared)
+    prefix = best[0][: shared(best)]
     with db.read_session(hub.engine) as s, pytest.raises(AmbiguousReference) as err:
         q.resolve_one(s, Reference(prefix, prefix=prefix))
     assert best[0] in str(err.value) and best[1] in str(err.value)

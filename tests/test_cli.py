@@ -1,0 +1,121 @@
+"""The CLI through click's runner, and its error contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from factories import write_peft_adapter
+
+from lorahub.cli import cli
+
+
+@pytest.fixture
+def run(tmp_path):
+    runner = CliRunner()
+    home = str(tmp_path / "home")
+
+    def _run(*args, input=None, ok=True):
+        result = runner.invoke(cli, ["--home", home, *map(str, args)], input=input)
+        if ok:
+            assert result.exit_code == 0, result.output + result.stderr
+        return result
+
+    return _run
+
+
+def test_add_ls_show_tag_rm_export(run, tmp_path):
+    src = write_peft_adapter(tmp_path / "a")
+    out = run("add", src, "--name", "sql-expert:v1")
+    assert out.output.startswith("added") and "sql-expert:v1" in out.output
+    assert run("add", src, "--name", "sql-expert:v1").output.startswith("present")
+
+    listing = run("ls").output.splitlines()
+    assert listing[0].split()[:3] == ["REFERENCE", "DIGEST", "RANK"]
+    assert listing[1].split()[0] == "sql-expert:v1"
+
+    data = json.loads(run("ls", "--json").output)
+    assert data[0]["refs"] == ["sql-expert:v1"] and data[0]["rank"] == 4
+    digest = data[0]["digest"]
+    assert run("ls", "-q").output.split() == [f"@{digest}"]
+    assert json.loads(run("ls", "--json", "--filter", "rank=8").output) == []
+
+    shown = json.loads(run("show", "sql-expert:v1", "--json").output)
+    assert shown["digest"] == digest
+    assert shown["manifest"]["config"]["r"] == 4
+    assert shown["origin"]["format"] == "peft-safetensors"
+    human = run("show", "sql-expert:v1").output
+    assert digest in human and "q_proj, v_proj" in human
+
+    run("tag", "sql-expert:v1", "sql-expert:prod")
+    run("export", "sql-expert:prod", tmp_path / "out")
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+    run("rm", "-y", "sql-expert:v1")
+    assert json.loads(run("ls", "--json").output)[0]["refs"] == ["sql-expert:prod"]
+    assert "1 blobs, 1 adapters: ok" in run("verify").output
+    run("rm", "-y", "sql-expert:prod")
+    assert "would free" in run("gc", "--dry-run", "--grace", "0").output
+    assert "freed" in run("gc", "--grace", "0").output
+    assert json.loads(run("ls", "--json").output) == []
+
+
+def test_rm_asks_and_never_blocks_without_tty(run, tmp_path):
+    run("add", write_peft_adapter(tmp_path / "a"), "-n", "x")
+    res = run("rm", "x", ok=False)  # the runner's stdin is not a TTY
+    assert res.exit_code != 0 and "pass -y" in res.output
+    assert json.loads(run("ls", "--json").output)[0]["refs"] == ["x:latest"]
+
+
+def test_errors_are_one_line_without_traceback(run, tmp_path):
+    res = run("show", "missing:v1", ok=False)
+    assert res.exit_code == 1
+    assert res.stderr.startswith("Error: no adapter matches 'missing:v1'")
+    assert "Traceback" not in res.output + res.stderr
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text("{")
+    good = write_peft_adapter(tmp_path / "good")
+    res = run("add", bad, good, ok=False)
+    assert res.exit_code == 1  # one refused: non-zero, but the good one was added
+    assert "refused" in res.stderr and "not valid JSON" in res.stderr
+    assert "added" in res.stdout
+    res = run("ls", "--filter", "colour=red", ok=False)
+    assert res.exit_code == 1 and "unknown filter" in res.stderr
+
+
+def test_verify_exits_nonzero_and_names_bad_blob(run, tmp_path):
+    run("add", write_peft_adapter(tmp_path / "a"), "-n", "x")
+    weights = json.loads(run("show", "x", "--json").output)["weights_digest"]
+    hexd = weights.split(":")[1]
+    blob = tmp_path / "home" / "blobs" / "xxh128" / hexd[:2] / hexd[2:]
+    blob.write_bytes(b"garbage")
+    res = run("verify", ok=False)
+    assert res.exit_code == 1 and weights in res.stderr
+    res = run("verify", "--json", ok=False)
+    assert json.loads(res.stdout)["ok"] is False
+
+
+def test_debug_shows_traceback(tmp_path):
+    env = {**os.environ, "LORAHUB_DEBUG": "1", "LORAHUB_HOME": str(tmp_path / "h")}
+    cmd = [sys.executable, "-c", "from lorahub.cli import main; main()", "show", "nope"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_console_script_runs_as_a_subprocess(tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "lorahub")
+    env = {**os.environ, "LORAHUB_HOME": str(tmp_path / "h")}
+    src = write_peft_adapter(tmp_path / "a")
+    cmd = [exe, "add", str(src), "-n", "a:v1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run([exe, "ls", "-q"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and res.stdout.startswith("@xxh128:")
+    res = subprocess.run([exe, "--help"], capture_output=True, text=True, env=env)
+    assert "Store, check, merge" in res.stdout
