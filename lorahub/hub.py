@@ -16,24 +16,37 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import manifest as mf
 from .adapter import LoraAdapter
 from .blobs import BlobStore
+from .catalog import bases as bases_q
 from .catalog import db
 from .catalog import queries as q
 from .digest import Digest, hash_bytes
-from .errors import InvalidAdapter, InvalidReference, LorahubError, StoreError
+from .errors import (
+    AdapterNotFound,
+    AmbiguousReference,
+    IncompatibleAdapter,
+    InvalidAdapter,
+    InvalidReference,
+    LorahubError,
+    StoreError,
+)
 from .formats import peft
-from .info import AdapterInfo, AddResult, GcReport, VerifyProblem, VerifyReport
+from .info import AdapterInfo, AddResult, BaseInfo, GcReport, VerifyProblem, VerifyReport
 from .manifest import BaseRef
 from .refs import Reference, format_ref, parse, validate_name
 from .settings import Settings, load
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
+
+    from .base import TensorInfo
+    from .compat import CompatReport
 
 log = logging.getLogger(__name__)
 
@@ -203,12 +216,7 @@ class Hub:
             kohya = None  # type: ignore[assignment]
         if kohya is None:
             raise InvalidAdapter(f"{path}: single-file LoRA import is not available")
-        return kohya.read_file(path, self._base_tensors(base) if base is not None else None)
-
-    def _base_tensors(self, base: str | os.PathLike[str]) -> Mapping[str, Any]:
-        from .base import open_base
-
-        return open_base(str(base)).tensors
+        return kohya.read_file(path, self._base_context(base).tensors if base is not None else None)
 
     def store(
         self,
@@ -276,7 +284,13 @@ class Hub:
     def _register_base_for(
         self, adapter: LoraAdapter, base: str | os.PathLike[str], force: bool
     ) -> tuple[BaseRef, int | None]:
-        raise LorahubError("recording a base model needs lorahub.base, which is not available")
+        ctx = self._base_context(base)
+        from . import compat
+
+        report = compat.check(adapter, ctx.tensors)
+        if not report.ok and not force:
+            compat.require(report, "the adapter")
+        return ctx.ref, ctx.id
 
     # ------------------------------------------------------------------ lookups
 
@@ -310,7 +324,15 @@ class Hub:
         return infos
 
     def _fitting(self, infos: list[AdapterInfo], base: str | os.PathLike[str]) -> list[AdapterInfo]:
-        raise LorahubError("filtering by base model needs lorahub.base, which is not available")
+        from . import compat
+
+        ctx = self._base_context(base)
+        keep = []
+        for info in infos:
+            report = compat.check(mf.skeleton(info.manifest), ctx.tensors)
+            if report.ok:
+                keep.append(info)
+        return keep
 
     def load(self, reference: str) -> LoraAdapter:
         """The adapter's tensors and config, read from its blob."""
@@ -321,6 +343,123 @@ class Hub:
         blob = Digest.parse(info.weights_digest)
         tensors, _ = peft.read_safetensors(self.blobs.path(blob))
         return LoraAdapter.from_state_dict(info.config, tensors, info.manifest.get("metadata"))
+
+    # ------------------------------------------------------------------ base models
+
+    def add_base(
+        self,
+        source: str | os.PathLike[str],
+        *,
+        revision: str | None = None,
+        name: str | None = None,
+        progress: Progress | None = None,
+    ) -> BaseInfo:
+        """Record a base model: its tensor table and signature from the safetensors headers,
+        and (for local files) its content hash, computed once and cached.
+
+        Args:
+            source: a checkpoint folder, a ``.safetensors`` file, or a Hub repo id (looked up
+                in the local Hugging Face cache, else read remotely, headers only).
+            revision: branch, tag or commit for a Hub repo id.
+            name: how to refer to it later (default: the repo id or the folder's name).
+        """
+        from .base import content_hash, open_base
+
+        model = open_base(source, revision=revision)
+        digest = None
+        if model.root is not None:
+            digest = str(content_hash(model, cache_dir=self.home / "cache", progress=progress))
+        label = name or model.repo_id or Path(os.fspath(source)).expanduser().resolve().name
+        with db.write_session(self.engine) as s:
+            row = bases_q.upsert(s, model, label, digest)
+            return bases_q.to_info(row)
+
+    def bases(self) -> list[BaseInfo]:
+        """Every base model recorded, newest first."""
+        with db.read_session(self.engine) as s:
+            return [bases_q.to_info(r) for r in bases_q.all_rows(s)]
+
+    def _base_context(self, base: str | os.PathLike[str]) -> _BaseContext:
+        """A base's tensor table and identity: from the catalog when it is recorded under
+        that name (no file access), else read from disk or the Hub and recorded."""
+        text = os.fspath(base)
+        if not Path(text).expanduser().exists():
+            with db.read_session(self.engine) as s:
+                rows = bases_q.find(s, text)
+                if len(rows) > 1:
+                    hashes = {r.content_hash or r.signature for r in rows}
+                    if len(hashes) > 1:
+                        raise AmbiguousReference(
+                            text,
+                            [f"{r.name} {r.content_hash or r.signature}" for r in rows],
+                            hint="give the base's path or its content hash",
+                        )
+                if rows:
+                    row = rows[-1]
+                    return _BaseContext(
+                        bases_q.tensor_table(row), _base_ref(bases_q.to_info(row)), row.id
+                    )
+        info = self.add_base(text)
+        with db.read_session(self.engine) as s:
+            row = bases_q.by_id(s, info.id)
+            assert row is not None
+            return _BaseContext(bases_q.tensor_table(row), _base_ref(info), info.id)
+
+    def check(self, reference: str, *, base: str | os.PathLike[str]) -> CompatReport:
+        """How the adapter fits ``base``: ``exact``, ``compatible`` or ``incompatible``,
+        with every problem module named (expected vs found shapes)."""
+        _, report = self._resolve(reference, base, strict=False)
+        return report
+
+    def resolve(self, reference: str, *, base: str | os.PathLike[str]) -> AdapterInfo:
+        """The variant of ``name[:tag]`` for ``base``: the one recorded for that base's
+        content, else one whose shapes fit (``info.match`` says which).
+
+        Raises:
+            IncompatibleAdapter: no variant fits; the message lists each and why.
+        """
+        info, _ = self._resolve(reference, base, strict=True)
+        return info
+
+    def _resolve(
+        self, reference: str, base: str | os.PathLike[str], *, strict: bool
+    ) -> tuple[AdapterInfo, CompatReport]:
+        from . import compat
+
+        ctx = self._base_context(base)
+        ref = parse(reference)
+        with db.read_session(self.engine) as s:
+            rows = q.candidates(s, ref)
+            if not rows:
+                raise AdapterNotFound(ref.text)
+            infos = [q.to_info(r) for r in rows]
+        reports = []
+        for info in infos:
+            report = compat.check(
+                mf.skeleton(info.manifest),
+                ctx.tensors,
+                content_hash=ctx.ref.content_hash,
+                recorded_hash=info.base.content_hash,
+            )
+            reports.append((info, report))
+        for wanted in (compat.EXACT, compat.COMPATIBLE):
+            # Prefer a variant recorded for this very architecture among equals.
+            fits = [(i, r) for i, r in reports if r.status == wanted]
+            fits.sort(key=lambda ir: ir[0].base.signature != ctx.ref.signature)
+            if fits:
+                info, report = fits[0]
+                return replace(info, match=wanted), report
+        if not strict and len(reports) == 1:
+            return reports[0]
+        lines = [
+            f"variant {i.short} (base {i.base.name or i.base.variant or 'unknown'}): "
+            + r.summary.replace("\n", "\n    ")
+            for i, r in reports
+        ]
+        raise IncompatibleAdapter(
+            f"no variant of {ref.text!r} fits {os.fspath(base)}:\n" + "\n".join(lines),
+            reports[0][1],
+        )
 
     # ------------------------------------------------------------------ names
 
@@ -469,6 +608,17 @@ class Hub:
             except FileNotFoundError:
                 pass
         return GcReport(tuple(freed), tuple(str(t) for t in temps), size, dry_run)
+
+
+@dataclass(frozen=True)
+class _BaseContext:
+    tensors: Mapping[str, TensorInfo]
+    ref: BaseRef
+    id: int | None
+
+
+def _base_ref(info: BaseInfo) -> BaseRef:
+    return BaseRef(info.repo_id or info.name, info.revision, info.signature, info.content_hash)
 
 
 def open(home: str | os.PathLike[str] | None = None) -> Hub:

@@ -29,6 +29,7 @@ class AdapterInfo:
     origin: dict[str, Any]
     created_at: datetime
     manifest: dict[str, Any] = field(repr=False, compare=False)
+    match: str | None = field(default=None, compare=False)  # set by resolve: exact|compatible
 
     @property
     def short(self) -> str:
@@ -106,3 +107,24 @@ class GcReport:
     temp_files: tuple[str, ...]
     bytes_freed: int
     dry_run: bool
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """A base model recorded in the catalog: where it was and its two fingerprints."""
+
+    id: int
+    name: str
+    path: str | None
+    repo_id: str | None
+    revision: str | None
+    signature: str
+    content_hash: str | None
+    tensor_count: int
+    total_bytes: int
+    created_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["created_at"] = self.created_at.isoformat() + "Z"
+        return d

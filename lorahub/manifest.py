@@ -45,8 +45,10 @@ class BaseRef:
 
 
 def module_table(adapter: LoraAdapter) -> dict[str, dict[str, Any]]:
-    return {
-        name: {
+    """Per module: kind, features, rank, alpha, the base shape it needs, DoRA and bias."""
+    table: dict[str, dict[str, Any]] = {}
+    for name, m in adapter.modules.items():
+        row: dict[str, Any] = {
             "kind": m.kind,
             "in": m.in_features,
             "out": m.out_features,
@@ -54,8 +56,35 @@ def module_table(adapter: LoraAdapter) -> dict[str, dict[str, Any]]:
             "alpha": m.alpha,
             "shape": list(adapter.base_shape(name)),
         }
-        for name, m in adapter.modules.items()
-    }
+        if m.magnitude is not None:
+            row["magnitude"] = int(m.magnitude.shape[0])
+        if m.bias is not None:
+            row["bias"] = True
+        table[name] = row
+    return table
+
+
+def skeleton(manifest: Mapping[str, Any]) -> LoraAdapter:
+    """An adapter with the manifest's shapes on torch's ``meta`` device: enough to check
+    compatibility of thousands of adapters without reading one weight."""
+    import torch
+
+    from .adapter import CONV2D, LoraModule
+
+    def meta(*shape: int) -> torch.Tensor:
+        return torch.empty(*shape, device="meta")
+
+    modules = {}
+    for name, row in manifest["modules"].items():
+        r, fin, fout, kind = row["r"], row["in"], row["out"], row["kind"]
+        extra = tuple(row["shape"][2:]) if kind == CONV2D else ()
+        a = meta(r, fin, *extra)
+        b = meta(fout, r, 1, 1) if kind == CONV2D else meta(fout, r)
+        magnitude = meta(row["magnitude"]) if "magnitude" in row else None
+        bias = meta(fout) if row.get("bias") else None
+        modules[name] = LoraModule(name, kind, a, b, float(row["alpha"]), bias, magnitude)
+    full = {k: meta(*shape) for k, shape in manifest.get("full", {}).items()}
+    return LoraAdapter(dict(manifest["config"]), modules, full, dict(manifest.get("metadata", {})))
 
 
 def build(
@@ -71,7 +100,7 @@ def build(
         "weights": {"digest": str(weights), "size": weights_size},
         "config": dict(adapter.config),
         "modules": module_table(adapter),
-        "full": sorted(adapter.full),
+        "full": {k: list(t.shape) for k, t in sorted(adapter.full.items())},
         "metadata": dict(adapter.metadata),
         "base": base.to_dict(),
         "provenance": dict(provenance or {"kind": "import"}),

@@ -6,11 +6,12 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..hub import Hub
+if TYPE_CHECKING:
+    from ..hub import Hub
 
 
 def hub_from(ctx: click.Context) -> Hub:
@@ -18,6 +19,8 @@ def hub_from(ctx: click.Context) -> Hub:
     root = ctx.find_root()
     obj = root.obj if isinstance(root.obj, dict) else {}
     if "hub" not in obj:
+        from ..hub import Hub  # sqlalchemy is heavy: `--help` should not pay for it
+
         obj["hub"] = Hub(obj.get("home"))
         root.obj = obj
         ctx.call_on_close(obj["hub"].close)

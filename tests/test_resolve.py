@@ -1,0 +1,133 @@
+"""Bases in the store: add --base, check, resolve between variants, ls --base."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+from factories import peft_adapter, tiny_llama
+
+import lorahub
+from lorahub.cli import cli
+from lorahub.errors import IncompatibleAdapter
+
+
+def _wide_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("world")
+    tiny_llama(seed=0).save_pretrained(d / "llama")
+    tiny_llama(seed=7).save_pretrained(d / "llama-instruct")  # same shapes, other weights
+    _wide_llama().save_pretrained(d / "wide")
+    peft_adapter(tiny_llama(), d / "small-ad", r=4, lora_alpha=8, target_modules=["q_proj"])
+    peft_adapter(_wide_llama(), d / "wide-ad", r=4, lora_alpha=8, target_modules=["q_proj"])
+    return d
+
+
+@pytest.fixture
+def hub(tmp_path):
+    with lorahub.open(tmp_path / "store") as h:
+        yield h
+
+
+def test_add_with_base_records_fingerprints(hub, world):
+    info = hub.add(world / "small-ad", name="sql", base=world / "llama").adapter
+    (base,) = hub.bases()
+    assert info.base.signature == base.signature and info.base.content_hash == base.content_hash
+    assert info.base.verified and base.tensor_count == 21
+    assert hub.check("sql", base=world / "llama").status == "exact"
+    assert hub.check("sql", base=world / "llama-instruct").status == "compatible"
+
+
+def test_add_refuses_incompatible_base_unless_forced(hub, world):
+    with pytest.raises(IncompatibleAdapter) as err:
+        hub.add(world / "small-ad", name="sql", base=world / "wide")
+    msg = str(err.value)
+    assert "model.layers.0.self_attn.q_proj" in msg and "[32, 32]" in msg and "[48, 48]" in msg
+    assert hub.list() == []
+    forced = hub.add(world / "small-ad", name="sql", base=world / "wide", force=True)
+    assert forced.status == "added"
+
+
+def test_resolve_picks_the_variant_for_the_base(hub, world):
+    small = hub.add(world / "small-ad", name="sql:v1", base=world / "llama").adapter
+    wide = hub.add(world / "wide-ad", name="sql:v1", base=world / "wide").adapter
+    assert small.digest != wide.digest
+    got = hub.resolve("sql:v1", base=world / "wide")
+    assert (got.digest, got.match) == (wide.digest, "exact")
+    got = hub.resolve("sql:v1", base=world / "llama")
+    assert (got.digest, got.match) == (small.digest, "exact")
+    got = hub.resolve("sql:v1", base=world / "llama-instruct")
+    assert (got.digest, got.match) == (small.digest, "compatible")
+    # Without a base the name is ambiguous and says how to choose.
+    with pytest.raises(lorahub.AmbiguousReference, match="--base"):
+        hub.get("sql:v1")
+
+
+def test_resolve_error_lists_every_variant(hub, world, tmp_path):
+    hub.add(world / "small-ad", name="sql", base=world / "llama")
+    with pytest.raises(IncompatibleAdapter) as err:
+        hub.resolve("sql", base=world / "wide")
+    msg = str(err.value)
+    assert "no variant of 'sql' fits" in msg and "expects [32, 32], base has [48, 48]" in msg
+
+
+def test_ls_base_filters_to_adapters_that_fit(hub, world):
+    hub.add(world / "small-ad", name="small")
+    hub.add(world / "wide-ad", name="wide")
+    assert [i.refs for i in hub.list(base=world / "llama")] == [("small:latest",)]
+    assert [i.refs for i in hub.list(base=world / "wide")] == [("wide:latest",)]
+
+
+def test_checks_need_no_base_files_once_recorded(hub, world, tmp_path):
+    copy = tmp_path / "my-llama"
+    shutil.copytree(world / "llama", copy)
+    hub.add_base(copy, name="my-llama")
+    hub.add(world / "small-ad", name="sql")
+    shutil.rmtree(copy)
+    assert hub.check("sql", base="my-llama").status == "compatible"
+    assert [i.refs for i in hub.list(base="my-llama")] == [("sql:latest",)]
+
+
+def test_base_commands(tmp_path, world):
+    runner = CliRunner()
+    home = ["--home", str(tmp_path / "h")]
+
+    def run(*args, code=0):
+        res = runner.invoke(cli, [*home, *map(str, args)])
+        assert res.exit_code == code, res.output + res.stderr
+        return res
+
+    out = json.loads(run("base", "add", world / "llama", "--json").stdout)
+    assert out["name"] == "llama" and out["content_hash"].startswith("xxh128:")
+    assert json.loads(run("base", "ls", "--json").stdout)[0]["signature"] == out["signature"]
+    assert "llama" in run("base", "ls").stdout
+    run("add", world / "small-ad", "-n", "sql", "--base", world / "llama")
+    assert run("check", "sql", "--base", "llama").stdout.startswith("exact")
+    bad = run("check", "sql", "--base", world / "wide", code=1)
+    assert "incompatible" in bad.stdout and "[48, 48]" in bad.stdout
+    report = json.loads(run("check", "sql", "--base", world / "wide", "--json", code=1).stdout)
+    assert report["status"] == "incompatible" and report["mismatched"] == 2
+    assert report["problems"][0]["expected"] == [32, 32]
+    got = json.loads(run("resolve", "sql", "--base", world / "llama-instruct", "--json").stdout)
+    assert got["match"] == "compatible"
+    res = run("add", world / "small-ad", "-n", "x", "--base", world / "wide", code=1)
+    assert "does not fit" in res.stderr
+    res = run("base", "add", tmp_path / "nope", code=1)
+    assert res.stderr.startswith("Error:") and "Traceback" not in res.stderr
+    assert len(json.loads(run("ls", "--json", "--base", world / "llama").stdout)) == 1
