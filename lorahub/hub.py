@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,8 +25,9 @@ from .adapter import LoraAdapter
 from .blobs import BlobStore
 from .catalog import bases as bases_q
 from .catalog import db
+from .catalog import merged as merged_q
 from .catalog import queries as q
-from .digest import Digest, hash_bytes
+from .digest import Digest, canonical_json, hash_bytes
 from .errors import (
     AdapterNotFound,
     AmbiguousReference,
@@ -34,19 +35,30 @@ from .errors import (
     InvalidAdapter,
     InvalidReference,
     LorahubError,
+    MergeError,
     StoreError,
 )
 from .formats import peft
-from .info import AdapterInfo, AddResult, BaseInfo, GcReport, VerifyProblem, VerifyReport
+from .info import (
+    AdapterInfo,
+    AddResult,
+    BaseInfo,
+    GcReport,
+    MergedInfo,
+    VerifyProblem,
+    VerifyReport,
+)
 from .manifest import BaseRef
 from .refs import Reference, format_ref, parse, validate_name
 from .settings import Settings, load
 
 if TYPE_CHECKING:
+    import torch
     from sqlalchemy import Engine
 
-    from .base import TensorInfo
+    from .base import BaseModel, TensorInfo
     from .compat import CompatReport
+    from .merge import MergeResult
 
 log = logging.getLogger(__name__)
 
@@ -461,6 +473,179 @@ class Hub:
             reports[0][1],
         )
 
+    # ------------------------------------------------------------------ merging
+
+    def _merge_inputs(
+        self,
+        base: str | os.PathLike[str],
+        adapters: str | Sequence[str],
+        weights: Sequence[float] | None,
+        progress: Progress | None = None,
+    ) -> tuple[BaseModel, list[AdapterInfo], list[LoraAdapter], list[float], BaseInfo]:
+        from .base import open_base
+
+        refs = [adapters] if isinstance(adapters, str) else list(adapters)
+        if not refs:
+            raise MergeError("nothing to merge: give at least one adapter")
+        w = [1.0] * len(refs) if weights is None else [float(x) for x in weights]
+        if len(w) != len(refs):
+            raise MergeError(f"got {len(w)} weights for {len(refs)} adapters; give one each")
+        model = open_base(base)
+        if model.root is None:
+            raise MergeError(
+                f"{model.display} is not on this machine; merging needs its weights "
+                f"(download it with `hf download {model.repo_id}`)"
+            )
+        base_info = self.add_base(base, progress=None)
+        infos = [self.resolve(r, base=base) for r in refs]
+        loaded = [self.load_info(i) for i in infos]
+        return model, infos, loaded, w, base_info
+
+    def merge(
+        self,
+        base: str | os.PathLike[str],
+        adapters: str | Sequence[str],
+        weights: Sequence[float] | None = None,
+        *,
+        out: str | os.PathLike[str],
+        device: str = "auto",
+        dtype: str | None = None,
+        max_shard_size: int | str = "5GB",
+        force: bool = False,
+        progress: Progress | None = None,
+    ) -> MergeResult:
+        """Merge adapters (``w_i`` times each delta) into the base's weights and write a
+        checkpoint folder ``transformers`` loads, streaming one tensor at a time.
+
+        Each adapter is resolved for this base (the variant made for it, else one that
+        fits) and checked before a byte is written.
+
+        Example:
+            >>> hub.merge("./Llama-3.2-1B", ["sql-expert", "tone"], [1.0, 0.5], out="./m")
+        """
+        from .merge import merge_to_dir, parse_size
+
+        model, infos, loaded, w, base_info = self._merge_inputs(base, adapters, weights)
+        meta = _merge_metadata(base_info, infos, w)
+        return merge_to_dir(
+            model,
+            loaded,
+            w,
+            out=Path(out),
+            device=device,
+            dtype=dtype,
+            max_shard_size=parse_size(max_shard_size),
+            force=force,
+            progress=progress,
+            extra_metadata=meta,
+        )
+
+    def iter_merged(
+        self,
+        base: str | os.PathLike[str],
+        adapters: str | Sequence[str],
+        weights: Sequence[float] | None = None,
+        *,
+        device: str = "auto",
+        dtype: str | None = None,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield the merged model's ``(name, tensor)`` pairs one by one, writing nothing:
+        for loaders that take a state dict piece by piece."""
+        from .merge import iter_merged
+
+        model, _, loaded, w, _ = self._merge_inputs(base, adapters, weights)
+        return iter_merged(model, loaded, w, device=device, dtype=dtype)
+
+    def merged(
+        self,
+        base: str | os.PathLike[str],
+        adapters: str | Sequence[str],
+        weights: Sequence[float] | None = None,
+        *,
+        device: str = "auto",
+        dtype: str | None = None,
+        progress: Progress | None = None,
+    ) -> Path:
+        """The merged checkpoint for these inputs, made once and then served from
+        ``<home>/merged/`` (least recently used entries go past ``merged_max_bytes``)."""
+        from filelock import FileLock
+
+        from .merge import merge_to_dir, normalize_dtype
+
+        model, infos, loaded, w, base_info = self._merge_inputs(base, adapters, weights)
+        dt = normalize_dtype(dtype) or "base"
+        parts = [[i.digest, x] for i, x in zip(infos, w, strict=True)]
+        key_doc = {"base": base_info.content_hash, "adapters": parts, "dtype": dt}
+        key = str(hash_bytes(canonical_json(key_doc)))
+        out = self.home / "merged" / key.split(":")[1]
+        with FileLock(str(out) + ".lock"):
+            with db.write_session(self.engine) as s:
+                row = merged_q.get(s, key)
+                if row is not None and Path(row.path).is_dir():
+                    merged_q.touch(row)
+                    return Path(row.path)
+                if row is not None:
+                    s.delete(row)
+            result = merge_to_dir(
+                model,
+                loaded,
+                w,
+                out=out,
+                device=device,
+                dtype=dtype,
+                force=True,
+                progress=progress,
+                extra_metadata=_merge_metadata(base_info, infos, w),
+            )
+            size = sum(f.stat().st_size for f in result.path.iterdir() if f.is_file())
+            info = MergedInfo(
+                key=key,
+                path=str(result.path),
+                size=size,
+                base_name=base_info.name,
+                base_content_hash=base_info.content_hash or base_info.signature,
+                adapters=tuple((i.digest, x) for i, x in zip(infos, w, strict=True)),
+                dtype=result.dtype,
+                created_at=q.utcnow(),
+                last_used_at=q.utcnow(),
+            )
+            with db.write_session(self.engine) as s:
+                merged_q.insert(s, info)
+                victims = merged_q.over_cap(s, self.settings.merged_max_bytes, keep=key)
+                gone = [Path(v.path) for v in victims]
+                for v in victims:
+                    s.delete(v)
+        for path in gone:
+            shutil.rmtree(path, ignore_errors=True)
+        return result.path
+
+    def merged_list(self) -> list[MergedInfo]:
+        """Merged checkpoints kept in the store, most recently used first."""
+        with db.read_session(self.engine) as s:
+            return [merged_q.to_info(r) for r in merged_q.all_rows(s)]
+
+    def merged_remove(self, keys: Sequence[str] = (), *, all: bool = False) -> list[str]:
+        """Delete merged checkpoints by key (or a 8+ hex prefix), or every one with ``all``."""
+        removed = []
+        with db.write_session(self.engine) as s:
+            if all:
+                rows = merged_q.all_rows(s)
+            else:
+                rows = []
+                for k in keys:
+                    found = merged_q.find(s, k.lower())
+                    if len(k.removeprefix("xxh128:")) < 8 or not found:
+                        raise AdapterNotFound(k, f"no merged checkpoint matches {k!r}")
+                    if len(found) > 1:
+                        raise AmbiguousReference(k, [r.key for r in found])
+                    rows.extend(found)
+            for row in rows:
+                removed.append((row.key, Path(row.path)))
+                s.delete(row)
+        for _, path in removed:
+            shutil.rmtree(path, ignore_errors=True)
+        return [k for k, _ in removed]
+
     # ------------------------------------------------------------------ names
 
     def tag(self, reference: str, new: str) -> AdapterInfo:
@@ -624,6 +809,20 @@ def _base_ref(info: BaseInfo) -> BaseRef:
 def open(home: str | os.PathLike[str] | None = None) -> Hub:
     """Open (creating if needed) the store at ``home``."""
     return Hub(home)
+
+
+def _merge_metadata(
+    base: BaseInfo, infos: Sequence[AdapterInfo], weights: Sequence[float]
+) -> dict[str, Any]:
+    return {
+        "base_name": base.name,
+        "base_signature": base.signature,
+        "base_content_hash": base.content_hash,
+        "adapters": [
+            {"digest": i.digest, "refs": list(i.refs), "weight": w}
+            for i, w in zip(infos, weights, strict=True)
+        ],
+    }
 
 
 def _default_name(rel: Path, root: Path | None = None) -> str | None:

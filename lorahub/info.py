@@ -128,3 +128,25 @@ class BaseInfo:
         d = asdict(self)
         d["created_at"] = self.created_at.isoformat() + "Z"
         return d
+
+
+@dataclass(frozen=True)
+class MergedInfo:
+    """A merged checkpoint kept under ``<home>/merged/``, keyed by what went into it."""
+
+    key: str
+    path: str
+    size: int
+    base_name: str
+    base_content_hash: str
+    adapters: tuple[tuple[str, float], ...]
+    dtype: str
+    created_at: datetime
+    last_used_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["adapters"] = [{"digest": a, "weight": w} for a, w in self.adapters]
+        d["created_at"] = self.created_at.isoformat() + "Z"
+        d["last_used_at"] = self.last_used_at.isoformat() + "Z"
+        return d

@@ -1,0 +1,128 @@
+"""Merging through the Hub: the CLI, resolving adapters for the base, the on-demand cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from factories import peft_adapter, tiny_llama
+from safetensors.torch import load_file
+
+import lorahub
+import lorahub.merge
+from lorahub.cli import cli
+from lorahub.errors import IncompatibleAdapter, MergeError
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("merge-world")
+    tiny_llama().save_pretrained(d / "llama")
+    peft_adapter(tiny_llama(), d / "a", seed=1, r=4, lora_alpha=8, target_modules=["q_proj"])
+    peft_adapter(tiny_llama(), d / "b", seed=2, r=2, lora_alpha=2, target_modules=["o_proj"])
+    return d
+
+
+@pytest.fixture
+def hub(tmp_path, world):
+    with lorahub.open(tmp_path / "store") as h:
+        h.add(world / "a", name="a")
+        h.add(world / "b", name="b")
+        yield h
+
+
+def test_merge_writes_the_weighted_sum(hub, world, tmp_path):
+    res = hub.merge(world / "llama", ["a", "b"], [1.0, 0.5], out=tmp_path / "m", device="cpu")
+    assert res.merged == 4 and (tmp_path / "m" / "config.json").is_file()
+    base = load_file(world / "llama" / "model.safetensors")
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    ad = load_file(world / "a" / "adapter_model.safetensors")
+    key = "model.layers.0.self_attn.q_proj"
+    a = ad[f"base_model.model.{key}.lora_A.weight"].double()
+    b = ad[f"base_model.model.{key}.lora_B.weight"].double()
+    expected = base[f"{key}.weight"].double() + (8 / 4) * (b @ a)
+    torch.testing.assert_close(merged[f"{key}.weight"].double(), expected, rtol=0, atol=1e-6)
+    assert torch.equal(merged["model.norm.weight"], base["model.norm.weight"])
+    meta = json.loads((tmp_path / "m" / "lorahub.json").read_text())
+    assert [x["digest"] for x in meta["adapters"]] == [hub.get("a").digest, hub.get("b").digest]
+    assert meta["base_content_hash"] == hub.bases()[0].content_hash
+    with pytest.raises(MergeError, match="already exists"):
+        hub.merge(world / "llama", "a", out=tmp_path / "m")
+
+
+def test_merge_refuses_an_adapter_that_does_not_fit(hub, world, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "wide")
+    with pytest.raises(IncompatibleAdapter, match=r"expects \[32, 32\], base has \[48, 48\]"):
+        hub.merge(tmp_path / "wide", "a", out=tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_merged_is_made_once_then_served_from_the_store(hub, world, monkeypatch):
+    calls = []
+    real = lorahub.merge.merge_to_dir
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["out"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lorahub.merge, "merge_to_dir", counting)
+    first = hub.merged(world / "llama", ["a"], device="cpu")
+    again = hub.merged(world / "llama", ["a"], device="cpu")
+    assert first == again and len(calls) == 1
+    assert first.parent == hub.home / "merged"
+    other = hub.merged(world / "llama", ["a"], [0.5], device="cpu")
+    assert other != first and len(calls) == 2
+    (entry, *_) = hub.merged_list()
+    assert entry.path == str(other) and entry.adapters == ((hub.get("a").digest, 0.5),)
+
+
+def test_merged_cache_evicts_least_recently_used(tmp_path, world, monkeypatch):
+    one = (world / "llama" / "model.safetensors").stat().st_size
+    monkeypatch.setenv("LORAHUB_MERGED_MAX_BYTES", str(int(one * 2.5)))
+    hub = lorahub.open(tmp_path / "s")
+    hub.add(world / "a", name="a")
+    p1 = hub.merged(world / "llama", ["a"], [1.0], device="cpu")
+    p2 = hub.merged(world / "llama", ["a"], [0.5], device="cpu")
+    assert hub.merged(world / "llama", ["a"], [1.0], device="cpu") == p1  # p1 now most recent
+    p3 = hub.merged(world / "llama", ["a"], [0.25], device="cpu")
+    assert p1.is_dir() and p3.is_dir() and not p2.exists()
+    assert {m.path for m in hub.merged_list()} == {str(p1), str(p3)}
+
+
+def test_merge_cli(tmp_path, world):
+    runner = CliRunner()
+    home = ["--home", str(tmp_path / "h")]
+
+    def run(*args, code=0):
+        res = runner.invoke(cli, [*home, *map(str, args)])
+        assert res.exit_code == code, res.output + res.stderr
+        return res
+
+    run("add", world / "a", "-n", "a")
+    run("add", world / "b", "-n", "b")
+    out = tmp_path / "merged"
+    res = run("merge", world / "llama", "a", "b", "--weights", "1,0.5", "-o", out, "--json")
+    assert json.loads(res.stdout)["merged"] == 4
+    assert "already exists" in run("merge", world / "llama", "a", "-o", out, code=1).stderr
+    run("merge", world / "llama", "a", "-o", out, "--force", "--dtype", "bfloat16")
+    assert load_file(out / "model.safetensors")["lm_head.weight"].dtype == torch.bfloat16
+    bad = run("merge", world / "llama", "a", "b", "--weights", "1", "-o", tmp_path / "x", code=1)
+    assert "give one each" in bad.stderr
+    path = run("merged", "get", world / "llama", "a").stdout.strip()
+    assert run("merged", "get", world / "llama", "a").stdout.strip() == path
+    (entry,) = json.loads(run("merged", "ls", "--json").stdout)
+    assert entry["path"] == path
+    run("merged", "rm", entry["key"][7:19], "-y")
+    assert json.loads(run("merged", "ls", "--json").stdout) == []
