@@ -31,6 +31,7 @@ from .digest import Digest, canonical_json, hash_bytes
 from .errors import (
     AdapterNotFound,
     AmbiguousReference,
+    ComposeError,
     IncompatibleAdapter,
     InvalidAdapter,
     InvalidReference,
@@ -43,6 +44,7 @@ from .info import (
     AdapterInfo,
     AddResult,
     BaseInfo,
+    ComposeResult,
     GcReport,
     MergedInfo,
     VerifyProblem,
@@ -645,6 +647,79 @@ class Hub:
         for _, path in removed:
             shutil.rmtree(path, ignore_errors=True)
         return [k for k, _ in removed]
+
+    # ------------------------------------------------------------------ composition
+
+    def compose(
+        self,
+        refs: Sequence[str],
+        weights: Sequence[float] | None = None,
+        *,
+        method: str = "cat",
+        rank: int | None = None,
+        density: float | None = None,
+        majority_sign: str = "total",
+        seed: int | None = None,
+        name: str | None = None,
+        device: str = "cpu",
+    ) -> ComposeResult:
+        """Make a new adapter from several and store it, with its provenance.
+
+        ``cat`` and ``linear`` are exact; ``svd`` truncates the exact blend to ``rank``;
+        ``ties``, ``dare_linear``, ``dare_ties`` and ``magnitude_prune`` prune the deltas
+        (``density``) and then refactor. The report gives each module's relative error.
+        Composing the same inputs again gives the same digest (DARE is seeded).
+
+        Example:
+            >>> hub.compose(["sql", "tone"], [1.0, 0.5], method="svd", rank=32, name="blend")
+        """
+        from .compose import compose
+
+        infos = [self.get(r) for r in refs]
+        signatures = {i.base.signature for i in infos if i.base.signature}
+        if len(signatures) > 1:
+            listed = [f"{i.refs[0] if i.refs else i.short}: base {i.base.name}" for i in infos]
+            raise ComposeError(
+                "the adapters were recorded for different base architectures: " + "; ".join(listed)
+            )
+        adapter, report = compose(
+            [self.load_info(i) for i in infos],
+            weights,
+            method=method,
+            rank=rank,
+            density=density,
+            majority_sign=majority_sign,
+            seed=seed,
+            device=device,
+        )
+        provenance = {
+            "kind": "compose",
+            "parents": [i.digest for i in infos],
+            "weights": list(report.weights),
+            "method": method,
+            "rank": rank,
+            "density": density,
+            "majority_sign": majority_sign if method in ("ties", "dare_ties") else None,
+            "seed": seed,
+        }
+        variants = {i.base for i in infos}
+        base = (
+            variants.pop()
+            if len(variants) == 1
+            else BaseRef(signature=next(iter(signatures), None))
+        )
+        info, added = self.store(
+            adapter,
+            name=name,
+            origin_kind="compose",
+            origin={
+                "method": method,
+                "parents": [i.refs[0] if i.refs else i.digest for i in infos],
+            },
+            provenance=provenance,
+            base=base,
+        )
+        return ComposeResult(info, report, added)
 
     # ------------------------------------------------------------------ names
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .manifest import BaseRef
+
+if TYPE_CHECKING:
+    from .compose import ComposeReport
 
 
 @dataclass(frozen=True)
@@ -150,3 +153,19 @@ class MergedInfo:
         d["created_at"] = self.created_at.isoformat() + "Z"
         d["last_used_at"] = self.last_used_at.isoformat() + "Z"
         return d
+
+
+@dataclass(frozen=True)
+class ComposeResult:
+    """A composed adapter, now in the store, and how far it is from the exact blend."""
+
+    adapter: AdapterInfo
+    report: ComposeReport
+    added: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "adapter": self.adapter.to_dict(),
+            "report": self.report.to_dict(),
+            "added": self.added,
+        }

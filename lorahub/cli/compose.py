@@ -1,0 +1,78 @@
+"""The compose command: a new adapter from several, with the error of approximations."""
+
+from __future__ import annotations
+
+import click
+
+from ..compose import METHODS
+from .merge import _weights
+from .output import echo_json, hub_from, table
+
+
+@click.command()
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("-w", "--weights", help="One weight per adapter, comma-separated (default 1 each).")
+@click.option("-m", "--method", type=click.Choice(METHODS), default="cat", show_default=True)
+@click.option("--rank", type=int, help="Rank of the result (svd, ties, dare_*, magnitude_prune).")
+@click.option("--density", type=float, help="Fraction kept by ties, dare_* and magnitude_prune.")
+@click.option(
+    "--majority-sign",
+    type=click.Choice(["total", "frequency"]),
+    default="total",
+    show_default=True,
+    help="How ties and dare_ties elect each element's sign.",
+)
+@click.option("--seed", type=int, help="Seed for dare_* (same seed, same result).")
+@click.option("-n", "--name", help="Reference for the new adapter (name or name:tag).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1...")
+@click.option("--json", "as_json", is_flag=True, help="Print the adapter and report as JSON.")
+@click.pass_context
+def compose(
+    ctx: click.Context,
+    adapters: tuple[str, ...],
+    weights: str | None,
+    method: str,
+    rank: int | None,
+    density: float | None,
+    majority_sign: str,
+    seed: int | None,
+    name: str | None,
+    device: str,
+    as_json: bool,
+) -> None:
+    """Make a new adapter from several, exactly (cat, linear) or approximately.
+
+    Approximate methods print each module's relative error against the exact blend.
+
+    \b
+    Examples:
+      lorahub compose sql-expert tone-formal --weights 1.0,0.5 --method cat -n blend:v1
+      lorahub compose a b c --method svd --rank 32 -n blend:small
+      lorahub compose a b --method ties --density 0.3 --rank 16 -n blend:ties
+    """
+    result = hub_from(ctx).compose(
+        list(adapters),
+        _weights(weights, len(adapters)),
+        method=method,
+        rank=rank,
+        density=density,
+        majority_sign=majority_sign,
+        seed=seed,
+        name=name,
+        device=device,
+    )
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    report, info = result.report, result.adapter
+    if not report.exact:
+        rows = [[e.module, str(e.rank), f"{e.rel_error:.3e}"] for e in report.errors]
+        table(rows, ["MODULE", "RANK", "REL. ERROR"])
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    status = "added" if result.added else "present"
+    click.echo(f"{status} {info.digest}  {', '.join(info.refs) or '(no name)'}  {report.summary}")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(compose)
