@@ -130,8 +130,10 @@ class Hub:
             InvalidAdapter: the source is not a readable adapter; the store is unchanged.
         """
         path = Path(source)
-        adapter, fmt = self._read(path, base)
-        origin = {"path": str(path.resolve()), "format": fmt}
+        adapter, fmt, unmapped = self._read(path, base)
+        origin: dict[str, Any] = {"path": str(path.resolve()), "format": fmt}
+        if unmapped:
+            origin["unmapped_keys"] = unmapped
         info, added = self.store(
             adapter, name=name, origin_kind="import", origin=origin, base=base, force=force
         )
@@ -198,7 +200,9 @@ class Hub:
                 results.append(AddResult(str(path), "refused", reason=str(exc)))
         return results
 
-    def _read(self, path: Path, base: str | os.PathLike[str] | None) -> tuple[LoraAdapter, str]:
+    def _read(
+        self, path: Path, base: str | os.PathLike[str] | None
+    ) -> tuple[LoraAdapter, str, list[str]]:
         if not path.exists():
             raise InvalidAdapter(f"{path} does not exist")
         if (
@@ -214,23 +218,35 @@ class Hub:
                     "for a folder of adapters use `lorahub add --recursive`"
                 )
             fmt = "peft-safetensors" if (path / peft.SAFETENSORS).is_file() else "peft-bin"
-            return peft.read_peft_dir(path), fmt
+            return peft.read_peft_dir(path), fmt, []
         return self._read_file(path, base)
 
     def _read_file(
         self, path: Path, base: str | os.PathLike[str] | None
-    ) -> tuple[LoraAdapter, str]:
+    ) -> tuple[LoraAdapter, str, list[str]]:
+        """A single-file LoRA: kohya/sd-scripts or diffusers; kohya names need a base."""
+        from .formats import kohya
+
         if path.suffix != ".safetensors":
             raise InvalidAdapter(
                 f"{path} is not an adapter: give a PEFT directory or a .safetensors LoRA file"
             )
-        try:
-            from .formats import kohya
-        except ImportError:  # pragma: no cover - kohya support not installed
-            kohya = None  # type: ignore[assignment]
-        if kohya is None:
-            raise InvalidAdapter(f"{path}: single-file LoRA import is not available")
-        return kohya.read_file(path, self._base_context(base).tensors if base is not None else None)
+        keys, metadata = peft.read_safetensors_header(path)
+        tensors = self._base_context(base).tensors if base is not None else None
+        if kohya.is_kohya(keys):
+            if tensors is None:
+                raise InvalidAdapter(
+                    f"{path} is a kohya LoRA: its module names can only be mapped with the base "
+                    "model it was trained for; pass --base"
+                )
+            adapter, unmapped = kohya.read_kohya(path, tensors)
+            return adapter, "kohya", unmapped
+        if kohya.is_diffusers(keys, metadata):
+            return kohya.read_diffusers_lora(path, tensors), "diffusers", []
+        raise InvalidAdapter(
+            f"{path} is neither a kohya nor a diffusers LoRA file; a PEFT adapter needs its "
+            "adapter_config.json next to it"
+        )
 
     def store(
         self,

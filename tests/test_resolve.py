@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from click.testing import CliRunner
 from factories import peft_adapter, tiny_llama
 
@@ -131,3 +132,33 @@ def test_base_commands(tmp_path, world):
     res = run("base", "add", tmp_path / "nope", code=1)
     assert res.stderr.startswith("Error:") and "Traceback" not in res.stderr
     assert len(json.loads(run("ls", "--json", "--base", world / "llama").stdout)) == 1
+
+
+def test_kohya_file_imports_against_its_base(hub, world, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = load_file(world / "llama" / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for i in range(2):
+        w = base[f"model.layers.{i}.self_attn.q_proj.weight"]
+        key = f"lora_te_model_layers_{i}_self_attn_q_proj"
+        sd[f"{key}.lora_down.weight"] = torch.randn(2, w.shape[1], generator=g)
+        sd[f"{key}.lora_up.weight"] = torch.randn(w.shape[0], 2, generator=g)
+        sd[f"{key}.alpha"] = torch.tensor(1.0)
+    sd["lora_te_no_such_module.lora_down.weight"] = torch.randn(2, 8, generator=g)
+    sd["lora_te_no_such_module.lora_up.weight"] = torch.randn(8, 2, generator=g)
+    save_file(sd, str(tmp_path / "style.safetensors"), metadata={"ss_network_dim": "2"})
+    with pytest.raises(lorahub.InvalidAdapter, match="pass --base"):
+        hub.add(tmp_path / "style.safetensors")
+    res = hub.add(tmp_path / "style.safetensors", name="style", base=world / "llama")
+    info = res.adapter
+    assert sorted(info.modules) == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    assert info.origin["format"] == "kohya"
+    assert info.origin["unmapped_keys"] == [
+        "lora_te_no_such_module.lora_down.weight",
+        "lora_te_no_such_module.lora_up.weight",
+    ]
+    assert info.manifest["metadata"]["ss_network_dim"] == "2"
+    m = hub.load("style").modules["model.layers.0.self_attn.q_proj"]
+    assert m.alpha == 1.0 and m.scaling() == 0.5

@@ -53,6 +53,14 @@ def add(
             if r.adapter is not None:
                 refs = ", ".join(r.adapter.refs) or "(no name)"
                 click.echo(f"{r.status:<8} {r.adapter.digest}  {refs}  <- {r.source}")
+                unmapped = r.adapter.origin.get("unmapped_keys") or []
+                if unmapped:
+                    shown = ", ".join(unmapped[:5]) + (" ..." if len(unmapped) > 5 else "")
+                    click.echo(
+                        f"note: {len(unmapped)} keys matched no base tensor and were left out: "
+                        f"{shown}",
+                        err=True,
+                    )
             else:
                 click.echo(f"refused  {r.source}: {r.reason}", err=True)
     if not results or any(r.status == "refused" for r in results):

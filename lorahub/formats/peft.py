@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +57,17 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise InvalidAdapter(f"{path} is not a valid safetensors file: {exc}") from None
     return tensors, metadata
+
+
+def read_safetensors_header(path: Path) -> tuple[list[str], dict[str, str]]:
+    """Tensor names and metadata, read from the header alone."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys()), dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise InvalidAdapter(f"{path} is not a valid safetensors file: {exc}") from None
 
 
 def read_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -115,9 +126,3 @@ def canonical_weights(adapter: LoraAdapter) -> bytes:
 
 def write_config(config: Mapping[str, Any], out: Path) -> None:
     (out / CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
-
-
-def iter_files(path: Path) -> Iterator[Path]:
-    for name in (CONFIG, SAFETENSORS, BIN):
-        if (path / name).is_file():
-            yield path / name
