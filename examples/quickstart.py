@@ -3,7 +3,7 @@
     python examples/quickstart.py [--home DIR]
 
 It writes a small Llama-shaped base checkpoint and two PEFT adapters for it, then stores,
-names, lists, checks, merges, composes and exports them through the Python API.
+names, lists, checks, composes, merges and exports them through the Python API.
 """
 
 from __future__ import annotations
@@ -118,6 +118,27 @@ def main() -> None:
         )
     print("only rank 8 on q_proj:", [i.refs for i in hub.list(["rank=8", "target=q_proj"])])
 
+    base_info = hub.add_base(base)
+    print(f"base {base_info.name}: {base_info.tensor_count} tensors, {base_info.content_hash}")
+    print("check:", hub.check("sql-expert:prod", base=base).summary.splitlines()[0])
+    fit = hub.resolve("tone-formal:v1", base=base)
+    print(f"resolve tone-formal:v1 -> {fit.short} ({fit.match})")
+
+    blend = hub.compose(["sql-expert:v1", "tone-formal:v1"], [1.0, 0.5], name="blend:v1")
+    print(f"composed blend:v1 = {blend.report.summary}")
+    small = hub.compose(
+        ["sql-expert:v1", "tone-formal:v1"], [1.0, 0.5], method="svd", rank=4, name="blend:r4"
+    )
+    print(f"composed blend:r4 = {small.report.summary}")
+
+    result = hub.merge(base, ["sql-expert:v1", "tone-formal:v1"], [1.0, 0.5], out=work / "merged")
+    print(
+        f"merged {result.merged}/{result.tensors} tensors into {result.path} "
+        f"({result.bytes_written} bytes, {result.seconds:.2f}s on {result.device})"
+    )
+    cached = hub.merged(base, ["blend:v1"])
+    print(f"on-demand merge of blend:v1 kept at {cached}")
+
     out = hub.export("sql-expert:prod", work / "exported")
     print(f"exported a PEFT folder: {sorted(p.name for p in out.iterdir())}")
 
@@ -125,7 +146,6 @@ def main() -> None:
     print(
         f"verify: {report.checked_blobs} blobs, {report.checked_adapters} adapters, ok={report.ok}"
     )
-    _ = base
     print("done")
 
 
