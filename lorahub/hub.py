@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from .base import BaseModel, TensorInfo
     from .compat import CompatReport
     from .merge import MergeResult
+    from .remote import PushResult
 
 log = logging.getLogger(__name__)
 
@@ -797,9 +798,7 @@ class Hub:
             )
             peft.write_config(info.config, tmp)
             (tmp / "README.md").write_text(adapter_card(info))
-            (tmp / "lorahub.json").write_text(
-                json.dumps(_lorahub_json(info), indent=2, sort_keys=True) + "\n"
-            )
+            (tmp / "lorahub.json").write_text(mf.lorahub_json_text(info.digest, info.manifest))
             _replace_dir(tmp, dest)
         except FileNotFoundError as exc:
             raise StoreError(
@@ -885,6 +884,86 @@ class Hub:
                 pass
         return GcReport(tuple(freed), tuple(str(t) for t in temps), size, dry_run)
 
+    # ------------------------------------------------------------------ remote
+
+    def push(
+        self,
+        reference: str,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        revision: str | None = None,
+        tag: str | None = None,
+        path_in_repo: str | None = None,
+    ) -> PushResult:
+        """Push an adapter to a Hugging Face Hub repo, as a folder PEFT loads.
+
+        Uploads ``adapter_config.json``, ``adapter_model.safetensors``, a model card and
+        ``lorahub.json``; creates the repo (``private`` applies then) and the branch
+        ``revision`` if needed, and tags the commit with ``tag``. Files already there are not
+        uploaded again, and an unchanged repo gets no commit. The token is huggingface_hub's
+        own (``HF_TOKEN``, ``hf auth login``).
+
+        Returns:
+            ``lorahub.remote.PushResult``: commit sha and URL, bytes uploaded.
+
+        Raises:
+            RemoteError: no token or no write access, a tag already used, an unreachable Hub.
+
+        >>> hub.push("sql-expert:v1", "myorg/sql-expert", tag="v1").commit_url  # doctest: +SKIP
+        """
+        from . import remote
+
+        info = self.get(reference)
+        weights = self.blobs.path(Digest.parse(info.weights_digest))
+        return remote.push_adapter(
+            info,
+            weights,
+            repo_id,
+            private=private,
+            revision=revision,
+            tag=tag,
+            path_in_repo=path_in_repo,
+        )
+
+    def pull(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        name: str | None = None,
+    ) -> AdapterInfo:
+        """Import a PEFT adapter from a Hub repo (``org/name`` or ``org/name@revision``).
+
+        Any PEFT adapter repo works; only its adapter files are downloaded, through the shared
+        Hugging Face cache. With ``lorahub.json`` the imported adapter must have the digest it
+        states, else ``IntegrityError`` and nothing is stored. ``name`` defaults to
+        ``org/name:<revision or latest>``; the origin (endpoint, repo, revision, commit) is
+        recorded in the catalog.
+
+        Raises:
+            RemoteError: missing, private or gated repo, missing revision, hostile answers.
+            InvalidAdapter: no adapter there, or unreadable files. IntegrityError: corrupt data.
+
+        >>> hub.pull("myorg/sql-expert@v1", name="sql-expert").digest  # doctest: +SKIP
+        """
+        from . import remote
+
+        repo_id, revision = remote.split_repo_spec(repo_id, revision)
+        got = remote.download_adapter(repo_id, revision=revision, subfolder=subfolder)
+        adapter = remote.read_adapter(got)
+        base, provenance = remote.identity(adapter, got)
+        info, _ = self.store(
+            adapter,
+            name=name or remote.default_name(repo_id, revision, got.subfolder),
+            origin_kind="pull",
+            origin=got.origin(),
+            provenance=provenance,
+            base=base,
+        )
+        return info
+
 
 @dataclass(frozen=True)
 class _BaseContext:
@@ -923,14 +1002,6 @@ def _default_name(rel: Path, root: Path | None = None) -> str | None:
         return validate_name(text) if text else None
     except InvalidReference:
         return None
-
-
-def _lorahub_json(info: AdapterInfo) -> dict[str, Any]:
-    return {
-        "lorahub_version": 1,
-        "digest": info.digest,
-        "manifest": info.manifest,
-    }
 
 
 def _replace_dir(tmp: Path, dest: Path) -> None:

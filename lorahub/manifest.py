@@ -113,3 +113,15 @@ def encode(manifest: Mapping[str, Any]) -> bytes:
 
 def digest_of(manifest: Mapping[str, Any]) -> Digest:
     return hash_bytes(encode(manifest))
+
+
+LORAHUB_JSON_VERSION = 1
+
+
+def lorahub_json_text(digest: str, manifest: Mapping[str, Any]) -> str:
+    """The ``lorahub.json`` an exported or pushed adapter carries: its digest and manifest,
+    so whoever imports it can check they got exactly this adapter."""
+    import json
+
+    doc = {"lorahub_version": LORAHUB_JSON_VERSION, "digest": digest, "manifest": manifest}
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
