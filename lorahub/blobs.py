@@ -13,11 +13,11 @@ import errno
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .digest import ALGO, Digest, Hasher, hash_file
+from .digest import ALGO, Digest, Hasher, hash_file, hash_stream
 from .errors import IntegrityError, StoreError
 
 
@@ -89,6 +89,33 @@ class BlobStore:
         except OSError as exc:
             if isinstance(exc, IntegrityError):
                 raise
+            raise _disk_error(exc, "writing a blob") from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def put_file(self, write: Callable[[Path], None]) -> tuple[Digest, int]:
+        """Store the file that ``write(path)`` creates; returns its digest and size.
+
+        The file is hashed after it is written, then fsynced and published. When the blob
+        is already there the new copy is dropped unsynced and the old one's mtime refreshed,
+        so a concurrent ``gc`` sees it as young and keeps it.
+        """
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp / f"blob-{uuid.uuid4().hex}"
+        try:
+            write(tmp)
+            with open(tmp, "rb") as f:
+                digest, size = hash_stream(f)
+                try:
+                    os.utime(self.path(digest))
+                    return digest, size
+                except FileNotFoundError:
+                    pass
+                os.fsync(f.fileno())
+            self._publish(tmp, digest)
+            return digest, size
+        except OSError as exc:
             raise _disk_error(exc, "writing a blob") from exc
         finally:
             with contextlib.suppress(FileNotFoundError):

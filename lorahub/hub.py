@@ -162,18 +162,12 @@ class Hub:
                 results.append(AddResult(str(root), "refused", reason=f"{root} does not exist"))
                 continue
             if root.is_file() or peft.is_adapter_dir(root):
-                found.append(
-                    (
-                        root,
-                        None
-                        if name
-                        else _default_name(
-                            root.parent
-                            if root.is_file() and root.name.startswith("adapter_model")
-                            else root
-                        ),
-                    )
-                )
+                own = root.resolve()
+                if own.is_file() and own.name.startswith("adapter_model"):
+                    own = own.parent
+                # Named after the folder (or file) itself, however the path was spelled.
+                label = own.stem if own.is_file() else own.name
+                found.append((root, None if name else _default_name(Path(label))))
                 continue
             dirs = peft.find_adapter_dirs(root, recursive=recursive)
             if not dirs and recursive:
@@ -268,28 +262,22 @@ class Hub:
         if ref is not None and ref.name is None:
             raise InvalidReference(f"{name!r} is a digest; give a name such as 'my-adapter:v1'")
         base_ref, base_id = self._base_for(adapter, base, force)
-        data = peft.canonical_weights(adapter)
-        weights = hash_bytes(data)
-        manifest = mf.build(adapter, weights, len(data), base_ref, provenance)
+        weights, size = self.blobs.put_file(lambda p: peft.write_canonical(adapter, p))
+        manifest = mf.build(adapter, weights, size, base_ref, provenance)
         text = mf.encode(manifest).decode()
         digest = str(hash_bytes(text.encode()))
-        if self.blobs.exists(weights):
-            # Refresh the mtime so a concurrent `gc` sees the blob as young and keeps it.
-            os.utime(self.blobs.path(weights))
-        else:
-            self.blobs.put_bytes(data, weights)
         with db.write_session(self.engine) as s:
             row = q.adapter_by_digest(s, digest)
             added = row is None
             if row is None:
-                q.ensure_blob(s, str(weights), len(data))
+                q.ensure_blob(s, str(weights), size)
                 row = q.insert_adapter(
                     s,
                     digest=digest,
                     manifest_text=text,
                     adapter=adapter,
                     weights_digest=str(weights),
-                    size=len(data),
+                    size=size,
                     base=base_ref,
                     base_id=base_id,
                     origin_kind=origin_kind,

@@ -330,3 +330,13 @@ def test_settings_come_from_environment(tmp_path, monkeypatch):
     assert h.home == tmp_path / "env-home"
     assert h.list() == [] and (tmp_path / "env-home" / "lorahub.db").is_file()
     h.close()
+
+
+def test_weights_file_equals_the_in_memory_canonical_form(hub, tmp_path):
+    from lorahub.formats import peft
+
+    for fmt in ("safetensors", "bin"):
+        src = write_peft_adapter(tmp_path / fmt, fmt=fmt, dtype=torch.bfloat16, seed=5)
+        info = hub.add(src).adapter
+        blob = hub.blobs.path(lorahub.digest.Digest.parse(info.weights_digest))
+        assert blob.read_bytes() == peft.canonical_weights(peft.read_peft_dir(src))

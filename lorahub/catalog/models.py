@@ -66,7 +66,7 @@ class Adapter(Base):
     manifest: Mapped[str] = mapped_column(Text)
     weights_digest: Mapped[str] = mapped_column(ForeignKey("blobs.digest"), index=True)
     size: Mapped[int] = mapped_column(BigInteger)
-    rank: Mapped[int] = mapped_column(Integer, index=True)
+    rank: Mapped[int] = mapped_column(Integer)
     alpha: Mapped[float] = mapped_column(Float, index=True)
     use_rslora: Mapped[bool] = mapped_column(Boolean, default=False)
     use_dora: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -86,6 +86,11 @@ class Adapter(Base):
     )
     refs: Mapped[list[Ref]] = relationship(
         back_populates="adapter", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+    __table_args__ = (
+        # `ls --filter rank=N --limit K` walks this in created_at order and stops after K.
+        Index("ix_adapters_rank_created_at", "rank", "created_at"),
     )
 
 

@@ -109,19 +109,33 @@ def read_peft_dir(path: Path) -> LoraAdapter:
 
 
 def canonical_weights(adapter: LoraAdapter) -> bytes:
-    """The one byte form of an adapter's weights: PEFT's keys, ``{"format": "pt"}`` metadata.
-
-    The same tensors give the same bytes whichever file they came from, which is what makes
-    a ``.bin`` and a ``.safetensors`` import share one blob and one digest.
-    """
+    """The bytes :func:`write_canonical` writes, in memory: for checking a digest before
+    anything touches the store."""
     from safetensors.torch import save
 
     tensors = adapter.state_dict()
     try:
         return save(tensors, metadata={"format": "pt"})
     except RuntimeError:
-        # Tensors that share storage (possible from a pickle) must be separated first.
         return save({k: v.clone() for k, v in tensors.items()}, metadata={"format": "pt"})
+
+
+def write_canonical(adapter: LoraAdapter, path: Path) -> None:
+    """Write the one byte form of an adapter's weights: PEFT's keys, ``{"format": "pt"}``
+    metadata, safetensors' own layout.
+
+    The same tensors give the same bytes whichever file they came from, which is what makes
+    a ``.bin`` and a ``.safetensors`` import share one blob and one digest. Writing straight
+    to a file avoids the two in-memory copies that building the bytes first would cost.
+    """
+    from safetensors.torch import save_file
+
+    tensors = adapter.state_dict()
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except RuntimeError:
+        # Tensors that share storage (possible from a pickle) must be separated first.
+        save_file({k: v.clone() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
 def write_config(config: Mapping[str, Any], out: Path) -> None:

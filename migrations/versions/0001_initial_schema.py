@@ -1,8 +1,8 @@
 """initial schema
 
 Revision ID: 0001
-Revises:
-Create Date: 2026-11-28 18:25:18.315098
+Revises: (none)
+Create Date: 2026-11-28 18:58:05.920029
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def upgrade() -> None:
         )
         batch_op.create_index(batch_op.f("ix_adapters_created_at"), ["created_at"], unique=False)
         batch_op.create_index(batch_op.f("ix_adapters_origin_kind"), ["origin_kind"], unique=False)
-        batch_op.create_index(batch_op.f("ix_adapters_rank"), ["rank"], unique=False)
+        batch_op.create_index("ix_adapters_rank_created_at", ["rank", "created_at"], unique=False)
         batch_op.create_index(
             batch_op.f("ix_adapters_weights_digest"), ["weights_digest"], unique=False
         )
@@ -169,7 +169,7 @@ def downgrade() -> None:
     op.drop_table("adapter_modules")
     with op.batch_alter_table("adapters", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_adapters_weights_digest"))
-        batch_op.drop_index(batch_op.f("ix_adapters_rank"))
+        batch_op.drop_index("ix_adapters_rank_created_at")
         batch_op.drop_index(batch_op.f("ix_adapters_origin_kind"))
         batch_op.drop_index(batch_op.f("ix_adapters_created_at"))
         batch_op.drop_index(batch_op.f("ix_adapters_base_signature"))
