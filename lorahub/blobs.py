@@ -14,6 +14,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,22 +98,24 @@ class BlobStore:
     def put_file(self, write: Callable[[Path], None]) -> tuple[Digest, int]:
         """Store the file that ``write(path)`` creates; returns its digest and size.
 
-        The file is hashed after it is written, then fsynced and published. When the blob
-        is already there the new copy is dropped unsynced and the old one's mtime refreshed,
-        so a concurrent ``gc`` sees it as young and keeps it.
+        The file is hashed after it is written while a second thread fsyncs it (both wait
+        on the disk or the page cache, not the GIL), then published. When the blob is
+        already there the new copy is dropped and the old one's mtime refreshed, so a
+        concurrent ``gc`` sees it as young and keeps it.
         """
         self.tmp.mkdir(parents=True, exist_ok=True)
         tmp = self.tmp / f"blob-{uuid.uuid4().hex}"
         try:
             write(tmp)
-            with open(tmp, "rb") as f:
+            with open(tmp, "rb") as f, ThreadPoolExecutor(1) as pool:
+                synced = pool.submit(os.fsync, f.fileno())
                 digest, size = hash_stream(f)
-                try:
-                    os.utime(self.path(digest))
-                    return digest, size
-                except FileNotFoundError:
-                    pass
-                os.fsync(f.fileno())
+                synced.result()
+            try:
+                os.utime(self.path(digest))
+                return digest, size
+            except FileNotFoundError:
+                pass
             self._publish(tmp, digest)
             return digest, size
         except OSError as exc:
