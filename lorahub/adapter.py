@@ -205,7 +205,8 @@ class LoraAdapter:
                 that disagree with each other or with ``r`` / ``rank_pattern``.
         """
         config = dict(config)
-        if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        peft_type = config.get("peft_type", "LORA")  # may be PEFT's PeftType enum
+        if str(getattr(peft_type, "value", peft_type)).upper() != "LORA":
             raise InvalidAdapter(
                 f"peft_type is {config.get('peft_type')!r}; lorahub handles LoRA adapters only"
             )
