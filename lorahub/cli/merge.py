@@ -87,7 +87,7 @@ def merge(
     click.echo(
         f"{result.path}: {result.merged} of {result.tensors} tensors merged, "
         f"{human_size(result.bytes_written)} in {result.seconds:.1f}s "
-        f"({human_size(result.throughput)}/s on {result.device})"
+        f"({human_size(result.bytes_written / max(result.seconds, 1e-9))}/s on {result.device})"
     )
 
 
