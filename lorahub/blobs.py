@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .digest import ALGO, Digest, Hasher, hash_file, hash_stream
 from .errors import IntegrityError, StoreError
+from .fsutil import fsync_dir
 
 
 @dataclass(frozen=True)
@@ -27,14 +28,6 @@ class BlobInfo:
     digest: Digest
     size: int
     mtime: float
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _disk_error(exc: OSError, what: str) -> StoreError:
@@ -131,7 +124,7 @@ class BlobStore:
             os.link(tmp, final)  # never replaces: an existing blob is already complete
         except FileExistsError:
             return
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     def open(self, digest: Digest):
         try:

@@ -40,6 +40,7 @@ from .errors import (
     StoreError,
 )
 from .formats import peft
+from .fsutil import publish_dir
 from .info import (
     AdapterInfo,
     AddResult,
@@ -787,7 +788,10 @@ class Hub:
             peft.write_config(info.config, tmp)
             (tmp / "README.md").write_text(adapter_card(info))
             (tmp / "lorahub.json").write_text(mf.lorahub_json_text(info.digest, info.manifest))
-            _replace_dir(tmp, dest)
+            for f in tmp.iterdir():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
+            publish_dir(tmp, dest, replace=True)
         except FileNotFoundError as exc:
             raise StoreError(
                 f"blob of {info.digest} is missing; run `lorahub verify`: {exc}"
@@ -990,17 +994,3 @@ def _default_name(rel: Path, root: Path | None = None) -> str | None:
         return validate_name(text) if text else None
     except InvalidReference:
         return None
-
-
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Move a finished directory into place; an old one is moved aside first, then removed."""
-    for f in tmp.iterdir():
-        with f.open("rb") as fh:
-            os.fsync(fh.fileno())
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.rename(dest, old)
-    os.rename(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from . import compat
 from .base import DTYPE_BITS, FLOAT_DTYPES
 from .errors import MergeError
+from .fsutil import fsync_dir, publish_dir
 
 if TYPE_CHECKING:
     import torch
@@ -982,7 +983,7 @@ def merge_to_dir(
             written = _write_checkpoint(tmp, base, plan, adapters, sources, dev, progress)
             doc = _metadata(base, plan, adapters, dev, extra_metadata)
             written += _write_file(tmp / METADATA_NAME, json.dumps(doc, indent=2).encode())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             _publish(tmp, out, force)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -1230,29 +1231,10 @@ def _result_dtype(plan: MergePlan) -> str:
 
 
 def _publish(tmp: Path, out: Path, force: bool) -> None:
-    """Rename the finished directory into place; with ``force`` the old one goes aside first
-    and is deleted only once the new one is in."""
-    old = None
-    if force and os.path.lexists(out):
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
     try:
-        os.rename(tmp, out)
+        publish_dir(tmp, out, replace=force)
     except OSError as e:
-        if old is not None:
-            os.rename(old, out)
         raise MergeError(f"cannot move the merged checkpoint to {out}: {e.strerror}") from e
-    _fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _STALE_RE = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
