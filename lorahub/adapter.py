@@ -228,7 +228,17 @@ class LoraAdapter:
                 full[bare.replace(".base_layer.", ".")] = tensor
         if not parts:
             raise InvalidAdapter("no LoRA tensors found (no lora_A/lora_B keys)")
-        modules = {name: _module(name, p, config) for name, p in sorted(parts.items())}
+        try:
+            modules = {name: _module(name, p, config) for name, p in sorted(parts.items())}
+        except (TypeError, ValueError, AttributeError, re.error) as exc:
+            if isinstance(exc, InvalidAdapter):
+                raise
+            raise InvalidAdapter(
+                f"adapter_config.json has a value of the wrong type or form: {exc}"
+            ) from None
+        for key in ("base_model_name_or_path", "revision"):
+            if config.get(key) is not None and not isinstance(config[key], str):
+                raise InvalidAdapter(f"adapter_config.json: {key} must be a string")
         return cls(config=config, modules=modules, full=full, metadata=dict(metadata or {}))
 
 

@@ -180,7 +180,6 @@ def compose(
         >>> blend, report = compose([sql, tone], [1.0, 0.5], method="svd", rank=32)
         >>> report.max_error  # relative Frobenius error of the worst module
     """
-    import torch
 
     weights = _check_args(adapters, weights, method, rank, density, majority_sign, seed)
     seed = 0 if seed is None else int(seed)
@@ -193,7 +192,7 @@ def compose(
     }
     full = _full_tensors(adapters)
     _check_lora_bias(modules)
-    dev = torch.device(device)
+    dev = _device(device)
 
     out_modules: dict[str, LoraModule] = {}
     errors: list[ModuleError] = []
@@ -679,3 +678,13 @@ def _full_tensors(adapters: Sequence[LoraAdapter]) -> dict[str, torch.Tensor]:
                     "weighted without the base model. Merge them into a checkpoint instead"
                 )
     return dict(sorted(out.items()))
+
+
+def _device(device: str) -> torch.device:
+    from .errors import MergeError
+    from .merge import resolve_device
+
+    try:
+        return resolve_device(device)
+    except MergeError as exc:
+        raise ComposeError(str(exc)) from None

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -391,7 +392,7 @@ class Hub:
             digest = str(content_hash(model, cache_dir=self.home / "cache", progress=progress))
         label = name or model.repo_id or Path(os.fspath(source)).expanduser().resolve().name
         with db.write_session(self.engine) as s:
-            row = bases_q.upsert(s, model, label, digest)
+            row = bases_q.upsert(s, model, label, digest, rename=name is not None)
             return bases_q.to_info(row)
 
     def bases(self) -> list[BaseInfo]:
@@ -442,11 +443,16 @@ class Hub:
         return info
 
     def _resolve(
-        self, reference: str, base: str | os.PathLike[str], *, strict: bool
+        self,
+        reference: str,
+        base: str | os.PathLike[str],
+        *,
+        strict: bool,
+        ctx: _BaseContext | None = None,
     ) -> tuple[AdapterInfo, CompatReport]:
         from . import compat
 
-        ctx = self._base_context(base)
+        ctx = ctx or self._base_context(base)
         ref = parse(reference)
         with db.read_session(self.engine) as s:
             rows = q.candidates(s, ref)
@@ -489,7 +495,7 @@ class Hub:
         adapters: str | Sequence[str],
         weights: Sequence[float] | None,
         progress: Progress | None = None,
-    ) -> tuple[BaseModel, list[AdapterInfo], list[LoraAdapter], list[float], BaseInfo]:
+    ) -> tuple[BaseModel, list[AdapterInfo], list[float], BaseRef]:
         from .base import open_base
 
         refs = [adapters] if isinstance(adapters, str) else list(adapters)
@@ -504,10 +510,9 @@ class Hub:
                 f"{model.display} is not on this machine; merging needs its weights "
                 f"(download it with `hf download {model.repo_id}`)"
             )
-        base_info = self.add_base(base, progress=None)
-        infos = [self.resolve(r, base=base) for r in refs]
-        loaded = [self.load_info(i) for i in infos]
-        return model, infos, loaded, w, base_info
+        ctx = self._base_context(base)
+        infos = [self._resolve(r, base, strict=True, ctx=ctx)[0] for r in refs]
+        return model, infos, w, ctx.ref
 
     def merge(
         self,
@@ -533,8 +538,9 @@ class Hub:
         """
         from .merge import merge_to_dir, parse_size
 
-        model, infos, loaded, w, base_info = self._merge_inputs(base, adapters, weights)
-        meta = _merge_metadata(base_info, infos, w)
+        model, infos, w, base_ref = self._merge_inputs(base, adapters, weights)
+        loaded = [self.load_info(i) for i in infos]
+        meta = _merge_metadata(base_ref, infos, w)
         return merge_to_dir(
             model,
             loaded,
@@ -561,7 +567,8 @@ class Hub:
         for loaders that take a state dict piece by piece."""
         from .merge import iter_merged
 
-        model, _, loaded, w, _ = self._merge_inputs(base, adapters, weights)
+        model, infos, w, _ = self._merge_inputs(base, adapters, weights)
+        loaded = [self.load_info(i) for i in infos]
         return iter_merged(model, loaded, w, device=device, dtype=dtype)
 
     def merged(
@@ -580,10 +587,10 @@ class Hub:
 
         from .merge import merge_to_dir, normalize_dtype
 
-        model, infos, loaded, w, base_info = self._merge_inputs(base, adapters, weights)
+        model, infos, w, base_ref = self._merge_inputs(base, adapters, weights)
         dt = normalize_dtype(dtype) or "base"
         parts = [[i.digest, x] for i, x in zip(infos, w, strict=True)]
-        key_doc = {"base": base_info.content_hash, "adapters": parts, "dtype": dt}
+        key_doc = {"base": base_ref.content_hash, "adapters": parts, "dtype": dt}
         key = str(hash_bytes(canonical_json(key_doc)))
         out = self.home / "merged" / key.split(":")[1]
         with FileLock(str(out) + ".lock"):
@@ -596,22 +603,22 @@ class Hub:
                     s.delete(row)
             result = merge_to_dir(
                 model,
-                loaded,
+                [self.load_info(i) for i in infos],
                 w,
                 out=out,
                 device=device,
                 dtype=dtype,
                 force=True,
                 progress=progress,
-                extra_metadata=_merge_metadata(base_info, infos, w),
+                extra_metadata=_merge_metadata(base_ref, infos, w),
             )
             size = sum(f.stat().st_size for f in result.path.iterdir() if f.is_file())
             info = MergedInfo(
                 key=key,
                 path=str(result.path),
                 size=size,
-                base_name=base_info.name,
-                base_content_hash=base_info.content_hash or base_info.signature,
+                base_name=base_ref.name or "",
+                base_content_hash=base_ref.content_hash or base_ref.signature or "",
                 adapters=tuple((i.digest, x) for i, x in zip(infos, w, strict=True)),
                 dtype=result.dtype,
                 created_at=q.utcnow(),
@@ -620,8 +627,14 @@ class Hub:
             with db.write_session(self.engine) as s:
                 merged_q.insert(s, info)
                 victims = merged_q.over_cap(s, self.settings.merged_max_bytes, keep=key)
-                gone = [Path(v.path) for v in victims]
+                gone = []
                 for v in victims:
+                    # Renamed aside before the row goes, so a process that rebuilds this
+                    # key right after never has its fresh directory deleted under it.
+                    aside = Path(v.path).with_name(f".{Path(v.path).name}.evicted-{os.getpid()}")
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rename(v.path, aside)
+                        gone.append(aside)
                     s.delete(v)
         for path in gone:
             shutil.rmtree(path, ignore_errors=True)
@@ -779,12 +792,14 @@ class Hub:
             raise StoreError(f"{dest} already exists and is not empty; pass --force to replace it")
         from .card import adapter_card
 
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
         try:
-            shutil.copyfile(
-                self.blobs.path(Digest.parse(info.weights_digest)), tmp / peft.SAFETENSORS
-            )
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        except OSError as exc:
+            raise StoreError(f"cannot write {dest}: {exc.strerror or exc}") from None
+        try:
+            blob = self.blobs.path(Digest.parse(info.weights_digest))
+            shutil.copyfile(blob, tmp / peft.SAFETENSORS)
             peft.write_config(info.config, tmp)
             (tmp / "README.md").write_text(adapter_card(info))
             (tmp / "lorahub.json").write_text(mf.lorahub_json_text(info.digest, info.manifest))
@@ -796,6 +811,8 @@ class Hub:
             raise StoreError(
                 f"blob of {info.digest} is missing; run `lorahub verify`: {exc}"
             ) from exc
+        except OSError as exc:
+            raise StoreError(f"cannot write {dest}: {exc.strerror or exc}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return dest
@@ -848,7 +865,8 @@ class Hub:
         cutoff = time.time() - grace
         freed: list[str] = []
         size = 0
-        with db.write_session(self.engine) as s:
+        session = db.read_session if dry_run else db.write_session
+        with session(self.engine) as s:
             used = q.referenced_weights(s)
             rows = {b.digest: b for b in s.query(Blob)}
             for info in self.blobs:
@@ -974,7 +992,7 @@ def open(home: str | os.PathLike[str] | None = None) -> Hub:
 
 
 def _merge_metadata(
-    base: BaseInfo, infos: Sequence[AdapterInfo], weights: Sequence[float]
+    base: BaseRef, infos: Sequence[AdapterInfo], weights: Sequence[float]
 ) -> dict[str, Any]:
     return {
         "base_name": base.name,

@@ -13,6 +13,7 @@ from typing import Any
 
 from .adapter import LoraAdapter
 from .digest import Digest, canonical_json, hash_bytes
+from .errors import InvalidAdapter
 
 SCHEMA = 1
 
@@ -41,7 +42,10 @@ class BaseRef:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> BaseRef:
         d = d or {}
-        return cls(d.get("name"), d.get("revision"), d.get("signature"), d.get("content_hash"))
+        values = [d.get(k) for k in ("name", "revision", "signature", "content_hash")]
+        if any(v is not None and not isinstance(v, str) for v in values):
+            raise InvalidAdapter("the recorded base model's fields must be strings")
+        return cls(*values)
 
 
 def module_table(adapter: LoraAdapter) -> dict[str, dict[str, Any]]:

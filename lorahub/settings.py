@@ -39,5 +39,15 @@ def load(home: str | os.PathLike[str] | None = None) -> Settings:
     return Settings(
         home=Path(home).expanduser() if home is not None else default_home(),
         database_url=os.environ.get("LORAHUB_DATABASE_URL") or None,
-        merged_max_bytes=int(max_bytes) if max_bytes else DEFAULT_MERGED_MAX_BYTES,
+        merged_max_bytes=_size(max_bytes) if max_bytes else DEFAULT_MERGED_MAX_BYTES,
     )
+
+
+def _size(text: str) -> int:
+    from .errors import LorahubError
+    from .merge import parse_size
+
+    try:
+        return parse_size(text)
+    except LorahubError as exc:
+        raise LorahubError(f"LORAHUB_MERGED_MAX_BYTES: {exc}") from None

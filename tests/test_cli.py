@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from factories import write_peft_adapter
 
+import lorahub
 from lorahub.cli import cli
 
 
@@ -119,3 +120,66 @@ def test_console_script_runs_as_a_subprocess(tmp_path):
     assert res.returncode == 0 and res.stdout.startswith("@xxh128:")
     res = subprocess.run([exe, "--help"], capture_output=True, text=True, env=env)
     assert "Store, check, merge" in res.stdout
+
+
+def _write_config(src, **changes):
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"r": "x"},
+        {"lora_alpha": None},
+        {"rank_pattern": [1]},
+        {"base_model_name_or_path": ["x"]},
+    ],
+)
+def test_bad_config_values_are_errors_not_tracebacks(run, tmp_path, changes):
+    src = write_peft_adapter(tmp_path / "a")
+    _write_config(src, **changes)
+    res = run("add", src, ok=False)
+    assert res.exit_code == 1 and "adapter_config.json" in res.stderr
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    assert json.loads(run("ls", "--json").output) == []
+
+
+def test_garbage_bin_is_refused_without_unsafe_advice(run, tmp_path):
+    src = write_peft_adapter(tmp_path / "a")
+    (src / "adapter_model.safetensors").unlink()
+    (src / "adapter_model.bin").write_text("hello")
+    res = run("add", src, ok=False)
+    assert res.exit_code == 1 and "weights_only=True" in res.stderr
+    assert "weights_only set to False" not in res.stderr
+    assert isinstance(res.exception, SystemExit)
+
+
+def test_odd_arguments_get_clear_errors(run, tmp_path):
+    src = write_peft_adapter(tmp_path / "a")
+    run("add", src, "-n", "a")
+    for args in (
+        ("ls", "-f", "rank=abc"),
+        ("add", ""),
+        ("add", src, "-n", ""),
+        ("gc", "--grace", "-5m"),
+        ("ls", "--limit", "0"),
+    ):
+        res = run(*args, ok=False)
+        assert res.exit_code in (1, 2), args
+        assert isinstance(res.exception, SystemExit), (args, res.exception)
+    (tmp_path / "afile").write_text("x")
+    res = run("export", "a", tmp_path / "afile" / "sub", ok=False)
+    assert res.exit_code == 1 and res.stderr.startswith("Error: cannot write")
+    assert run("tag", "a", "b").output.startswith("b:latest -> ")
+
+
+def test_size_style_merged_cap_is_understood(tmp_path, monkeypatch):
+    from lorahub.settings import load
+
+    monkeypatch.setenv("LORAHUB_MERGED_MAX_BYTES", "10GB")
+    assert load(tmp_path).merged_max_bytes == 10 * 10**9
+    monkeypatch.setenv("LORAHUB_MERGED_MAX_BYTES", "lots")
+    with pytest.raises(lorahub.LorahubError, match="LORAHUB_MERGED_MAX_BYTES"):
+        load(tmp_path)

@@ -91,3 +91,9 @@ def test_compose_cli_prints_errors_for_approximations(tmp_path):
     assert "provenance method" in shown and "cat" in shown
     res = runner.invoke(cli, [*home, "compose", "a", "--method", "nope"])
     assert res.exit_code == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_compose_on_a_missing_gpu_is_a_clear_error(hub):
+    with pytest.raises(ComposeError, match="no CUDA GPU"):
+        hub.compose(["a", "b"], device="cuda")

@@ -162,3 +162,10 @@ def test_kohya_file_imports_against_its_base(hub, world, tmp_path):
     assert info.manifest["metadata"]["ss_network_dim"] == "2"
     m = hub.load("style").modules["model.layers.0.self_attn.q_proj"]
     assert m.alpha == 1.0 and m.scaling() == 0.5
+
+
+def test_recording_a_base_by_path_keeps_the_name_given(hub, world):
+    hub.add_base(world / "llama", name="tiny1")
+    hub.add(world / "small-ad", name="sql", base=world / "llama")
+    assert [b.name for b in hub.bases()] == ["tiny1"]
+    assert hub.check("sql", base="tiny1").status == "exact"

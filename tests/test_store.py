@@ -340,3 +340,25 @@ def test_weights_file_equals_the_in_memory_canonical_form(hub, tmp_path):
         info = hub.add(src).adapter
         blob = hub.blobs.path(lorahub.digest.Digest.parse(info.weights_digest))
         assert blob.read_bytes() == peft.canonical_weights(peft.read_peft_dir(src))
+
+
+def test_full_disk_while_writing_a_blob_is_a_clear_error(hub, tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from lorahub.errors import StoreError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(StoreError, match="no space left"):
+        hub.add(write_peft_adapter(tmp_path / "a"))
+    assert hub.list() == [] and list((hub.home / "tmp").iterdir()) == []
+
+
+def test_hostile_recorded_base_is_refused(hub, tmp_path):
+    from lorahub.manifest import BaseRef
+
+    with pytest.raises(InvalidAdapter, match="must be strings"):
+        BaseRef.from_dict({"name": ["evil"], "signature": {"x": 1}})

@@ -38,7 +38,9 @@ def tensor_table(row: BaseModelRow) -> dict[str, TensorInfo]:
     return {n: TensorInfo(n, d, tuple(s)) for n, d, s in json.loads(row.tensor_table)}
 
 
-def upsert(session: Session, model: BaseModel, name: str, content_hash: str | None) -> BaseModelRow:
+def upsert(
+    session: Session, model: BaseModel, name: str, content_hash: str | None, rename: bool = False
+) -> BaseModelRow:
     """The row for this base, matched by content (or, unhashed, by signature and place)."""
     signature = str(model.signature)
     path = str(model.root) if model.root is not None and not model.repo_id else None
@@ -70,7 +72,8 @@ def upsert(session: Session, model: BaseModel, name: str, content_hash: str | No
         )
         session.add(row)
     else:
-        row.name = name or row.name
+        if rename:  # only a name the user gave replaces the one recorded
+            row.name = name
         row.path = path or row.path
         row.revision = model.revision or row.revision
     session.flush()

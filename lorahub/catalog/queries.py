@@ -146,7 +146,10 @@ def resolve_one(session: Session, ref: Reference) -> Adapter:
                 for r in rows
             ]
             raise AmbiguousReference(
-                ref.text, lines, hint="it has one variant per base model; pass --base to choose"
+                ref.text,
+                lines,
+                hint="it has one variant per base model: name one by digest (@<digest>), or "
+                f"pick one with `lorahub resolve {ref.text} --base BASE`",
             )
         raise AmbiguousReference(ref.text, [r.digest for r in rows])
     return rows[0]
@@ -158,6 +161,11 @@ def parse_filters(filters: Iterable[str] | Mapping[str, str]) -> list[tuple[str,
     for key, value in items:
         if key not in FILTER_KEYS:
             raise InvalidReference(f"unknown filter {key!r}; use one of: {', '.join(FILTER_KEYS)}")
+        if key in ("rank", "alpha"):
+            try:
+                float(value)
+            except ValueError:
+                raise InvalidReference(f"filter {key} needs a number, got {value!r}") from None
         out.append((key, value))
     return out
 
@@ -182,7 +190,7 @@ def list_adapters(
     q = select(Adapter)
     for key, value in filters:
         if key == "rank":
-            q = q.where(Adapter.rank == int(value))
+            q = q.where(Adapter.rank == int(float(value)))
         elif key == "alpha":
             q = q.where(Adapter.alpha == float(value))
         elif key in ("target", "module"):
@@ -251,8 +259,3 @@ def ref_count(session: Session, adapter_id: int) -> int:
 
 def referenced_weights(session: Session) -> set[str]:
     return set(session.scalars(select(Adapter.weights_digest).distinct()))
-
-
-def unreferenced_blob_rows(session: Session) -> list[Blob]:
-    used = select(Adapter.weights_digest)
-    return list(session.scalars(select(Blob).where(Blob.digest.not_in(used))))

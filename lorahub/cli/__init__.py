@@ -70,4 +70,13 @@ _register()
 
 def main() -> None:
     """Console-script entry point."""
+    import logging
+
+    # The library logs; the CLI shows lorahub's warnings as one plain line each on stderr.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    library = logging.getLogger("lorahub")
+    library.addHandler(handler)
+    library.setLevel(logging.WARNING)
+    library.propagate = False
     cli(prog_name="lorahub")

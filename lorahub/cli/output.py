@@ -82,8 +82,10 @@ def parse_duration(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     text = text.strip().lower()
     try:
-        if text and text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
+        scale = units.get(text[-1:], 1)
+        value = float(text[:-1] if scale != 1 or text[-1:] == "s" else text) * scale
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a duration like 90s, 30m, 1h") from None
+    if value < 0:
+        raise click.BadParameter(f"{text!r}: a duration cannot be negative")
+    return value

@@ -6,7 +6,9 @@ import sys
 
 import click
 
+from ..errors import InvalidAdapter, InvalidReference
 from ..info import AdapterInfo
+from ..refs import format_ref, parse
 from .output import echo_json, hub_from, human_size, parse_duration, progress, table
 
 
@@ -44,6 +46,10 @@ def add(
       lorahub add ./my-peft-adapter --name sql-expert:v1
       lorahub add --recursive ~/runs
     """
+    if any(not p.strip() for p in paths) or (base is not None and not base.strip()):
+        raise InvalidAdapter("an empty path was given; name a folder or file")
+    if name is not None and not name.strip():
+        raise InvalidReference("--name is empty; give a name like 'sql-expert:v1'")
     hub = hub_from(ctx)
     results = hub.add_many(list(paths), recursive=recursive, name=name, base=base, force=force)
     if as_json:
@@ -78,7 +84,7 @@ def add(
 @click.option("--base", "base", help="Only adapters that fit this base model.")
 @click.option("-q", "--quiet", is_flag=True, help="Print one digest reference per line.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-@click.option("--limit", type=int, help="At most this many adapters.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many adapters.")
 @click.pass_context
 def ls(
     ctx: click.Context,
@@ -182,7 +188,8 @@ def tag(ctx: click.Context, reference: str, new: str) -> None:
       lorahub tag sql-expert:v1 sql-expert:prod
     """
     info = hub_from(ctx).tag(reference, new)
-    click.echo(f"{new} -> {info.digest}")
+    target = parse(new)
+    click.echo(f"{format_ref(target.name or new, target.tag)} -> {info.digest}")
 
 
 @click.command()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -72,18 +73,19 @@ def read_safetensors_header(path: Path) -> tuple[list[str], dict[str, str]]:
 
 def read_bin(path: Path) -> dict[str, torch.Tensor]:
     """A pickled state dict, loaded with ``weights_only=True``: no code in it ever runs."""
-    import pickle
+    import warnings
 
     import torch
 
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # hostile bytes: any unpickler failure means "refused"
         raise InvalidAdapter(
             f"{path} was refused: it is not a plain tensor file that loads with "
-            f"weights_only=True ({first}). Convert it with the tool that made it, or re-save "
-            "it as safetensors."
+            f"weights_only=True ({type(exc).__name__}); it may hold code, or be corrupt. "
+            "Ask for a safetensors file, or re-save it as safetensors in a trusted place."
         ) from None
     if not isinstance(obj, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
@@ -128,14 +130,21 @@ def write_canonical(adapter: LoraAdapter, path: Path) -> None:
     a ``.bin`` and a ``.safetensors`` import share one blob and one digest. Writing straight
     to a file avoids the two in-memory copies that building the bytes first would cost.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = adapter.state_dict()
     try:
-        save_file(tensors, str(path), metadata={"format": "pt"})
-    except RuntimeError:
-        # Tensors that share storage (possible from a pickle) must be separated first.
-        save_file({k: v.clone() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+        try:
+            save_file(tensors, str(path), metadata={"format": "pt"})
+        except RuntimeError:
+            # Tensors that share storage (possible from a pickle) must be separated first.
+            save_file(
+                {k: v.clone() for k, v in tensors.items()}, str(path), metadata={"format": "pt"}
+            )
+    except SafetensorError as exc:  # the Rust writer's I/O errors (a full disk) are not OSErrors
+        code = errno.ENOSPC if "os error 28" in str(exc) else errno.EIO
+        raise OSError(code, str(exc)) from exc
 
 
 def write_config(config: Mapping[str, Any], out: Path) -> None:
