@@ -56,14 +56,14 @@ def write_peft_adapter(
     return path
 
 
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A 2-layer Llama of hidden size 32 made by transformers (test-only dependency)."""
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, hidden_size: int = 32):
+    """A 2-layer Llama (hidden size 32 unless told) made by transformers (test-only)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=128,
-        hidden_size=32,
+        hidden_size=hidden_size,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,

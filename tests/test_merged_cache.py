@@ -53,17 +53,7 @@ def test_merge_writes_the_weighted_sum(hub, world, tmp_path):
 
 
 def test_merge_refuses_an_adapter_that_does_not_fit(hub, world, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "wide")
+    tiny_llama(hidden_size=48).save_pretrained(tmp_path / "wide")
     with pytest.raises(IncompatibleAdapter, match=r"expects \[32, 32\], base has \[48, 48\]"):
         hub.merge(tmp_path / "wide", "a", out=tmp_path / "m")
     assert not (tmp_path / "m").exists()

@@ -16,17 +16,7 @@ from lorahub.errors import IncompatibleAdapter
 
 
 def _wide_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(hidden_size=48)
 
 
 @pytest.fixture(scope="module")
