@@ -1,9 +1,10 @@
 """Base models: the tensor table from safetensors headers, and the two fingerprints.
 
 The **signature** (digest of the sorted ``[name, dtype, shape]`` list) says "same
-architecture" and costs one header read per shard. The **content hash** (xxh3-128 of every
-tensor's bytes, concatenated in tensor-name order) says "same weights" whatever the
-sharding; it reads every byte once, so it is cached by each shard's path, size and mtime.
+architecture" and costs one header read per shard. The **content hash** (each tensor's bytes
+hashed with xxh3-128, the names and digests then hashed in name order) says "same weights"
+whatever the sharding; it reads every byte once, in disk order, so it is cached by each
+shard's path, size and mtime.
 
 A base is a local safetensors checkpoint (a directory, sharded or not, or one file) or a
 Hugging Face Hub repository id, read from the local HF cache or, when not cached and the Hub
@@ -28,6 +29,8 @@ from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+
+import xxhash
 
 from .digest import Digest, Hasher, canonical_json, hash_bytes
 from .errors import BaseModelError
@@ -511,7 +514,7 @@ def content_hash(
     cache_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Digest:
-    """xxh3-128 of every tensor's bytes, concatenated in tensor-name order.
+    """The content hash: every tensor's bytes hashed (xxh3-128), combined in name order.
 
     Independent of sharding and of the header layout. With ``cache_dir`` the result is
     remembered under the shards' absolute paths, sizes and mtimes, so asking again is free
@@ -565,22 +568,38 @@ def _stat_files(base: BaseModel) -> list[list[Any]]:
 
 
 def _hash_tensors(base: BaseModel, progress: Callable[[int, int], None] | None) -> Digest:
+    """Hash each tensor in the order it lies on disk (sequential reads, which the kernel
+    reads ahead), then combine the per-tensor digests in name order."""
     assert base.root is not None
     total = base.total_bytes
-    h = Hasher()
     done = 0
+    digests: dict[str, bytes] = {}
+    by_file: dict[str, list[TensorInfo]] = {}
+    for name, info in base.tensors.items():
+        if info.file is None or info.offsets is None:
+            raise BaseModelError(f"tensor {name!r} of {base.display} has no file location")
+        by_file.setdefault(info.file, []).append(info)
     with _Shards(base.root) as shards:
-        for name in sorted(base.tensors):
-            info = base.tensors[name]
-            if info.file is None or info.offsets is None:
-                raise BaseModelError(f"tensor {name!r} of {base.display} has no file location")
-            for chunk in shards.ranges(info.file, info.offsets):
-                h.update(chunk)
-                done += len(chunk)
-                if progress:
-                    progress(done, total)
+        for file in sorted(by_file):
+            for info in sorted(by_file[file], key=lambda t: t.offsets or (0, 0)):
+                h = xxhash.xxh3_128()
+                for chunk in shards.ranges(file, info.offsets):  # type: ignore[arg-type]
+                    h.update(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, total)
+                digests[info.name] = h.digest()
     if progress and total == 0:
         progress(0, 0)
+    return combine_tensor_digests(digests)
+
+
+def combine_tensor_digests(digests: Mapping[str, bytes]) -> Digest:
+    """The content hash from each tensor's raw xxh3-128 digest: names and digests in name
+    order, hashed again. Independent of sharding and of the order tensors lie on disk."""
+    h = Hasher()
+    for name in sorted(digests):
+        h.update(name.encode() + b"\0" + digests[name])
     return h.digest()
 
 
@@ -698,9 +717,9 @@ def state_dict_hash(tensors: Mapping[str, Any]) -> Digest:
     would compute it for a checkpoint holding exactly these tensors."""
     import torch
 
-    h = Hasher()
+    digests = {}
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
-        if t.numel():
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return h.digest()
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        digests[name] = xxhash.xxh3_128_digest(memoryview(raw))
+    return combine_tensor_digests(digests)

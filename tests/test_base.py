@@ -46,10 +46,12 @@ def llama_dirs(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _reference_hash(path: Path) -> str:
-    """xxh3-128 of each tensor's raw bytes in name order, from safetensors' own loader."""
+    """Each tensor's raw bytes hashed with xxh3-128, then name + NUL + digest in name order,
+    from safetensors' own loader."""
     h = xxhash.xxh3_128()
-    for _, t in sorted(load_file(str(path)).items()):
-        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for name, t in sorted(load_file(str(path)).items()):
+        raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        h.update(name.encode() + b"\0" + xxhash.xxh3_128_digest(raw))
     return f"xxh128:{h.hexdigest()}"
 
 
