@@ -112,8 +112,8 @@ class Zygote:
         except TimeoutError:
             os.kill(pid, signal.SIGKILL)  # not reaped yet, so still our child's pid
             self._receive()
-            raise AssertionError(f"lorahub {argv} hung; its output: {log.read_text()}") from None
-        return outcome, time.monotonic() - t0, log.read_text()
+            raise AssertionError(f"lorahub {argv} hung; its output: {_read(log)}") from None
+        return outcome, time.monotonic() - t0, _read(log)
 
     def _send(self, line: str) -> None:
         self.proc.stdin.write(line + "\n")
@@ -132,6 +132,11 @@ class Zygote:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             raise
+
+
+def _read(log: Path) -> str:
+    """A child's output; a kill that lands before the child opened its log leaves none."""
+    return log.read_text() if log.exists() else ""
 
 
 def _blob_name(home: Path, path: Path) -> str:
