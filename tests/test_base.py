@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import xxhash
+from factories import tiny_llama
 from safetensors.torch import load_file, save_file
 
 import lorahub.base as base_mod
@@ -21,18 +22,7 @@ from lorahub.errors import BaseModelError, LorahubError
 
 
 def _tiny_llama(seed: int = 0, hidden: int = 32):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=hidden,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed, hidden_size=hidden)
 
 
 @pytest.fixture(scope="module")
