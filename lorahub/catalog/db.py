@@ -9,6 +9,7 @@ instead of failing with "database is locked".
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def make_engine(url: str) -> Engine:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
-        cur.execute("PRAGMA journal_mode=WAL")
+        _enable_wal(cur)
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
@@ -55,6 +56,22 @@ def make_engine(url: str) -> Engine:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def _enable_wal(cursor) -> None:
+    """Switch a database to WAL. Several processes opening a new store at once can find the
+    switch refused with "database is locked" (SQLite does not wait on it), so retry."""
+    import sqlite3
+
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -83,9 +100,13 @@ def upgrade(engine: Engine, lock_path: Path | None) -> None:
 
             cfg = Config()
             cfg.set_main_option("script_location", str(migrations_dir()))
-            with engine.begin() as conn:
-                cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "head")
+            # IMMEDIATE: the migration reads, then writes; a deferred transaction would fail
+            # at that upgrade instead of waiting if another process held the lock.
+            with engine.connect() as conn:
+                conn.execution_options(lorahub_write=True)  # in place, in SQLAlchemy 2
+                with conn.begin():
+                    cfg.attributes["connection"] = conn
+                    command.upgrade(cfg, "head")
     except StoreError:
         raise
     except Exception as exc:  # sqlalchemy/alembic errors about the database itself
