@@ -384,9 +384,19 @@ class Hub:
             revision: branch, tag or commit for a Hub repo id.
             name: how to refer to it later (default: the repo id or the folder's name).
         """
-        from .base import content_hash, open_base
+        from .base import open_base
 
-        model = open_base(source, revision=revision)
+        return self._record_base(open_base(source, revision=revision), source, name, progress)
+
+    def _record_base(
+        self,
+        model: BaseModel,
+        source: str | os.PathLike[str],
+        name: str | None = None,
+        progress: Progress | None = None,
+    ) -> BaseInfo:
+        from .base import content_hash
+
         digest = None
         if model.root is not None:
             digest = str(content_hash(model, cache_dir=self.home / "cache", progress=progress))
@@ -400,7 +410,9 @@ class Hub:
         with db.read_session(self.engine) as s:
             return [bases_q.to_info(r) for r in bases_q.all_rows(s)]
 
-    def _base_context(self, base: str | os.PathLike[str]) -> _BaseContext:
+    def _base_context(
+        self, base: str | os.PathLike[str], model: BaseModel | None = None
+    ) -> _BaseContext:
         """A base's tensor table and identity: from the catalog when it is recorded under
         that name (no file access), else read from disk or the Hub and recorded."""
         text = os.fspath(base)
@@ -420,7 +432,7 @@ class Hub:
                     return _BaseContext(
                         bases_q.tensor_table(row), _base_ref(bases_q.to_info(row)), row.id
                     )
-        info = self.add_base(text)
+        info = self._record_base(model, text) if model is not None else self.add_base(text)
         with db.read_session(self.engine) as s:
             row = bases_q.by_id(s, info.id)
             assert row is not None
@@ -510,7 +522,7 @@ class Hub:
                 f"{model.display} is not on this machine; merging needs its weights "
                 f"(download it with `hf download {model.repo_id}`)"
             )
-        ctx = self._base_context(base)
+        ctx = self._base_context(base, model)  # headers read once, hash from the cache
         infos = [self._resolve(r, base, strict=True, ctx=ctx)[0] for r in refs]
         return model, infos, w, ctx.ref
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from ..compose import METHODS
-from .merge import _weights
-from .output import echo_json, hub_from, table
+from .output import echo_json, hub_from, parse_weights, table
 
 
 @click.command()
@@ -52,7 +51,7 @@ def compose(
     """
     result = hub_from(ctx).compose(
         list(adapters),
-        _weights(weights, len(adapters)),
+        parse_weights(weights, len(adapters)),
         method=method,
         rank=rank,
         density=density,

@@ -6,20 +6,7 @@ import sys
 
 import click
 
-from ..errors import MergeError
-from .output import echo_json, hub_from, human_size, progress, table
-
-
-def _weights(text: str | None, count: int) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        values = [float(x) for x in text.split(",")]
-    except ValueError:
-        raise MergeError(f"--weights {text!r} must be numbers separated by commas") from None
-    if len(values) != count:
-        raise MergeError(f"--weights has {len(values)} values for {count} adapters; give one each")
-    return values
+from .output import echo_json, hub_from, human_size, parse_weights, progress, table
 
 
 @click.command()
@@ -63,7 +50,7 @@ def merge(
         result = hub.merge(
             base,
             list(adapters),
-            _weights(weights, len(adapters)),
+            parse_weights(weights, len(adapters)),
             out=out,
             device=device,
             dtype=dtype,
@@ -128,7 +115,7 @@ def merged_get(
         path = hub_from(ctx).merged(
             base,
             list(adapters),
-            _weights(weights, len(adapters)),
+            parse_weights(weights, len(adapters)),
             device=device,
             dtype=dtype,
             progress=cb,

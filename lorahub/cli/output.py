@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from ..errors import MergeError
+
 if TYPE_CHECKING:
     from ..hub import Hub
 
@@ -89,3 +91,16 @@ def parse_duration(text: str) -> float:
     if value < 0:
         raise click.BadParameter(f"{text!r}: a duration cannot be negative")
     return value
+
+
+def parse_weights(text: str | None, count: int) -> list[float] | None:
+    """``--weights 1.0,0.5`` -> one float per adapter (None: the default of 1 each)."""
+    if text is None:
+        return None
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise MergeError(f"--weights {text!r} must be numbers separated by commas") from None
+    if len(values) != count:
+        raise MergeError(f"--weights has {len(values)} values for {count} adapters; give one each")
+    return values
