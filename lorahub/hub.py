@@ -53,7 +53,7 @@ from .info import (
     VerifyReport,
 )
 from .manifest import BaseRef
-from .refs import Reference, format_ref, parse, validate_name
+from .refs import Reference, format_ref, local_path, parse, validate_name
 from .settings import Settings, load
 
 if TYPE_CHECKING:
@@ -454,6 +454,21 @@ class Hub:
         info, _ = self._resolve(reference, base, strict=True)
         return info
 
+    def _stored_ref(self, reference: str, base: str | os.PathLike[str]) -> str:
+        """``reference`` itself, or for a path (``./my-adapter``) the ``@digest`` of that
+        adapter once added to the store: merges and checks record digests, and adding is
+        idempotent. Single files are read against ``base`` (kohya names need it)."""
+        path = local_path(reference)
+        if path is None:
+            return reference
+        if not path.exists():
+            raise AdapterNotFound(
+                reference, f"{reference} does not exist: no adapter file or folder there"
+            )
+        result = self.add(path, base=base if path.is_file() else None)
+        assert result.adapter is not None
+        return "@" + result.adapter.digest
+
     def _resolve(
         self,
         reference: str,
@@ -465,7 +480,7 @@ class Hub:
         from . import compat
 
         ctx = ctx or self._base_context(base)
-        ref = parse(reference)
+        ref = parse(self._stored_ref(reference, base))
         with db.read_session(self.engine) as s:
             rows = q.candidates(s, ref)
             if not rows:
@@ -495,7 +510,7 @@ class Hub:
             for i, r in reports
         ]
         raise IncompatibleAdapter(
-            f"no variant of {ref.text!r} fits {os.fspath(base)}:\n" + "\n".join(lines),
+            f"no variant of {reference!r} fits {os.fspath(base)}:\n" + "\n".join(lines),
             reports[0][1],
         )
 

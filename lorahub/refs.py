@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import InvalidReference
 
@@ -76,6 +78,27 @@ def parse(text: str) -> Reference:
         lowered if not sep and _HEX.match(lowered) and MIN_PREFIX <= len(lowered) <= 32 else None
     )
     return Reference(raw, name=name, tag=tag, prefix=prefix)
+
+
+def local_path(text: str) -> Path | None:
+    """The adapter file or folder ``text`` names when it is a path rather than a store
+    reference, else None.
+
+    Written as a path (``./x``, ``../x``, ``/x``, ``~/x``), it is one whether or not it
+    exists, so a typo gets "does not exist" rather than "invalid name". Anything else is a
+    path only when it exists and could not be a reference (``adapters/sql/v1``): a valid
+    name wins over a folder of the same name in the current directory, as in docker.
+    """
+    if text.startswith(("./", "../", "/", "~")) or text in (".", ".."):
+        return Path(text).expanduser()
+    if os.sep != "/" and text.startswith(("." + os.sep, ".." + os.sep)):
+        return Path(text)
+    try:
+        parse(text)
+    except InvalidReference:
+        path = Path(text)
+        return path if path.exists() else None
+    return None
 
 
 def format_ref(name: str, tag: str) -> str:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import lorahub
 import lorahub.merge
 from lorahub.cli import cli
-from lorahub.errors import IncompatibleAdapter, MergeError
+from lorahub.errors import AdapterNotFound, IncompatibleAdapter, MergeError
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +116,27 @@ def test_merge_cli(tmp_path, world):
     assert entry["path"] == path
     run("merged", "rm", entry["key"][7:19], "-y")
     assert json.loads(run("merged", "ls", "--json").stdout) == []
+
+
+def test_an_adapter_path_is_added_then_merged(tmp_path, world, monkeypatch):
+    monkeypatch.chdir(world)
+    hub = lorahub.open(tmp_path / "s")
+    res = hub.merge("llama", ["./a"], out=tmp_path / "m", device="cpu")
+    (stored,) = hub.list()
+    assert res.merged == 2 and stored.origin["path"] == str(world / "a")
+    meta = json.loads((tmp_path / "m" / "lorahub.json").read_text())
+    assert [x["digest"] for x in meta["adapters"]] == [stored.digest]
+    # The same folder again is the same adapter: nothing new is stored.
+    assert hub.check(str(world / "a"), base="llama").status == "compatible"
+    assert [i.digest for i in hub.list()] == [stored.digest]
+    with pytest.raises(AdapterNotFound, match=r"\./nope does not exist"):
+        hub.merge("llama", "./nope", out=tmp_path / "x")
+    assert not (tmp_path / "x").exists() and len(hub.list()) == 1
+
+
+def test_a_name_wins_over_a_folder_of_the_same_name(tmp_path, world, monkeypatch):
+    monkeypatch.chdir(world)
+    hub = lorahub.open(tmp_path / "s")
+    hub.add(world / "b", name="a")  # the name "a" means b, though ./a exists here
+    assert hub.resolve("a", base="llama").digest == hub.get("a").digest
+    assert hub.resolve("./a", base="llama").digest != hub.get("a").digest

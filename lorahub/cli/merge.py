@@ -44,6 +44,7 @@ def merge(
       lorahub merge ./Llama-3.2-1B sql-expert:v1 -o ./merged
       lorahub merge ./Llama-3.2-1B sql-expert tone-formal --weights 1.0,0.5 -o ./merged
       lorahub merge ./Llama-3.2-1B sql-expert --device cuda --dtype bfloat16 -o ./m
+      lorahub merge ./Llama-3.2-1B ./my-peft-adapter -o ./merged   (added to the store first)
     """
     hub = hub_from(ctx)
     with progress("merging", quiet) as cb:
