@@ -319,12 +319,15 @@ class Hub:
         ref = parse(reference) if isinstance(reference, str) else reference
         return q.resolve_one(s, ref)
 
-    def get(self, reference: str) -> AdapterInfo:
-        """The adapter a reference names.
+    def get(self, reference: str, *, base: str | os.PathLike[str] | None = None) -> AdapterInfo:
+        """The adapter a reference names; with ``base``, the variant for that base (as
+        :meth:`resolve`), which a name with one variant per base model needs.
 
         Raises:
             AdapterNotFound: nothing matches. AmbiguousReference: several do.
         """
+        if base is not None:
+            return self.resolve(reference, base=base)
         with db.read_session(self.engine) as s:
             return q.to_info(self._find(s, reference))
 
@@ -782,16 +785,18 @@ class Hub:
             s.refresh(row)
             return q.to_info(row)
 
-    def remove(self, reference: str) -> list[str]:
-        """Remove a name (or, for a digest, the adapter and all its names).
+    def remove(self, reference: str, *, base: str | os.PathLike[str] | None = None) -> list[str]:
+        """Remove a name (or, for a digest, the adapter and all its names); with ``base``,
+        only from the variant for that base.
 
         An adapter left without names is deleted from the catalog; its blob stays until
         ``gc`` (other adapters may share it). Returns the names removed.
         """
         ref = parse(reference)
+        digest = self.resolve(reference, base=base).digest if base is not None else None
         removed: list[str] = []
         with db.write_session(self.engine) as s:
-            row = self._find(s, ref)
+            row = self._find(s, ref if digest is None else parse("@" + digest))
             by_name = ref.name is not None and any(
                 r.name == ref.name and r.tag == ref.tag for r in row.refs
             )
@@ -808,12 +813,19 @@ class Hub:
 
     # ------------------------------------------------------------------ export
 
-    def export(self, reference: str, out: str | os.PathLike[str], *, force: bool = False) -> Path:
+    def export(
+        self,
+        reference: str,
+        out: str | os.PathLike[str],
+        *,
+        force: bool = False,
+        base: str | os.PathLike[str] | None = None,
+    ) -> Path:
         """Write a directory ``PeftModel.from_pretrained`` loads: config, weights, model card.
 
-        The directory appears complete or not at all.
+        The directory appears complete or not at all. ``base`` picks a name's variant.
         """
-        info = self.get(reference)
+        info = self.get(reference, base=base)
         dest = Path(out)
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not force:
             raise StoreError(f"{dest} already exists and is not empty; pass --force to replace it")
@@ -932,6 +944,7 @@ class Hub:
         revision: str | None = None,
         tag: str | None = None,
         path_in_repo: str | None = None,
+        base: str | os.PathLike[str] | None = None,
     ) -> PushResult:
         """Push an adapter to a Hugging Face Hub repo, as a folder PEFT loads.
 
@@ -951,7 +964,7 @@ class Hub:
         """
         from . import remote
 
-        info = self.get(reference)
+        info = self.get(reference, base=base)
         weights = self.blobs.path(Digest.parse(info.weights_digest))
         return remote.push_adapter(
             info,

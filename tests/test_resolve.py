@@ -70,6 +70,32 @@ def test_resolve_picks_the_variant_for_the_base(hub, world):
         hub.get("sql:v1")
 
 
+def test_base_picks_the_variant_to_show_export_and_remove(tmp_path, world):
+    runner = CliRunner()
+    home = ["--home", str(tmp_path / "h")]
+
+    def run(*args, code=0):
+        res = runner.invoke(cli, [*home, *map(str, args)])
+        assert res.exit_code == code, res.output + res.stderr
+        return res
+
+    run("add", world / "small-ad", "-n", "sql:v1", "--base", world / "llama")
+    run("add", world / "wide-ad", "-n", "sql:v1", "--base", world / "wide")
+    assert "--base" in run("show", "sql:v1", code=1).stderr
+    shown = json.loads(run("show", "sql:v1", "--base", world / "wide", "--json").stdout)
+    assert shown["base"]["signature"] == lorahub.open(tmp_path / "h").bases()[0].signature
+    run("export", "sql:v1", tmp_path / "out", "--base", world / "wide")
+    a = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert a["r"] == 4 and (tmp_path / "out" / "lorahub.json").is_file()
+    exported = json.loads((tmp_path / "out" / "lorahub.json").read_text())["digest"]
+    assert exported == shown["digest"]
+    # Removing the wide variant's name leaves the other variant under the name.
+    run("rm", "sql:v1", "--base", world / "wide", "-y")
+    with lorahub.open(tmp_path / "h") as h:
+        left = h.get("sql:v1")
+        assert left.digest != shown["digest"] and left.base.name == "llama"
+
+
 def test_resolve_error_lists_every_variant(hub, world, tmp_path):
     hub.add(world / "small-ad", name="sql", base=world / "llama")
     with pytest.raises(IncompatibleAdapter) as err:

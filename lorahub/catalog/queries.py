@@ -148,8 +148,8 @@ def resolve_one(session: Session, ref: Reference) -> Adapter:
             raise AmbiguousReference(
                 ref.text,
                 lines,
-                hint="it has one variant per base model: name one by digest (@<digest>), or "
-                f"pick one with `lorahub resolve {ref.text} --base BASE`",
+                hint="it has one variant per base model: add --base BASE, or name one by "
+                "digest (@<digest>)",
             )
         raise AmbiguousReference(ref.text, [r.digest for r in rows])
     return rows[0]

@@ -14,6 +14,7 @@ from .output import echo_json, hub_from, human_size, show_progress
 @click.option("--revision", help="Branch to push to (default main; created if missing).")
 @click.option("--tag", help="Tag the pushed commit (e.g. v1).")
 @click.option("--path-in-repo", help="Folder inside the repo to push into.")
+@click.option("--base", help="Push the variant of REFERENCE made for this base model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the commit URL; no progress bars.")
 @click.pass_context
@@ -25,6 +26,7 @@ def push(
     revision: str | None,
     tag: str | None,
     path_in_repo: str | None,
+    base: str | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -49,6 +51,7 @@ def push(
             revision=revision,
             tag=tag,
             path_in_repo=path_in_repo,
+            base=base,
         )
     if as_json:
         echo_json(result.to_dict())

@@ -130,16 +130,17 @@ def ls(
 
 @click.command()
 @click.argument("reference")
+@click.option("--base", help="The variant made for this base model (path, name or hub id).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full record, manifest included.")
 @click.pass_context
-def show(ctx: click.Context, reference: str, as_json: bool) -> None:
+def show(ctx: click.Context, reference: str, base: str | None, as_json: bool) -> None:
     """Show one adapter: identity, LoRA settings, base, origin and provenance.
 
     \b
     Example:
       lorahub show sql-expert:v1 --json
     """
-    info = hub_from(ctx).get(reference)
+    info = hub_from(ctx).get(reference, base=base)
     if as_json:
         echo_json(info.to_dict(manifest=True))
         return
@@ -195,8 +196,9 @@ def tag(ctx: click.Context, reference: str, new: str) -> None:
 @click.command()
 @click.argument("references", nargs=-1, required=True)
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--base", help="The variant made for this base model (path, name or hub id).")
 @click.pass_context
-def rm(ctx: click.Context, references: tuple[str, ...], yes: bool) -> None:
+def rm(ctx: click.Context, references: tuple[str, ...], yes: bool, base: str | None) -> None:
     """Remove names (a digest removes the adapter and all its names).
 
     Blobs are freed later by `lorahub gc`.
@@ -206,7 +208,7 @@ def rm(ctx: click.Context, references: tuple[str, ...], yes: bool) -> None:
       lorahub rm sql-expert:v1
     """
     hub = hub_from(ctx)
-    infos = [hub.get(r) for r in references]  # fail on a bad reference before removing any
+    infos = [hub.get(r, base=base) for r in references]  # fail on a bad one before removing any
     if not yes:
         if not sys.stdin.isatty():
             raise click.UsageError("refusing to remove without confirmation; pass -y")
@@ -215,7 +217,7 @@ def rm(ctx: click.Context, references: tuple[str, ...], yes: bool) -> None:
             click.echo("Nothing removed.", err=True)
             sys.exit(1)
     for ref, info in zip(references, infos, strict=True):
-        removed = hub.remove(ref)
+        removed = hub.remove(ref, base=base)
         click.echo(f"removed {', '.join(removed)} ({info.short})")
 
 
@@ -223,15 +225,16 @@ def rm(ctx: click.Context, references: tuple[str, ...], yes: bool) -> None:
 @click.argument("reference")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--base", help="The variant made for this base model (path, name or hub id).")
 @click.pass_context
-def export(ctx: click.Context, reference: str, out: str, force: bool) -> None:
+def export(ctx: click.Context, reference: str, out: str, force: bool, base: str | None) -> None:
     """Write an adapter as a PEFT folder (PeftModel.from_pretrained loads it).
 
     \b
     Example:
       lorahub export sql-expert:prod ./out
     """
-    path = hub_from(ctx).export(reference, out, force=force)
+    path = hub_from(ctx).export(reference, out, force=force, base=base)
     click.echo(str(path))
 
 
