@@ -287,8 +287,12 @@ def _module(name: str, p: dict[str, torch.Tensor], config: Mapping[str, Any]) ->
         raise InvalidAdapter(
             f"module {name!r}: lora_B.bias has shape {list(bias.shape)}, expected [{out}]"
         )
-    if magnitude is not None and magnitude.dim() != 1:
+    # One norm per output feature: [out] for Linear and embeddings, [1, out, 1, 1] for conv.
+    if magnitude is not None and (
+        magnitude.numel() != out or sum(d != 1 for d in magnitude.shape) > 1
+    ):
         raise InvalidAdapter(
-            f"module {name!r}: DoRA magnitude must be 1-D, got {list(magnitude.shape)}"
+            f"module {name!r}: DoRA magnitude has shape {list(magnitude.shape)}; expected "
+            f"{out} values, one per output feature"
         )
     return LoraModule(name, kind, a, b, float(alpha), bias, magnitude)

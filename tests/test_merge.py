@@ -273,8 +273,10 @@ def test_dora_matches_peft(bases, tmp_path, kind, targets):
     assert len(changed) == (7 if kind.startswith("llama") else 4)
 
 
-def test_conv2d_matches_peft(tmp_path):
-    """Conv layers (1x1 and 3x3 kernels): B is a 1x1 conv, so the delta is B @ A reshaped."""
+@pytest.mark.parametrize("dora", [False, True])
+def test_conv2d_matches_peft(tmp_path, dora):
+    """Conv layers (1x1 and 3x3 kernels): B is a 1x1 conv, so the delta is B @ A reshaped;
+    DoRA's magnitude ([1, out, 1, 1]) scales each output channel's norm."""
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
 
@@ -286,8 +288,16 @@ def test_conv2d_matches_peft(tmp_path):
         tmp_path / "base" / "model.safetensors",
     )
     pm = get_peft_model(
-        model, LoraConfig(r=2, lora_alpha=3, target_modules=["0", "2"], init_lora_weights=False)
+        model,
+        LoraConfig(
+            r=2, lora_alpha=3, target_modules=["0", "2"], init_lora_weights=False, use_dora=dora
+        ),
     )
+    if dora:  # a fresh magnitude is the norm itself; make it differ so it is exercised
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.mul_(torch.linspace(0.5, 1.5, p.numel()).view_as(p))
     pm.save_pretrained(tmp_path / "ad")
     ref = {k: v.clone() for k, v in pm.merge_and_unload().state_dict().items()}
     merge(tmp_path / "base", [tmp_path / "ad"], tmp_path / "out", device="cpu")
