@@ -258,7 +258,9 @@ def open_base(
 
 
 def _open_local(source: str, path: Path) -> BaseModel:
-    path = path.resolve()
+    # Absolute but not resolved: in the Hugging Face cache every snapshot file is a symlink
+    # to a blob with a hash for a name, and the snapshot folder is what names the files.
+    path = path.absolute()
     if path.is_file():
         if path.suffix != ".safetensors":
             raise _unsupported_file(path)
@@ -323,9 +325,10 @@ def _load_index(root: Path, index: str) -> dict[str, str]:
 def _files_from_index(root: Path, index: str) -> list[str]:
     files = sorted(set(_load_index(root, index).values()))
     for name in files:
-        shard = (root / name).resolve()
-        if not shard.is_relative_to(root):
+        # Judged as written, not resolved: cache snapshots link their shards to blobs elsewhere.
+        if Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name:
             raise BaseModelError(f"{root / index} names a shard outside {root}: {name!r}")
+        shard = root / name
         if not shard.is_file():
             raise BaseModelError(
                 f"shard {name!r} named in {root / index} is missing; the download is incomplete "

@@ -287,8 +287,11 @@ def _fake_hf_cache(hf_home: Path, repo: str, sha: str, model_dir: Path) -> Path:
     storage = hf_home / "hub" / ("models--" + repo.replace("/", "--"))
     snap = storage / "snapshots" / sha
     snap.mkdir(parents=True)
-    for f in model_dir.iterdir():
-        (snap / f.name).write_bytes(f.read_bytes())
+    (storage / "blobs").mkdir()
+    for i, f in enumerate(sorted(model_dir.iterdir())):
+        # As huggingface_hub lays it out: snapshot entries link to blobs named by hash.
+        (storage / "blobs" / f"{i:064x}").write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("..", "..", "blobs", f"{i:064x}"))
     (storage / "refs").mkdir()
     (storage / "refs" / "main").write_text(sha)
     return snap
@@ -301,8 +304,11 @@ def test_hub_repo_from_local_cache_offline(llama_dirs, tmp_path, monkeypatch):
     sha = "a" * 40
     snap = _fake_hf_cache(hf_home, "tiny/llama", sha, llama_dirs[1])
     base = open_base("tiny/llama")
-    assert (base.repo_id, base.revision, base.root) == ("tiny/llama", sha, snap.resolve())
+    assert (base.repo_id, base.revision, base.root.resolve()) == ("tiny/llama", sha, snap.resolve())
     assert base.signature == open_base(llama_dirs[0]).signature
+    assert open_base(snap).signature == base.signature  # the snapshot folder as a path
+    single = _fake_hf_cache(hf_home, "tiny/single", sha, llama_dirs[0])
+    assert open_base(single / "model.safetensors").signature == base.signature
     assert open_base("tiny/llama", revision=sha).revision == sha
     with pytest.raises(BaseModelError, match=r"not in the local Hugging Face cache.*hf download"):
         open_base("tiny/llama", revision="b" * 40)
