@@ -266,6 +266,8 @@ class Hub:
         base_ref, base_id = self._base_for(adapter, base, force)
         weights, size = self.blobs.put_file(lambda p: peft.write_canonical(adapter, p))
         manifest = mf.build(adapter, weights, size, base_ref, provenance)
+        if adapter.metadata:  # kohya's ss_* keys and the like: kept, but not identity
+            origin = {**origin, "metadata": dict(adapter.metadata)}
         text = mf.encode(manifest).decode()
         digest = str(hash_bytes(text.encode()))
         with db.write_session(self.engine) as s:
@@ -366,7 +368,7 @@ class Hub:
     def load_info(self, info: AdapterInfo) -> LoraAdapter:
         blob = Digest.parse(info.weights_digest)
         tensors, _ = peft.read_safetensors(self.blobs.path(blob))
-        return LoraAdapter.from_state_dict(info.config, tensors, info.manifest.get("metadata"))
+        return LoraAdapter.from_state_dict(info.config, tensors, info.origin.get("metadata"))
 
     # ------------------------------------------------------------------ base models
 

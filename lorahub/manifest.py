@@ -2,7 +2,8 @@
 
 It holds what makes two adapters the same or different (weights blob, LoRA config, module
 shapes, the base made for, provenance) and nothing incidental (the file name or format it
-was imported from, the time, the path), so the same adapter always gets the same digest.
+was imported from, its header metadata, the time, the path, the PEFT version that saved it),
+so the same adapter always gets the same digest.
 """
 
 from __future__ import annotations
@@ -88,7 +89,43 @@ def skeleton(manifest: Mapping[str, Any]) -> LoraAdapter:
         bias = meta(fout) if row.get("bias") else None
         modules[name] = LoraModule(name, kind, a, b, float(row["alpha"]), bias, magnitude)
     full = {k: meta(*shape) for k, shape in manifest.get("full", {}).items()}
-    return LoraAdapter(dict(manifest["config"]), modules, full, dict(manifest.get("metadata", {})))
+    return LoraAdapter(dict(manifest["config"]), modules, full)
+
+
+# Written by PEFT on every save (its version, its mode, a hint for AutoModel), so two saves of
+# one adapter differ in them; they say nothing about what the adapter is.
+INCIDENTAL_CONFIG = frozenset({"peft_version", "inference_mode", "auto_mapping", "runtime_config"})
+# Lists PEFT writes from Python sets: their order changes from one save to the next.
+UNORDERED_CONFIG = frozenset(
+    {"target_modules", "modules_to_save", "exclude_modules", "layers_to_transform"}
+)
+
+
+def identity_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config as identity sees it: incidental keys dropped, set-like lists sorted,
+    whole floats written as integers (``lora_alpha`` 16 and 16.0 are one adapter)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in INCIDENTAL_CONFIG:
+            continue
+        if key in UNORDERED_CONFIG and isinstance(value, list) and _one_plain_type(value):
+            value = sorted(set(value))
+        out[key] = _plain_numbers(value)
+    return out
+
+
+def _one_plain_type(values: list[Any]) -> bool:
+    return all(type(v) is str for v in values) or all(type(v) is int for v in values)
+
+
+def _plain_numbers(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _plain_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_numbers(v) for v in value]
+    return value
 
 
 def build(
@@ -102,10 +139,9 @@ def build(
     return {
         "schema": SCHEMA,
         "weights": {"digest": str(weights), "size": weights_size},
-        "config": dict(adapter.config),
+        "config": identity_config(adapter.config),
         "modules": module_table(adapter),
         "full": {k: list(t.shape) for k, t in sorted(adapter.full.items())},
-        "metadata": dict(adapter.metadata),
         "base": base.to_dict(),
         "provenance": dict(provenance or {"kind": "import"}),
     }

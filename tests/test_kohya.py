@@ -385,3 +385,22 @@ def test_diffusers_against_a_real_base_dir(tmp_path, clip_state):
         read_diffusers_lora(
             tmp_path / "l.safetensors", {"zz.weight": TensorInfo("zz.weight", "F32", (1, 1))}
         )
+
+
+def test_kohya_import_exported_and_added_again_keeps_its_digest(te_file, clip_state, tmp_path):
+    """Header metadata (ss_*) is kept with the import but is not identity: the exported PEFT
+    folder (whose weights file cannot carry it) comes back as the same adapter."""
+    import lorahub
+
+    path, _ = te_file
+    with lorahub.open(tmp_path / "store") as hub:
+        base = tmp_path / "clip"
+        base.mkdir()
+        save_file(
+            {k: v.contiguous() for k, v in clip_state.items()}, str(base / "model.safetensors")
+        )
+        first = hub.add(path, name="style", base=base).adapter
+        assert first.origin["metadata"]["ss_network_dim"] == "4"
+        out = hub.export("style", tmp_path / "out")
+        again = hub.add(out, base=base).adapter
+        assert again.digest == first.digest

@@ -77,6 +77,28 @@ def test_changing_alpha_changes_digest_and_shares_weights(hub, tmp_path):
     assert len(list(hub.blobs)) == 1
 
 
+def test_incidental_config_differences_keep_one_digest(hub, tmp_path):
+    """PEFT writes target_modules from a set (its order varies between saves), stamps its
+    own version and mode, and alpha may be 16 or 16.0: none of that changes the adapter."""
+    mods = {"model.layers.0.self_attn.q_proj": (32, 32), "model.layers.0.mlp.up_proj": (32, 64)}
+    one = write_peft_adapter(
+        tmp_path / "one", mods, alpha=16,
+        extra_config={"target_modules": ["q_proj", "up_proj"], "peft_version": "0.17.0"},
+    )  # fmt: skip
+    two = write_peft_adapter(
+        tmp_path / "two", mods, alpha=16.0,
+        extra_config={
+            "target_modules": ["up_proj", "q_proj"], "peft_version": "0.18.1",
+            "inference_mode": True,
+        },
+    )  # fmt: skip
+    a = hub.add(one).adapter
+    b = hub.add(two).adapter
+    assert a.digest == b.digest
+    other = write_peft_adapter(tmp_path / "three", mods, alpha=16, extra_config={"lora_bias": True})
+    assert hub.add(other).adapter.digest != a.digest  # a real config difference still counts
+
+
 def test_readding_costs_no_second_copy(hub, tmp_path):
     src = write_peft_adapter(tmp_path / "a")
     first = hub.add(src, name="x")
