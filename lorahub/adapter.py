@@ -236,6 +236,17 @@ class LoraAdapter:
             raise InvalidAdapter(
                 f"adapter_config.json has a value of the wrong type or form: {exc}"
             ) from None
+        for key in ("r", "lora_alpha"):
+            value = config.get(key)
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
+                raise InvalidAdapter(f"adapter_config.json: {key} must be a finite number")
+        for m in modules.values():
+            if not math.isfinite(m.alpha):
+                raise InvalidAdapter(f"module {m.name!r}: its alpha ({m.alpha}) is not finite")
         for key in ("base_model_name_or_path", "revision"):
             if config.get(key) is not None and not isinstance(config[key], str):
                 raise InvalidAdapter(f"adapter_config.json: {key} must be a string")
@@ -272,6 +283,8 @@ def _module(name: str, p: dict[str, torch.Tensor], config: Mapping[str, Any]) ->
             f"module {name!r}: lora_A has rank {a.shape[0]} but lora_B has rank {b.shape[1]}"
         )
     rank = int(a.shape[0])
+    if rank < 1:
+        raise InvalidAdapter(f"module {name!r}: lora_A has rank 0; a LoRA needs rank 1 or more")
     expected_r = pattern_value(config.get("rank_pattern") or {}, name) or config.get("r")
     if expected_r is not None and int(expected_r) != rank:
         raise InvalidAdapter(

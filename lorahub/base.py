@@ -166,7 +166,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
         raise BaseModelError(f"cannot read {path}: {e.strerror or e}") from e
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise _bad(path, f"the header is not valid JSON ({e})") from e
     if not isinstance(header, dict):
         raise _bad(path, "the header is not a JSON object")
@@ -317,7 +317,7 @@ def _load_index(root: Path, index: str) -> dict[str, str]:
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
         ):
             raise TypeError("weight_map is not a name -> file object")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise BaseModelError(f"cannot read the shard index {root / index}: {e}") from e
     return weight_map
 

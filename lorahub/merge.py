@@ -1178,7 +1178,7 @@ def _copy_aux(src: Path, dst: Path, dtype: str | None) -> int:
     """Copy a config or tokenizer file; the config's dtype follows a changed output dtype."""
     data = src.read_bytes()
     if dtype and src.name == "config.json":
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, RecursionError):
             config = json.loads(data)
             if isinstance(config, dict):
                 for key in ("torch_dtype", "dtype"):

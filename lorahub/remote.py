@@ -660,8 +660,18 @@ def _download(repo_id: str, rev: str, sub: str | None) -> RemoteAdapter:
         cached = try_to_load_from_cache(repo_id, weights, revision=info.sha)
         big = weights.endswith(".safetensors") and size >= HEADER_CHECK_MIN_BYTES
         if big and not isinstance(cached, str):
-            meta = api.parse_safetensors_file_metadata(repo_id, weights, revision=info.sha)
-            _check_header(meta, size, f"{label}: {weights}")
+            where = f"{label}: {weights}"
+            try:
+                meta = api.parse_safetensors_file_metadata(repo_id, weights, revision=info.sha)
+                _check_header(meta, size, where)
+            except LorahubError:
+                raise
+            except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
+                # A hostile header of the wrong JSON types: a refusal, not a traceback.
+                raise InvalidAdapter(
+                    f"{where}: the safetensors header is malformed ({type(exc).__name__}: "
+                    f"{_scrub(str(exc))[:200]}); refused before download"
+                ) from None
         # The revision asked (not the sha) so the cache records refs/<revision> for offline use.
         folder = Path(
             snapshot_download(
@@ -868,7 +878,7 @@ def read_lorahub_json(path: Path, label: str) -> tuple[str, dict[str, Any]]:
     """The digest and manifest of a ``lorahub.json``, checked to agree with each other."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise InvalidAdapter(f"{label}: lorahub.json is not valid JSON ({exc})") from None
     if (
         not isinstance(doc, dict)

@@ -503,6 +503,30 @@ def test_a_lying_safetensors_header_is_refused(server, stores, tmp_path, monkeyp
         assert server.count("HEAD", "adapter_model.safetensors") == 0
 
 
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"dtype": "F32", "shape": ["a"], "data_offsets": [0, 4]},
+        {"dtype": "F32", "shape": [[1]], "data_offsets": [0, 4]},
+        "not an object",
+        {"dtype": "F32", "shape": [1], "data_offsets": 5},
+    ],
+    ids=["shape-of-strings", "nested-shape", "entry-string", "offsets-number"],
+)
+def test_a_header_of_the_wrong_json_types_is_refused(server, stores, monkeypatch, entry):
+    header = json.dumps({"base_model.model.x.lora_A.weight": entry}).encode()
+    weights = struct.pack("<Q", len(header)) + header + bytes(64)
+    config = json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}).encode()
+    server.seed_repo(
+        "eve/odd", {"adapter_config.json": config, "adapter_model.safetensors": weights}
+    )
+    monkeypatch.setattr(remote, "HEADER_CHECK_MIN_BYTES", 0)
+    hub = stores("b")
+    with pytest.raises(InvalidAdapter, match="eve/odd"):
+        hub.pull("eve/odd")
+    assert hub.list() == [] and server.count("HEAD", "adapter_model.safetensors") == 0
+
+
 def test_lorahub_json_must_match_the_weights(server, stores, tmp_path):
     hub = stores("a")
     hub.add(write_peft_adapter(tmp_path / "src"), name="a:v1")

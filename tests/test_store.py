@@ -282,6 +282,31 @@ def _not_json(src: Path) -> None:
     (src / "adapter_config.json").write_text("r = 4")
 
 
+def _nan_alpha(src: Path) -> None:
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = float("nan")  # json writes the token NaN, which json.loads accepts
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def _nested_config(src: Path) -> None:
+    (src / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+
+
+def _rank_zero(src: Path) -> None:
+    from safetensors.torch import save_file
+
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["r"] = 0
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file(
+        {
+            "base_model.model.x.lora_A.weight": torch.zeros(0, 8),
+            "base_model.model.x.lora_B.weight": torch.zeros(8, 0),
+        },
+        str(src / "adapter_model.safetensors"),
+    )
+
+
 def _no_weights(src: Path) -> None:
     (src / "adapter_model.safetensors").unlink()
 
@@ -306,6 +331,9 @@ def _evil_pickle(src: Path) -> None:
         (_not_json, "not valid JSON"),
         (_no_weights, "neither adapter_model.safetensors nor adapter_model.bin"),
         (_evil_pickle, "weights_only=True"),
+        (_nan_alpha, "lora_alpha must be a finite number"),
+        (_nested_config, "not valid JSON"),
+        (_rank_zero, "rank 0"),
     ],
 )
 def test_bad_input_is_refused_and_changes_nothing(hub, tmp_path, break_it, message):
@@ -384,3 +412,9 @@ def test_hostile_recorded_base_is_refused(hub, tmp_path):
 
     with pytest.raises(InvalidAdapter, match="must be strings"):
         BaseRef.from_dict({"name": ["evil"], "signature": {"x": 1}})
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e30", "2.5", "x"])
+def test_rank_filter_needs_a_whole_number(hub, value):
+    with pytest.raises(lorahub.InvalidReference, match="filter rank needs a whole number"):
+        hub.list([f"rank={value}"])

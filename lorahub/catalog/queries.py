@@ -4,6 +4,7 @@ one transaction)."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -163,9 +164,16 @@ def parse_filters(filters: Iterable[str] | Mapping[str, str]) -> list[tuple[str,
             raise InvalidReference(f"unknown filter {key!r}; use one of: {', '.join(FILTER_KEYS)}")
         if key in ("rank", "alpha"):
             try:
-                float(value)
+                number = float(value)
             except ValueError:
-                raise InvalidReference(f"filter {key} needs a number, got {value!r}") from None
+                number = math.nan
+            if (
+                not math.isfinite(number)
+                or abs(number) >= 2**63
+                or (key == "rank" and not number.is_integer())
+            ):
+                kind = "a whole number" if key == "rank" else "a finite number"
+                raise InvalidReference(f"filter {key} needs {kind}, got {value!r}")
         out.append((key, value))
     return out
 

@@ -392,7 +392,7 @@ def _diffusers_config(metadata: Mapping[str, str], chosen: str | None) -> dict[s
         return None
     try:
         data = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise InvalidAdapter(f"{DIFFUSERS_METADATA_KEY} in the header is not JSON: {e}") from e
     if not isinstance(data, dict):
         raise InvalidAdapter(f"{DIFFUSERS_METADATA_KEY} in the header is not a JSON object")

@@ -40,7 +40,7 @@ def read_config(path: Path) -> dict[str, Any]:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InvalidAdapter(f"{path} has no {CONFIG}; is it a PEFT adapter directory?") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InvalidAdapter(f"{cfg_path} is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise InvalidAdapter(f"{cfg_path} must hold a JSON object, not {type(config).__name__}")
