@@ -34,6 +34,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import mmap
 import os
 import re
@@ -48,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import compat
 from .base import DTYPE_BITS, FLOAT_DTYPES
-from .errors import MergeError
+from .errors import LorahubError, MergeError
 from .fsutil import fsync_dir, publish_dir
 
 if TYPE_CHECKING:
@@ -149,8 +150,9 @@ class TensorPlan:
 
     @property
     def copied(self) -> bool:
-        """Written as the base's bytes, without being decoded."""
-        return not self.merged and self.dtype == self.source.dtype
+        """Written as the base's bytes, without being decoded (an empty tensor has none to
+        decode, whatever its dtype becomes)."""
+        return not self.merged and (self.dtype == self.source.dtype or self.source_nbytes == 0)
 
 
 @dataclass(frozen=True)
@@ -248,7 +250,14 @@ def plan_merge(
     """
     if not adapters:
         raise MergeError("nothing to merge: give at least one adapter")
-    weights = tuple(float(w) for w in (weights if weights is not None else [1.0] * len(adapters)))
+    try:
+        weights = tuple(
+            float(w) for w in (weights if weights is not None else [1.0] * len(adapters))
+        )
+    except (TypeError, ValueError):
+        raise MergeError(f"weights must be numbers, got {list(weights or [])!r}") from None
+    if not all(math.isfinite(w) for w in weights):
+        raise MergeError(f"weights must be finite numbers, got {list(weights)}")
     if len(weights) != len(adapters):
         raise MergeError(f"got {len(weights)} weights for {len(adapters)} adapters; give one each")
     out_dtype = normalize_dtype(dtype)
@@ -681,27 +690,28 @@ def _stream_cpu(
             local.scratch = _Scratch(cpu)
         _merge_rows(tp, first, out, ops.get(tp.name, ()), rows, local.scratch)
 
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(threads, thread_name_prefix="lorahub-merge") as pool:
-            for tp in plan.tensors:
-                if tp.copied:
-                    yield sources.copy_of(tp)
-                    continue
-                shape = _matrix(tp)
-                src = sources.mapped(tp).view(_torch_dtype(tp.source.dtype)).view(shape)
-                rep = _replacement(tp, adapters, cpu)
-                first = src if rep is None else rep.reshape(shape)
-                target = torch.frombuffer(reserve(tp), dtype=torch.uint8)
-                out = target.view(_torch_dtype(tp.dtype)).view(shape)
-                blocks = _blocks(tp, ops.get(tp.name, ()), CPU_CHUNK)
+    with ThreadPoolExecutor(threads, thread_name_prefix="lorahub-merge") as pool:
+        for tp in plan.tensors:
+            if tp.copied:
+                yield sources.copy_of(tp)
+                continue
+            shape = _matrix(tp)
+            src = sources.mapped(tp).view(_torch_dtype(tp.source.dtype)).view(shape)
+            rep = _replacement(tp, adapters, cpu)
+            first = src if rep is None else rep.reshape(shape)
+            target = torch.frombuffer(reserve(tp), dtype=torch.uint8)
+            out = target.view(_torch_dtype(tp.dtype)).view(shape)
+            blocks = _blocks(tp, ops.get(tp.name, ()), CPU_CHUNK)
+            # Only while this tensor's blocks run: the caller's setting is back by the yield.
+            torch.set_num_threads(1)
+            try:
                 for f in [pool.submit(block, tp, first, out, rows) for rows in blocks]:
                     f.result()
-                del src, first, target, out
-                sources.unmap(tp.source.file, tp.source.offsets[0], tp.source_nbytes)
-                yield None
-    finally:
-        torch.set_num_threads(threads)
+            finally:
+                torch.set_num_threads(threads)
+            del src, first, target, out
+            sources.unmap(tp.source.file, tp.source.offsets[0], tp.source_nbytes)
+            yield None
 
 
 def _stream_cuda(
@@ -968,15 +978,16 @@ def merge_to_dir(
             raise MergeError(f"{out} already exists; pick another path or pass force (--force)")
         if not out.is_dir() or out.is_symlink():
             raise MergeError(f"{out} exists and is not a directory; remove it yourself")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
-    free = shutil.disk_usage(out.parent).free
+    with _io_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(out)
+        free = shutil.disk_usage(out.parent).free
     if free < plan.output_bytes + SPACE_MARGIN:
         raise MergeError(
             f"not enough free space in {out.parent}: the merge needs about "
             f"{_gb(plan.output_bytes + SPACE_MARGIN)}, {_gb(free)} is free"
         )
-    with _Sources(base, plan) as sources:
+    with _Sources(base, plan) as sources, _io_errors(out):
         tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
@@ -1001,6 +1012,23 @@ def merge_to_dir(
         device=str(dev),
         dtype=_result_dtype(plan),
     )
+
+
+@contextlib.contextmanager
+def _io_errors(out: Path) -> Iterator[None]:
+    """An OSError while making ``out`` (no permission, a full disk, a file in the way)
+    becomes a MergeError saying so; the caller has already removed its partial output."""
+    try:
+        yield
+    except LorahubError:
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise MergeError(
+                f"the disk under {out.parent} filled up during the merge; nothing was left at {out}"
+            ) from exc
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise MergeError(f"cannot merge to {out}: {exc.strerror or exc}{where}") from exc
 
 
 def _write_checkpoint(
@@ -1139,7 +1167,8 @@ class _ShardFile:
             except OSError as e:
                 if not (self.direct and e.errno == errno.EINVAL):
                     raise
-                # The filesystem took O_DIRECT but refuses this write: go on buffered.
+                # The filesystem took O_DIRECT but refuses this write: go on buffered, once.
+                self.direct = False
                 _set_direct(self.fd, False)
                 continue
             data, offset = data[n:], offset + n

@@ -519,6 +519,93 @@ def test_disk_space_is_checked_before_writing(bases, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == before
 
 
+@pytest.mark.parametrize("weights", [[float("nan")], [float("inf")], ["heavy"]])
+def test_weights_must_be_finite_numbers(bases, tmp_path, weights):
+    ad = make_adapter(bases["llama-bf16"], tmp_path / "ad", r=4, target_modules=["q_proj"])
+    with pytest.raises(MergeError, match="weights must be"):
+        merge(bases["llama-bf16"], [ad], tmp_path / "out", weights, device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_write_failures_are_merge_errors_and_leave_nothing(bases, tmp_path, monkeypatch):
+    import errno
+
+    base = bases["llama-bf16"]
+    ad = make_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    (tmp_path / "afile").write_text("in the way")
+    with pytest.raises(MergeError, match="cannot merge to"):
+        merge(base, [ad], tmp_path / "afile" / "out", device="cpu")
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(MergeError, match="filled up"):
+        merge(base, [ad], tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_a_write_refused_even_without_direct_io_fails_instead_of_spinning(tmp_path, monkeypatch):
+    import errno
+
+    import lorahub.merge as engine
+
+    calls = []
+
+    def refuse(fd, data, offset):
+        calls.append(offset)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "pwrite", refuse)
+    with engine._ShardFile(tmp_path / "x", 8192) as f:
+        f.direct = True  # as if O_DIRECT had been accepted at open
+        f.write(b"a" * 100)
+        with pytest.raises(OSError, match="Invalid argument"):
+            f.finish(100)
+    assert len(calls) == 2  # once direct, once buffered, then the error
+
+
+def test_empty_tensors_survive_a_dtype_change(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "base").mkdir()
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 8, generator=g)
+    save_file(
+        {"w.weight": w, "empty": torch.zeros(4, 0), "tail": torch.zeros(0)},
+        str(tmp_path / "base" / "model.safetensors"),
+    )
+    a, b = torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g)
+    ad = LoraAdapter.from_state_dict(
+        {"r": 2, "lora_alpha": 2},
+        {"base_model.model.w.lora_A.weight": a, "base_model.model.w.lora_B.weight": b},
+    )
+    base = open_base(tmp_path / "base")
+    merge_to_dir(base, [ad], out=tmp_path / "out", device="cpu", dtype="bf16")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert got["empty"].shape == (4, 0) and got["empty"].dtype == torch.bfloat16
+    assert got["tail"].shape == (0,) and got["tail"].dtype == torch.bfloat16
+    expected = (w.double() + b.double() @ a.double()).to(torch.bfloat16)
+    assert torch.equal(got["w.weight"], expected)
+    streamed = dict(iter_merged(base, [ad], device="cpu", dtype="bf16"))
+    assert streamed["tail"].shape == (0,) and torch.equal(streamed["w.weight"], expected)
+
+
+def test_iter_merged_leaves_the_callers_thread_count_alone(bases, tmp_path):
+    base = bases["llama-bf16"]
+    ad = make_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        items = iter_merged(open_base(base), [read_adapter(ad)], device="cpu")
+        for _ in range(5):  # past the first merged tensor
+            next(items)
+            assert torch.get_num_threads() == 2
+        items.close()
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_incompatible_adapter_fails_before_writing(bases, tmp_path):
     ad = make_adapter(
         bases["gpt2-bf16"], tmp_path / "ad", r=4, target_modules=["c_attn"], fan_in_fan_out=True

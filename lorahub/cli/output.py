@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -101,6 +102,8 @@ def parse_weights(text: str | None, count: int) -> list[float] | None:
         values = [float(x) for x in text.split(",")]
     except ValueError:
         raise MergeError(f"--weights {text!r} must be numbers separated by commas") from None
+    if not all(math.isfinite(v) for v in values):
+        raise MergeError(f"--weights {text!r}: each weight must be a finite number")
     if len(values) != count:
         raise MergeError(f"--weights has {len(values)} values for {count} adapters; give one each")
     return values
