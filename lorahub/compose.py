@@ -426,8 +426,11 @@ def _rel_error(b_t: torch.Tensor, a_t: torch.Tensor, b_s: torch.Tensor, a_s: tor
     b_s, a_s = b_s.to(torch.float64), a_s.to(torch.float64)
     tt = _inner(b_t, a_t, b_t, a_t)
     ss = _inner(b_s, a_s, b_s, a_s)
-    if tt <= 0.0:
-        return 0.0 if ss <= 0.0 else math.inf
+    # Parts that cancel (a - a) leave a target that is rounding noise, not a scale to divide
+    # by: judge both against ||B_t||^2 ||A_t||^2, an upper bound of what the parts add up to.
+    noise = 1e-12 * float(b_t.square().sum()) * float(a_t.square().sum())
+    if tt <= noise:
+        return 0.0 if ss <= noise else math.inf
     return math.sqrt(max(tt - 2.0 * _inner(b_t, a_t, b_s, a_s) + ss, 0.0) / tt)
 
 

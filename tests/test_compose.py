@@ -139,6 +139,14 @@ def test_cat_is_the_exact_weighted_sum(parents):
     assert report.rank == 10
 
 
+@pytest.mark.parametrize("method", ["cat", "linear", "svd"])
+def test_parts_that_cancel_report_no_error(parents, method):
+    """a - a is a zero target: its error is 0, not a division of rounding noise by noise."""
+    a = parents[0].adapter
+    _, report = compose([a, a], [1.0, -1.0], method=method)
+    assert report.max_error == 0.0
+
+
 def test_config_has_scaling_one_per_module_and_round_trips(parents):
     out, report = compose([p.adapter for p in parents], WEIGHTS, method="cat")
     cfg = out.config
