@@ -766,15 +766,18 @@ def _stream_cuda(
                     pin_in[s][: tp.source_nbytes], non_blocking=True
                 )
                 uploaded[s].record(up)
-            compute.wait_event(uploaded[s])
-            compute.wait_event(downloaded[s])  # dev_out[s] has been copied down
-            shape = _matrix(tp)
-            src = dev_in[s][: tp.source_nbytes].view(_torch_dtype(tp.source.dtype)).view(shape)
-            out = dev_out[s][: tp.nbytes].view(_torch_dtype(tp.dtype)).view(shape)
-            rep = _replacement(tp, adapters, dev)
-            first = src if rep is None else rep.reshape(shape)
-            _merge_rows(tp, first, out, ops.get(tp.name, ()), (0, shape[0]), scratch)
-            merged[s].record(compute)
+            # On the compute stream explicitly: an iter_merged consumer may call next() under
+            # a stream of its own, and the events below must order this work, not that.
+            with torch.cuda.stream(compute):
+                compute.wait_event(uploaded[s])
+                compute.wait_event(downloaded[s])  # dev_out[s] has been copied down
+                shape = _matrix(tp)
+                src = dev_in[s][: tp.source_nbytes].view(_torch_dtype(tp.source.dtype))
+                out = dev_out[s][: tp.nbytes].view(_torch_dtype(tp.dtype)).view(shape)
+                rep = _replacement(tp, adapters, dev)
+                first = src.view(shape) if rep is None else rep.reshape(shape)
+                _merge_rows(tp, first, out, ops.get(tp.name, ()), (0, shape[0]), scratch)
+                merged[s].record(compute)
             with torch.cuda.stream(down):
                 down.wait_event(merged[s])
                 pin_out[s][: tp.nbytes].copy_(dev_out[s][: tp.nbytes], non_blocking=True)
