@@ -490,6 +490,11 @@ class Hub:
             rows = q.candidates(s, ref)
             if not rows:
                 raise AdapterNotFound(ref.text)
+            named = ref.name is not None and any(
+                x.name == ref.name and x.tag == ref.tag for r in rows for x in r.refs
+            )
+            if not named and len(rows) > 1:  # a prefix of several digests, not base variants
+                raise AmbiguousReference(ref.text, [r.digest for r in rows])
             infos = [q.to_info(r) for r in rows]
         reports = []
         for info in infos:

@@ -10,7 +10,7 @@ from pathlib import Path
 from .errors import InvalidReference
 
 DEFAULT_TAG = "latest"
-MIN_PREFIX = 8
+MIN_PREFIX = 12  # DESIGN.md: a unique digest prefix of 12+ hex
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _HEX = re.compile(r"^[0-9a-f]+$")

@@ -175,7 +175,7 @@ def test_kohya_file_imports_against_its_base(hub, world, tmp_path):
         "lora_te_no_such_module.lora_down.weight",
         "lora_te_no_such_module.lora_up.weight",
     ]
-    assert info.manifest["metadata"]["ss_network_dim"] == "2"
+    assert info.origin["metadata"]["ss_network_dim"] == "2"
     m = hub.load("style").modules["model.layers.0.self_attn.q_proj"]
     assert m.alpha == 1.0 and m.scaling() == 0.5
 

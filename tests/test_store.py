@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import write_peft_adapter
+from factories import tiny_llama, write_peft_adapter
 from safetensors.torch import load_file
 
 import lorahub
@@ -169,8 +169,10 @@ def test_references(hub, tmp_path):
     assert hub.get("alias").digest == a.digest  # default tag latest
     assert hub.get("alias:latest").digest == a.digest
     assert hub.get("@" + a.digest).digest == a.digest
-    assert hub.get(a.digest.split(":")[1][:8]).digest == a.digest
-    assert hub.get("@" + a.digest.split(":")[1][:10]).digest == a.digest
+    assert hub.get(a.digest.split(":")[1][:12]).digest == a.digest
+    assert hub.get("@" + a.digest.split(":")[1][:14]).digest == a.digest
+    with pytest.raises(AdapterNotFound):
+        hub.get(a.digest.split(":")[1][:8])  # below 12 hex: a name, and no such name
     with pytest.raises(AdapterNotFound, match="nope"):
         hub.get("nope")
     with pytest.raises(InvalidReference):
@@ -184,9 +186,9 @@ def test_references(hub, tmp_path):
     assert "sql:prod" not in hub.get("sql:v1").refs
 
 
-def test_ambiguous_prefix_lists_candidates(hub, tmp_path):
-    # Real 8-hex collisions need ~65,000 adapters, so look up the longest prefix that 40
-    # adapters share, below the parser's 8-character minimum, straight through the catalog.
+def test_ambiguous_prefix_lists_candidates(hub, tmp_path, monkeypatch):
+    # Real 12-hex collisions need millions of adapters, so look up the longest prefix that 40
+    # adapters share, below the parser's 12-character minimum, straight through the catalog.
     digests = {}
     seed = 0
     while len(digests) < 40:
@@ -206,6 +208,14 @@ def test_ambiguous_prefix_lists_candidates(hub, tmp_path):
     with db.read_session(hub.engine) as s, pytest.raises(AmbiguousReference) as err:
         q.resolve_one(s, Reference(prefix, prefix=prefix))
     assert best[0] in str(err.value) and best[1] in str(err.value)
+    # Resolving for a base must not quietly pick one of them as if they were base variants.
+    import lorahub.refs
+
+    monkeypatch.setattr(lorahub.refs, "MIN_PREFIX", 1)
+    base = tmp_path / "llama"
+    tiny_llama().save_pretrained(base)
+    with pytest.raises(AmbiguousReference):
+        hub.resolve("@" + prefix, base=base)
 
 
 def test_remove_name_then_adapter_then_gc(hub, tmp_path):
