@@ -526,6 +526,8 @@ def push_files(
             if not _unchanged(remote.get(target), op, Path(local)):
                 changed.append(target)
                 size += op.upload_info.size
+        if tag:
+            _check_tag_free(api, full_id, tag, before.sha if not changed else None)
         commit = api.create_commit(
             full_id,
             operations=operations,
@@ -590,6 +592,21 @@ def _unchanged(sibling: RepoSibling | None, op: Any, local: Path) -> bool:
     if sibling.lfs is not None:
         return bool(sibling.lfs.sha256 == op.upload_info.sha256.hex())
     return sibling.blob_id is not None and sibling.blob_id == _git_blob_oid(local)
+
+
+def _check_tag_free(api: HfApi, repo_id: str, tag: str, head: str | None) -> None:
+    """Refuse, before committing anything, a tag that exists at another commit than the one
+    the push will leave (``head``: the branch head when nothing changes; None when a new
+    commit is coming, which no existing tag can point at)."""
+    current = next(
+        (t.target_commit for t in api.list_repo_refs(repo_id).tags if t.name == tag), None
+    )
+    if current is not None and current != head:
+        raise RemoteError(
+            f"tag {tag!r} already exists in {repo_id} at commit {current[:12]}; nothing was "
+            f"pushed: choose another tag, or delete it first (`hf repos tag delete {repo_id} "
+            f"{tag}`)"
+        )
 
 
 def _ensure_tag(api: HfApi, repo_id: str, tag: str, sha: str) -> None:

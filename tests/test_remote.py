@@ -191,11 +191,15 @@ def test_push_to_a_private_repo_a_new_branch_with_a_tag(server, stores, tmp_path
     with pytest.raises(huggingface_hub.errors.RepositoryNotFoundError):
         HfApi(endpoint=server.url, token=False).model_info("myorg/sql-expert")
 
-    # The same tag for another adapter is refused, naming both commits.
+    # The same tag for another adapter is refused before anything is committed.
     hub.add(write_peft_adapter(tmp_path / "other", seed=7), name="other:v1")
     with pytest.raises(RemoteError, match=r"tag 'v1' already exists in myorg/sql-expert"):
         hub.push("other:v1", "myorg/sql-expert", revision="dev", tag="v1")
     assert server.commit_sha("myorg/sql-expert", "v1") == result.commit
+    assert server.commit_sha("myorg/sql-expert", "dev") == result.commit  # the branch stayed
+    # Pushing the same adapter again with the same tag is a no-op, not an error.
+    again = hub.push("sql-expert:v1", "myorg/sql-expert", revision="dev", tag="v1")
+    assert again.commit == result.commit and not again.committed
 
 
 def test_private_flag_on_an_existing_public_repo_is_refused_before_upload(server, stores, tmp_path):
