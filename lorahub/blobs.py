@@ -119,7 +119,12 @@ class BlobStore:
 
     def _publish(self, tmp: Path, digest: Digest) -> None:
         final = self.path(digest)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        if not final.parent.is_dir():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            # New fan-out folders must reach the disk too, or a power cut loses the blob
+            # whose catalog row has survived.
+            fsync_dir(final.parent.parent)
+            fsync_dir(final.parent.parent.parent)
         try:
             os.link(tmp, final)  # never replaces: an existing blob is already complete
         except FileExistsError:

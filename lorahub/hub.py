@@ -271,7 +271,11 @@ class Hub:
         text = mf.encode(manifest).decode()
         digest = str(hash_bytes(text.encode()))
         with db.write_session(self.engine) as s:
-            row = q.adapter_by_digest(s, digest)
+            row = q.adapter_by_digest(s, digest)  # from here on this store holds the write lock
+            if not self.blobs.path(weights).is_file():
+                # A gc that listed the blob before put_file refreshed it has deleted it since;
+                # gc needs the write lock too, so once written again it stays.
+                self.blobs.put_file(lambda p: peft.write_canonical(adapter, p))
             added = row is None
             if row is None:
                 q.ensure_blob(s, str(weights), size)

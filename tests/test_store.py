@@ -237,6 +237,31 @@ def test_remove_name_then_adapter_then_gc(hub, tmp_path):
     assert hub.verify().ok
 
 
+def test_a_blob_gc_deletes_under_a_concurrent_add_is_written_again(hub, tmp_path):
+    """gc lists an old unused blob, an add re-uses it (refreshing its mtime too late for gc's
+    listing), gc deletes it, then the add commits: the add must not record a missing blob."""
+    src = write_peft_adapter(tmp_path / "a")
+    first = hub.add(src, name="a").adapter
+    hub.remove("a")
+    real = hub.blobs.put_file
+    calls = []
+
+    def put_then_gc_deletes(write):
+        digest, size = real(write)
+        if not calls:
+            hub.blobs.delete(digest)  # gc's unlink, decided on the mtime it read earlier
+        calls.append(digest)
+        return digest, size
+
+    hub.blobs.put_file = put_then_gc_deletes
+    try:
+        again = hub.add(src, name="a").adapter
+    finally:
+        del hub.blobs.put_file
+    assert again.weights_digest == first.weights_digest and len(calls) == 2
+    assert hub.verify().ok and hub.load("a") is not None
+
+
 def test_gc_keeps_blobs_in_use_and_removes_stale_temp(hub, tmp_path):
     a = hub.add(write_peft_adapter(tmp_path / "a"), name="keep").adapter
     stale = hub.home / "tmp" / "blob-deadbeef"
