@@ -96,6 +96,17 @@ def test_base_picks_the_variant_to_show_export_and_remove(tmp_path, world):
         assert left.digest != shown["digest"] and left.base.name == "llama"
 
 
+def test_a_new_version_replaces_the_old_whichever_was_recorded_with_a_base(hub, world):
+    old = hub.add(world / "small-ad", name="sql", base=world / "llama").adapter
+    new = hub.add(world / "wide-ad", name="sql").adapter  # no --base: a plain tag move
+    assert hub.get("sql").digest == new.digest
+    assert "sql:latest" not in hub.get("@" + old.digest).refs
+    newer = hub.add(world / "small-ad", name="sql", base=world / "llama-instruct").adapter
+    assert hub.get("sql").digest == newer.digest  # replaced the unverified one
+    with pytest.raises(IncompatibleAdapter):
+        hub.resolve("sql", base=world / "wide")  # the wide one is no longer under the name
+
+
 def test_resolve_error_lists_every_variant(hub, world, tmp_path):
     hub.add(world / "small-ad", name="sql", base=world / "llama")
     with pytest.raises(IncompatibleAdapter) as err:

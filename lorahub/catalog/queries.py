@@ -87,18 +87,21 @@ def insert_adapter(
 
 
 def set_ref(session: Session, name: str, tag: str, row: Adapter) -> None:
-    """Point ``name:tag`` at ``row`` for its base variant, moving it if it pointed elsewhere."""
-    variant = base_of(row).variant
-    existing = session.scalar(
-        select(Ref).where(Ref.name == name, Ref.tag == tag, Ref.variant == variant)
+    """Point ``name:tag`` at ``row``.
+
+    Only adapters recorded against a verified base are variants: the tag keeps one per base
+    content, like a multi-platform image. Otherwise it is a plain tag move: an adapter with
+    an unverified base replaces every variant, and any adapter replaces an unverified one,
+    so a new version never hides behind the old one it was meant to replace.
+    """
+    base = base_of(row)
+    for ref in session.scalars(select(Ref).where(Ref.name == name, Ref.tag == tag)).all():
+        if ref.variant == base.variant or not base.verified or not base_of(ref.adapter).verified:
+            session.delete(ref)
+    session.flush()
+    session.add(
+        Ref(name=name, tag=tag, variant=base.variant, adapter_id=row.id, created_at=utcnow())
     )
-    if existing is not None:
-        existing.adapter_id = row.id
-        existing.created_at = utcnow()
-    else:
-        session.add(
-            Ref(name=name, tag=tag, variant=variant, adapter_id=row.id, created_at=utcnow())
-        )
     session.flush()
 
 
