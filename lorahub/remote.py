@@ -863,6 +863,14 @@ def _from_cache(repo_id: str, rev: str, sub: str | None) -> RemoteAdapter:
             f"({constants.HF_HUB_CACHE}): pull it once online, or unset HF_HUB_OFFLINE"
         )
     manifest = cached(LORAHUB_JSON)
+    if manifest is None and try_to_load_from_cache(repo_id, _in(sub, LORAHUB_JSON), rev) is None:
+        # Not "known absent" either: the cache was filled by something that never asked
+        # for lorahub.json (PeftModel.from_pretrained), so its check cannot be made offline.
+        log.warning(
+            "offline: %s may carry a lorahub.json the cache does not hold; importing without "
+            "its identity check (pull online once to have it checked)",
+            label,
+        )
     folder = config.parent
     snapshot = config.parents[len(sub.split("/")) if sub else 0]
     for path in (config, weights, manifest):

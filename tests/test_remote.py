@@ -6,6 +6,7 @@ asserted about "what crossed the wire" is counted from the requests the server r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -624,6 +625,27 @@ def test_offline_pull_uses_the_cache_or_says_it_cannot(server, stores, tmp_path,
     assert server.requests == []
 
 
+def test_offline_pull_says_when_it_cannot_check_identity(server, stores, tmp_path, monkeypatch):
+    import logging
+
+    hub = stores("a")
+    hub.add(write_peft_adapter(tmp_path / "src"), name="a:v1")
+    hub.push("a:v1", "myorg/peft-only")
+    # What PeftModel.from_pretrained leaves in the cache: the config and the weights only.
+    huggingface_hub.snapshot_download(
+        "myorg/peft-only",
+        allow_patterns=["adapter_config.json", "adapter_model.safetensors"],
+        endpoint=server.url,
+    )
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with _capture("lorahub") as records:
+        stores("c").pull("myorg/peft-only")
+    assert any(
+        r.levelno == logging.WARNING and "without its identity check" in r.getMessage()
+        for r in records
+    )
+
+
 # ---------------------------------------------------------------------- CLI and secrets
 
 
@@ -707,3 +729,22 @@ def test_the_example_runs_against_the_local_test_server(tmp_path):
     assert "second push: no commit, 0 bytes uploaded" in out
     assert "second pull: 0 weight bytes downloaded" in out
     assert "same digest in both stores: True" in out
+
+
+@contextlib.contextmanager
+def _capture(name: str):
+    """Records logged to ``name``, whatever its propagation setting."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger, handler = logging.getLogger(name), Keep(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
