@@ -453,3 +453,17 @@ def test_hostile_recorded_base_is_refused(hub, tmp_path):
 def test_rank_filter_needs_a_whole_number(hub, value):
     with pytest.raises(lorahub.InvalidReference, match="filter rank needs a whole number"):
         hub.list([f"rank={value}"])
+
+
+@pytest.mark.parametrize("swap", [True, False], ids=["exchange", "two-renames"])
+def test_publish_dir_replaces_a_tree_and_leaves_nothing_behind(tmp_path, monkeypatch, swap):
+    from lorahub import fsutil
+
+    if not swap:
+        monkeypatch.setattr(fsutil, "_exchange", lambda a, b: False)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "tmp" / "new.txt").write_text("new")
+    fsutil.publish_dir(tmp_path / "tmp", tmp_path / "out", replace=True)
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(tmp_path / "out") == ["new.txt"]
