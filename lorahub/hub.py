@@ -270,31 +270,42 @@ class Hub:
             origin = {**origin, "metadata": dict(adapter.metadata)}
         text = mf.encode(manifest).decode()
         digest = str(hash_bytes(text.encode()))
-        with db.write_session(self.engine) as s:
-            row = q.adapter_by_digest(s, digest)  # from here on this store holds the write lock
-            if not self.blobs.path(weights).is_file():
-                # A gc that listed the blob before put_file refreshed it has deleted it since;
-                # gc needs the write lock too, so once written again it stays.
-                self.blobs.put_file(lambda p: peft.write_canonical(adapter, p))
-            added = row is None
-            if row is None:
-                q.ensure_blob(s, str(weights), size)
-                row = q.insert_adapter(
-                    s,
-                    digest=digest,
-                    manifest_text=text,
-                    adapter=adapter,
-                    weights_digest=str(weights),
-                    size=size,
-                    base=base_ref,
-                    base_id=base_id,
-                    origin_kind=origin_kind,
-                    origin=origin,
-                )
-            if ref is not None:
-                q.set_ref(s, ref.name, ref.tag, row)  # type: ignore[arg-type]
-            s.refresh(row)
-            info = q.to_info(row)
+
+        def commit() -> tuple[AdapterInfo, bool]:
+            with db.write_session(self.engine) as s:
+                row = q.adapter_by_digest(s, digest)  # the write lock is held from here
+                if not self.blobs.path(weights).is_file():
+                    # A gc that listed the blob before put_file refreshed it deleted it since;
+                    # gc needs the write lock too, so once written again it stays.
+                    self.blobs.put_file(lambda p: peft.write_canonical(adapter, p))
+                added = row is None
+                if row is None:
+                    q.ensure_blob(s, str(weights), size)
+                    row = q.insert_adapter(
+                        s,
+                        digest=digest,
+                        manifest_text=text,
+                        adapter=adapter,
+                        weights_digest=str(weights),
+                        size=size,
+                        base=base_ref,
+                        base_id=base_id,
+                        origin_kind=origin_kind,
+                        origin=origin,
+                    )
+                if ref is not None:
+                    q.set_ref(s, ref.name, ref.tag, row)  # type: ignore[arg-type]
+                s.refresh(row)
+                return q.to_info(row), added
+
+        from sqlalchemy.exc import IntegrityError as RowExists
+
+        try:
+            info, added = commit()
+        except RowExists:
+            # A database without SQLite's IMMEDIATE lock (PostgreSQL) let another writer
+            # insert the same adapter or blob first: the second try finds it present.
+            info, added = commit()
         log.info("%s %s", "added" if added else "already present", digest)
         return info, added
 

@@ -467,3 +467,23 @@ def test_publish_dir_replaces_a_tree_and_leaves_nothing_behind(tmp_path, monkeyp
     (tmp_path / "tmp" / "new.txt").write_text("new")
     fsutil.publish_dir(tmp_path / "tmp", tmp_path / "out", replace=True)
     assert os.listdir(tmp_path) == ["out"] and os.listdir(tmp_path / "out") == ["new.txt"]
+
+
+def test_a_unique_violation_from_a_racing_writer_is_retried(hub, tmp_path, monkeypatch):
+    """Without SQLite's IMMEDIATE lock (PostgreSQL) two identical adds can both insert; the
+    loser's unique violation must end as an add, not a traceback."""
+    import sqlalchemy.exc
+
+    from lorahub.catalog import queries
+
+    real, calls = queries.insert_adapter, []
+
+    def racing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.IntegrityError("INSERT", {}, Exception("UNIQUE constraint"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(queries, "insert_adapter", racing)
+    res = hub.add(write_peft_adapter(tmp_path / "a"), name="a")
+    assert res.status == "added" and len(calls) == 2 and hub.get("a").digest == res.adapter.digest
