@@ -41,7 +41,7 @@ from .errors import (
     StoreError,
 )
 from .formats import peft
-from .fsutil import publish_dir
+from .fsutil import current_umask, publish_dir
 from .info import (
     AdapterInfo,
     AddResult,
@@ -382,7 +382,7 @@ class Hub:
 
     def load_info(self, info: AdapterInfo) -> LoraAdapter:
         blob = Digest.parse(info.weights_digest)
-        tensors, _ = peft.read_safetensors(self.blobs.path(blob))
+        tensors = peft.load_safetensors(self.blobs.read_checked(blob), f"blob {blob}")
         return LoraAdapter.from_state_dict(info.config, tensors, info.origin.get("metadata"))
 
     # ------------------------------------------------------------------ base models
@@ -473,6 +473,17 @@ class Hub:
         """
         info, _ = self._resolve(reference, base, strict=True)
         return info
+
+    def _outside_store(self, out: str | os.PathLike[str]) -> Path:
+        """``out`` as a path, refused when it is the store, lies in it or holds it: with
+        ``--force`` such an output would replace what the store keeps."""
+        dest = Path(out).expanduser()
+        target, home = dest.resolve(), self.home.resolve()
+        if target == home or target.is_relative_to(home) or home.is_relative_to(target):
+            raise StoreError(
+                f"{dest} overlaps the lorahub store at {home}; write the output somewhere else"
+            )
+        return dest
 
     def _stored_ref(self, reference: str, base: str | os.PathLike[str]) -> str:
         """``reference`` itself, or for a path (``./my-adapter``) the ``@digest`` of that
@@ -590,6 +601,7 @@ class Hub:
         """
         from .merge import merge_to_dir, parse_size
 
+        self._outside_store(out)
         model, infos, w, base_ref = self._merge_inputs(base, adapters, weights)
         loaded = [self.load_info(i) for i in infos]
         meta = _merge_metadata(base_ref, infos, w)
@@ -848,19 +860,20 @@ class Hub:
         The directory appears complete or not at all. ``base`` picks a name's variant.
         """
         info = self.get(reference, base=base)
-        dest = Path(out)
+        dest = self._outside_store(out)
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not force:
             raise StoreError(f"{dest} already exists and is not empty; pass --force to replace it")
         from .card import adapter_card
 
+        data = self.blobs.read_checked(Digest.parse(info.weights_digest))  # before any write
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+            os.chmod(tmp, 0o777 & ~current_umask())  # as mkdir would make it, not 0700
         except OSError as exc:
             raise StoreError(f"cannot write {dest}: {exc.strerror or exc}") from None
         try:
-            blob = self.blobs.path(Digest.parse(info.weights_digest))
-            shutil.copyfile(blob, tmp / peft.SAFETENSORS)
+            (tmp / peft.SAFETENSORS).write_bytes(data)
             peft.write_config(info.config, tmp)
             (tmp / "README.md").write_text(adapter_card(info))
             (tmp / "lorahub.json").write_text(mf.lorahub_json_text(info.digest, info.manifest))
@@ -868,10 +881,6 @@ class Hub:
                 with f.open("rb") as fh:
                     os.fsync(fh.fileno())
             publish_dir(tmp, dest, replace=True)
-        except FileNotFoundError as exc:
-            raise StoreError(
-                f"blob of {info.digest} is missing; run `lorahub verify`: {exc}"
-            ) from exc
         except OSError as exc:
             raise StoreError(f"cannot write {dest}: {exc.strerror or exc}") from None
         finally:

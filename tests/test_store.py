@@ -18,6 +18,7 @@ import lorahub
 from lorahub.errors import (
     AdapterNotFound,
     AmbiguousReference,
+    IntegrityError,
     InvalidAdapter,
     InvalidReference,
     LorahubError,
@@ -487,3 +488,43 @@ def test_a_unique_violation_from_a_racing_writer_is_retried(hub, tmp_path, monke
     monkeypatch.setattr(queries, "insert_adapter", racing)
     res = hub.add(write_peft_adapter(tmp_path / "a"), name="a")
     assert res.status == "added" and len(calls) == 2 and hub.get("a").digest == res.adapter.digest
+
+
+def test_outputs_may_not_overlap_the_store(hub, tmp_path):
+    hub.add(write_peft_adapter(tmp_path / "a"), name="a")
+    before = snapshot(hub)
+    for out in (hub.home, hub.home / "blobs", hub.home / "new", hub.home.parent):
+        with pytest.raises(lorahub.LorahubError, match="overlaps the lorahub store"):
+            hub.export("a", out, force=True)
+    base = tmp_path / "llama"
+    tiny_llama().save_pretrained(base)
+    with pytest.raises(lorahub.LorahubError, match="overlaps the lorahub store"):
+        hub.merge(base, "a", out=hub.home / "blobs", force=True)
+    assert snapshot(hub) == before and hub.verify().ok
+
+
+def test_a_corrupt_blob_is_never_used(hub, tmp_path):
+    info = hub.add(write_peft_adapter(tmp_path / "a"), name="a").adapter
+    path = hub.blobs.path(lorahub.digest.Digest.parse(info.weights_digest))
+    data = bytearray(path.read_bytes())
+    data[-8:] = b"\xff" * 8  # inside the last tensor's numbers: still parses
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="is corrupt"):
+        hub.load("a")
+    with pytest.raises(IntegrityError, match="is corrupt"):
+        hub.export("a", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    path.unlink()
+    with pytest.raises(IntegrityError, match="missing"):
+        hub.load("a")
+
+
+def test_an_exported_folder_is_readable_by_others(hub, tmp_path):
+    hub.add(write_peft_adapter(tmp_path / "a"), name="a")
+    old = os.umask(0o022)
+    try:
+        out = hub.export("a", tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
