@@ -204,17 +204,25 @@ class LoraAdapter:
             InvalidAdapter: unknown or incomplete keys, non-float tensors, factor shapes
                 that disagree with each other or with ``r`` / ``rank_pattern``.
         """
+        import torch
+
         config = dict(config)
         peft_type = config.get("peft_type", "LORA")  # may be PEFT's PeftType enum
         if str(getattr(peft_type, "value", peft_type)).upper() != "LORA":
             raise InvalidAdapter(
                 f"peft_type is {config.get('peft_type')!r}; lorahub handles LoRA adapters only"
             )
+        _check_config(config)
         parts: dict[str, dict[str, torch.Tensor]] = {}
         full: dict[str, torch.Tensor] = {}
         for key, tensor in tensors.items():
             if not tensor.is_floating_point():
                 raise InvalidAdapter(f"tensor {key!r} has dtype {tensor.dtype}; expected a float")
+            if tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+                raise InvalidAdapter(
+                    f"tensor {key!r} holds NaN or infinite values: the training diverged or the "
+                    "file is damaged; merging it would give a broken model"
+                )
             bare = key[len(PREFIX) :] if key.startswith(PREFIX) else key
             for suffix, part in _PARTS:
                 if bare.endswith(suffix):
@@ -236,14 +244,6 @@ class LoraAdapter:
             raise InvalidAdapter(
                 f"adapter_config.json has a value of the wrong type or form: {exc}"
             ) from None
-        for key in ("r", "lora_alpha"):
-            value = config.get(key)
-            if value is not None and (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-            ):
-                raise InvalidAdapter(f"adapter_config.json: {key} must be a finite number")
         for m in modules.values():
             if not math.isfinite(m.alpha):
                 raise InvalidAdapter(f"module {m.name!r}: its alpha ({m.alpha}) is not finite")
@@ -251,6 +251,49 @@ class LoraAdapter:
             if config.get(key) is not None and not isinstance(config[key], str):
                 raise InvalidAdapter(f"adapter_config.json: {key} must be a string")
         return cls(config=config, modules=modules, full=full, metadata=dict(metadata or {}))
+
+
+def _number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _whole(value: Any) -> bool:
+    return _number(value) and float(value).is_integer() and value >= 1
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _check_config(config: Mapping[str, Any]) -> None:
+    """Refuse config values PEFT itself could not load (``r: 4.5``, ``target_modules: 5``,
+    ``use_dora: "yes"``): accepted, they would be exported as a folder PEFT rejects."""
+    problems = []
+    if not _whole(config.get("r", 8)):
+        problems.append("r must be a whole number of 1 or more")
+    if "lora_alpha" in config and not _number(config["lora_alpha"]):
+        problems.append("lora_alpha must be a finite number")
+    for key in ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias", "inference_mode"):
+        if config.get(key) is not None and config[key] not in (True, False):  # 0/1 too
+            problems.append(f"{key} must be true or false")
+    tm = config.get("target_modules")
+    if tm is not None and not (isinstance(tm, str) or _strings(tm)):
+        problems.append("target_modules must be a string or a list of strings")
+    if config.get("modules_to_save") is not None and not _strings(config["modules_to_save"]):
+        problems.append("modules_to_save must be a list of strings")
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (
+        type(layers) is int or (isinstance(layers, list) and all(type(x) is int for x in layers))
+    ):
+        problems.append("layers_to_transform must be a whole number or a list of them")
+    for key, check in (("rank_pattern", _whole), ("alpha_pattern", _number)):
+        pattern = config.get(key)
+        if pattern is not None and not (
+            isinstance(pattern, dict) and all(check(v) for v in pattern.values())
+        ):
+            problems.append(f"{key} must map module patterns to numbers")
+    if problems:
+        raise InvalidAdapter("adapter_config.json: " + "; ".join(problems))
 
 
 def _full_saved_key(base_key: str, modules: Mapping[str, LoraModule]) -> str:

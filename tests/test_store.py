@@ -343,6 +343,25 @@ def _rank_zero(src: Path) -> None:
     )
 
 
+def _config_value(key: str, value):
+    def set_it(src: Path) -> None:
+        cfg = json.loads((src / "adapter_config.json").read_text())
+        cfg[key] = value
+        (src / "adapter_config.json").write_text(json.dumps(cfg))
+
+    set_it.__name__ = f"_{key}_{value}"
+    return set_it
+
+
+def _nan_weights(src: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(src / "adapter_model.safetensors")
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(src / "adapter_model.safetensors"))
+
+
 def _no_weights(src: Path) -> None:
     (src / "adapter_model.safetensors").unlink()
 
@@ -369,7 +388,13 @@ def _evil_pickle(src: Path) -> None:
         (_evil_pickle, "weights_only=True"),
         (_nan_alpha, "lora_alpha must be a finite number"),
         (_nested_config, "not valid JSON"),
-        (_rank_zero, "rank 0"),
+        (_rank_zero, "r must be a whole number of 1 or more"),
+        (_nan_weights, "NaN or infinite"),
+        (_config_value("r", None), "r must be a whole number"),
+        (_config_value("r", 4.5), "r must be a whole number"),
+        (_config_value("target_modules", 5), "target_modules must be a string or a list"),
+        (_config_value("use_dora", "yes"), "use_dora must be true or false"),
+        (_config_value("layers_to_transform", "x"), "layers_to_transform must be"),
     ],
 )
 def test_bad_input_is_refused_and_changes_nothing(hub, tmp_path, break_it, message):
