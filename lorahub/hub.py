@@ -163,6 +163,10 @@ class Hub:
             if not root.exists():
                 results.append(AddResult(str(root), "refused", reason=f"{root} does not exist"))
                 continue
+            if not root.is_file() and not root.is_dir():
+                reason = f"{root} is neither a regular file nor a folder"
+                results.append(AddResult(str(root), "refused", reason=reason))
+                continue
             if root.is_file() or peft.is_adapter_dir(root):
                 own = root.resolve()
                 if own.is_file() and own.name.startswith("adapter_model"):
@@ -202,6 +206,8 @@ class Hub:
     ) -> tuple[LoraAdapter, str, list[str]]:
         if not path.exists():
             raise InvalidAdapter(f"{path} does not exist")
+        if not path.is_file() and not path.is_dir():  # a FIFO would block the read forever
+            raise InvalidAdapter(f"{path} is neither a regular file nor a folder")
         if (
             path.is_file()
             and path.name in (peft.SAFETENSORS, peft.BIN)

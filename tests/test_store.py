@@ -553,3 +553,43 @@ def test_an_exported_folder_is_readable_by_others(hub, tmp_path):
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o755
+
+
+def test_special_files_are_refused_without_blocking(hub, tmp_path):
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    for src in (fifo, Path("/dev/null")):
+        with pytest.raises(InvalidAdapter, match="neither a regular file nor a folder"):
+            hub.add(src)
+        (res,) = hub.add_many([src])
+        assert res.status == "refused" and "neither a regular file" in res.reason
+
+
+def test_database_failures_are_one_line_store_errors(hub, tmp_path, monkeypatch):
+    import sqlite3
+
+    import sqlalchemy.exc
+
+    from lorahub.catalog import queries
+
+    hub.add(write_peft_adapter(tmp_path / "a"), name="a")
+    before = snapshot(hub)
+
+    def full(*args, **kwargs):
+        raise sqlalchemy.exc.OperationalError(
+            "INSERT INTO refs", {}, sqlite3.OperationalError("database or disk is full")
+        )
+
+    monkeypatch.setattr(queries, "set_ref", full)
+    with pytest.raises(lorahub.errors.StoreError) as err:
+        hub.tag("a", "a:v2")
+    assert "database or disk is full (is the disk full?)" in str(err.value)
+    assert "\n" not in str(err.value) and "sqlalche.me" not in str(err.value)
+    monkeypatch.undo()
+    assert snapshot(hub) == before
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "lorahub.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(lorahub.errors.StoreError) as err:
+        lorahub.open(tmp_path / "broken").list()
+    assert "file is not a database" in str(err.value) and "\n" not in str(err.value)

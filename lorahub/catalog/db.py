@@ -110,13 +110,40 @@ def upgrade(engine: Engine, lock_path: Path | None) -> None:
     except StoreError:
         raise
     except Exception as exc:  # sqlalchemy/alembic errors about the database itself
-        raise StoreError(f"cannot open the catalog at {engine.url!r}: {exc}") from exc
+        raise StoreError(f"cannot open the catalog at {engine.url!r}: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The database's own words, on one line, without SQLAlchemy's statement and link."""
+    from sqlalchemy.exc import DBAPIError
+
+    inner = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    text = str(inner).splitlines()[0] if str(inner) else type(inner).__name__
+    if "disk is full" in text or "disk I/O error" in text:
+        text += " (is the disk full?)"
+    return text
+
+
+@contextlib.contextmanager
+def _database_errors(engine: Engine) -> Iterator[None]:
+    """A full disk, a read-only or damaged database file: a StoreError, not a traceback.
+    SQLite rolls the transaction back, so what the catalog held is untouched."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+
+    try:
+        yield
+    except IntegrityError:
+        raise  # a unique violation: callers that expect one retry
+    except OperationalError as exc:
+        raise StoreError(f"the catalog at {engine.url!r} refused a change: {_reason(exc)}") from exc
+    except SQLAlchemyError as exc:
+        raise StoreError(f"the catalog at {engine.url!r} failed: {_reason(exc)}") from exc
 
 
 @contextlib.contextmanager
 def write_session(engine: Engine) -> Iterator[Session]:
     """A session whose transaction holds the write lock from its first statement."""
-    with engine.connect() as conn:
+    with _database_errors(engine), engine.connect() as conn:
         conn = conn.execution_options(lorahub_write=True)
         with Session(bind=conn) as session, session.begin():
             yield session
@@ -124,5 +151,5 @@ def write_session(engine: Engine) -> Iterator[Session]:
 
 @contextlib.contextmanager
 def read_session(engine: Engine) -> Iterator[Session]:
-    with Session(engine) as session:
+    with _database_errors(engine), Session(engine) as session:
         yield session
