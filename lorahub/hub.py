@@ -412,6 +412,8 @@ class Hub:
         """
         from .base import open_base
 
+        if name is not None:
+            validate_name(name)  # the rules adapter names follow: it is typed in commands too
         return self._record_base(open_base(source, revision=revision), source, name, progress)
 
     def _record_base(
@@ -491,7 +493,7 @@ class Hub:
             )
         return dest
 
-    def _stored_ref(self, reference: str, base: str | os.PathLike[str]) -> str:
+    def _stored_ref(self, reference: str, base: str | os.PathLike[str] | None) -> str:
         """``reference`` itself, or for a path (``./my-adapter``) the ``@digest`` of that
         adapter once added to the store: merges and checks record digests, and adding is
         idempotent. Single files are read against ``base`` (kohya names need it)."""
@@ -723,18 +725,20 @@ class Hub:
                 rows = merged_q.all_rows(s)
             else:
                 rows = []
-                for k in keys:
+                for k in dict.fromkeys(keys):  # a key given twice is removed once
+                    if len(k.removeprefix("xxh128:")) < 8:
+                        raise InvalidReference(f"merged key {k!r} is too short: give 8+ hex")
                     found = merged_q.find(s, k.lower())
-                    if len(k.removeprefix("xxh128:")) < 8 or not found:
+                    if not found:
                         raise AdapterNotFound(k, f"no merged checkpoint matches {k!r}")
                     if len(found) > 1:
                         raise AmbiguousReference(k, [r.key for r in found])
-                    rows.extend(found)
+                    rows.extend(r for r in found if r not in rows)
             for row in rows:
                 removed.append((row.key, Path(row.path)))
                 s.delete(row)
         for _, path in removed:
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)  # its .lock stays: another process may hold it
         return [k for k, _ in removed]
 
     # ------------------------------------------------------------------ composition
@@ -764,7 +768,7 @@ class Hub:
         """
         from .compose import compose
 
-        infos = [self.get(r) for r in refs]
+        infos = [self.get(self._stored_ref(r, None)) for r in refs]  # a path is added first
         signatures = {i.base.signature for i in infos if i.base.signature}
         if len(signatures) > 1:
             listed = [f"{i.refs[0] if i.refs else i.short}: base {i.base.name}" for i in infos]

@@ -1293,4 +1293,10 @@ def _alive(pid: int) -> bool:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+    """A size in the unit that keeps it readable (0.07 GB reads better as 70.0 MB)."""
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"

@@ -58,6 +58,11 @@ def parse(text: str) -> Reference:
     raw = text.strip()
     if not raw:
         raise InvalidReference("empty reference")
+    if raw.startswith(("./", "../", "/", "~")):
+        raise InvalidReference(
+            f"{raw!r} is a path, not a stored adapter: add it first (`lorahub add {raw}`), "
+            "then use its name or digest"
+        )
     body = raw[1:] if raw.startswith("@") else raw
     lowered = body.lower()
     if lowered.startswith("xxh128:"):

@@ -183,3 +183,16 @@ def test_size_style_merged_cap_is_understood(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAHUB_MERGED_MAX_BYTES", "lots")
     with pytest.raises(lorahub.LorahubError, match="LORAHUB_MERGED_MAX_BYTES"):
         load(tmp_path)
+
+
+def test_rm_twice_or_by_digest_and_name_in_one_go(tmp_path):
+    runner = CliRunner()
+    home = ["--home", str(tmp_path / "h")]
+    src = write_peft_adapter(tmp_path / "a")
+    assert runner.invoke(cli, [*home, "add", str(src), "-n", "one:v1"]).exit_code == 0
+    res = runner.invoke(cli, [*home, "rm", "one:v1", "one:v1", "-y"])
+    assert res.exit_code == 0 and res.output.count("removed one:v1") == 1
+    runner.invoke(cli, [*home, "add", str(src), "-n", "one:v1"])
+    digest = json.loads(runner.invoke(cli, [*home, "show", "one:v1", "--json"]).output)["digest"]
+    res = runner.invoke(cli, [*home, "rm", "@" + digest, "one:v1", "-y"])
+    assert res.exit_code == 0 and "one:v1 was already removed" in res.output

@@ -140,3 +140,22 @@ def test_a_name_wins_over_a_folder_of_the_same_name(tmp_path, world, monkeypatch
     hub.add(world / "b", name="a")  # the name "a" means b, though ./a exists here
     assert hub.resolve("a", base="llama").digest == hub.get("a").digest
     assert hub.resolve("./a", base="llama").digest != hub.get("a").digest
+
+
+def test_compose_takes_paths_and_other_commands_say_to_add_them(tmp_path, world, monkeypatch):
+    monkeypatch.chdir(world)
+    hub = lorahub.open(tmp_path / "s")
+    res = hub.compose(["./a", "./b"], name="ab")
+    parents = res.adapter.provenance["parents"]
+    assert len(parents) == 2 and {i.digest for i in hub.list()} >= set(parents)
+    with pytest.raises(lorahub.InvalidReference, match=r"is a path.*lorahub add \./a"):
+        hub.get("./a")
+
+
+def test_merged_rm_wants_eight_hex_and_takes_a_key_once(hub, world):
+    path = hub.merged(world / "llama", ["a"], device="cpu")
+    (entry,) = hub.merged_list()
+    with pytest.raises(lorahub.InvalidReference, match="too short"):
+        hub.merged_remove([entry.key[7:11]])
+    key = entry.key[7:19]
+    assert hub.merged_remove([key, key]) == [entry.key] and not path.exists()

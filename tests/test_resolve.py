@@ -196,3 +196,10 @@ def test_recording_a_base_by_path_keeps_the_name_given(hub, world):
     hub.add(world / "small-ad", name="sql", base=world / "llama")
     assert [b.name for b in hub.bases()] == ["tiny1"]
     assert hub.check("sql", base="tiny1").status == "exact"
+
+
+@pytest.mark.parametrize("name", ["", "bad name/../x", "x" * 300, "a b"])
+def test_base_names_follow_the_name_rules(hub, world, name):
+    with pytest.raises(lorahub.InvalidReference, match="invalid name"):
+        hub.add_base(world / "llama", name=name)
+    assert hub.bases() == []

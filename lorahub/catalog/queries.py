@@ -152,8 +152,9 @@ def resolve_one(session: Session, ref: Reference) -> Adapter:
             raise AmbiguousReference(
                 ref.text,
                 lines,
-                hint="it has one variant per base model: add --base BASE, or name one by "
-                "digest (@<digest>)",
+                hint="it has one variant per base model: name one by digest (@<digest>), or "
+                "pick it for a base (`lorahub resolve NAME --base BASE`; show, export, push "
+                "and rm take --base too)",
             )
         raise AmbiguousReference(ref.text, [r.digest for r in rows])
     return rows[0]

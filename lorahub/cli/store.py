@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ..errors import InvalidAdapter, InvalidReference
+from ..errors import AdapterNotFound, InvalidAdapter, InvalidReference
 from ..info import AdapterInfo
 from ..refs import format_ref, parse
 from .output import echo_json, hub_from, human_size, parse_duration, progress, table
@@ -170,7 +170,10 @@ def show(ctx: click.Context, reference: str, base: str | None, as_json: bool) ->
     prov = info.provenance
     if prov.get("kind") not in (None, "import"):
         for k, v in sorted(prov.items()):
-            lines.append((f"provenance {k}", str(v)))
+            if v is None:
+                continue
+            text = ", ".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+            lines.append((f"provenance {k}", text))
     lines.append(("created", info.created_at.strftime("%Y-%m-%d %H:%M:%S UTC")))
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
@@ -208,6 +211,7 @@ def rm(ctx: click.Context, references: tuple[str, ...], yes: bool, base: str | N
       lorahub rm sql-expert:v1
     """
     hub = hub_from(ctx)
+    references = tuple(dict.fromkeys(references))  # the same reference twice: once
     infos = [hub.get(r, base=base) for r in references]  # fail on a bad one before removing any
     if not yes:
         if not sys.stdin.isatty():
@@ -217,7 +221,11 @@ def rm(ctx: click.Context, references: tuple[str, ...], yes: bool, base: str | N
             click.echo("Nothing removed.", err=True)
             sys.exit(1)
     for ref, info in zip(references, infos, strict=True):
-        removed = hub.remove(ref, base=base)
+        try:
+            removed = hub.remove(ref, base=base)
+        except AdapterNotFound:  # `rm @digest name`: the digest already took the name with it
+            click.echo(f"{ref} was already removed ({info.short})")
+            continue
         click.echo(f"removed {', '.join(removed)} ({info.short})")
 
 
