@@ -307,6 +307,10 @@ def _hub_errors(repo_id: str, revision: str, *, writing: bool) -> Iterator[None]
     except LorahubError:
         raise
     except e.LocalTokenNotFoundError:
+        if constants.HF_HUB_OFFLINE:  # the token is asked for first, but offline is the cause
+            raise RemoteError(
+                f"HF_HUB_OFFLINE is set, so {ep} cannot be reached for {repo_id}: unset it to push"
+            ) from None
         raise RemoteError(
             f"pushing to {repo_id} needs a Hugging Face token with write access: {login}"
         ) from None

@@ -625,6 +625,15 @@ def test_offline_pull_uses_the_cache_or_says_it_cannot(server, stores, tmp_path,
     assert server.requests == []
 
 
+def test_offline_push_without_a_token_says_offline(stores, tmp_path, monkeypatch):
+    hub = stores("a")
+    hub.add(write_peft_adapter(tmp_path / "src"), name="a:v1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RemoteError, match="HF_HUB_OFFLINE is set"):
+        hub.push("a:v1", "myorg/a")
+
+
 def test_offline_pull_says_when_it_cannot_check_identity(server, stores, tmp_path, monkeypatch):
     import logging
 

@@ -593,3 +593,9 @@ def test_database_failures_are_one_line_store_errors(hub, tmp_path, monkeypatch)
     with pytest.raises(lorahub.errors.StoreError) as err:
         lorahub.open(tmp_path / "broken").list()
     assert "file is not a database" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_boolean_filters_refuse_other_words(hub):
+    with pytest.raises(InvalidReference, match="filter dora needs true or false"):
+        hub.list(["dora=maybe"])
+    assert hub.list(["dora=no"]) == []

@@ -178,6 +178,8 @@ def parse_filters(filters: Iterable[str] | Mapping[str, str]) -> list[tuple[str,
             ):
                 kind = "a whole number" if key == "rank" else "a finite number"
                 raise InvalidReference(f"filter {key} needs {kind}, got {value!r}")
+        if key in ("dora", "rslora") and value.lower() not in _TRUE + _FALSE:
+            raise InvalidReference(f"filter {key} needs true or false, got {value!r}")
         out.append((key, value))
     return out
 
@@ -189,8 +191,11 @@ def _split(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "y", "on"), ("0", "false", "no", "n", "off")
+
+
 def _bool(value: str) -> bool:
-    return value.lower() in ("1", "true", "yes", "y", "on")
+    return value.lower() in _TRUE
 
 
 def list_adapters(
