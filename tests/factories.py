@@ -89,3 +89,20 @@ def peft_adapter(model, out: Path, seed: int = 1, adapter_name: str = "default",
     pm = get_peft_model(model, cfg, adapter_name=adapter_name)
     pm.save_pretrained(str(out))
     return pm
+
+
+def cli_runner(home: Path):
+    """``run(*args, code=0)``: ``lorahub --home HOME ARGS`` in this process, asserting the
+    exit code and returning click's result (``.stdout``, ``.stderr``)."""
+    from click.testing import CliRunner
+
+    from lorahub.cli import cli
+
+    runner = CliRunner()
+
+    def run(*args: Any, code: int = 0):
+        res = runner.invoke(cli, ["--home", str(home), *map(str, args)])
+        assert res.exit_code == code, res.output + res.stderr
+        return res
+
+    return run

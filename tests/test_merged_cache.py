@@ -6,13 +6,11 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
-from factories import peft_adapter, tiny_llama
+from factories import cli_runner, peft_adapter, tiny_llama
 from safetensors.torch import load_file
 
 import lorahub
 import lorahub.merge
-from lorahub.cli import cli
 from lorahub.errors import AdapterNotFound, IncompatibleAdapter, MergeError
 
 
@@ -92,13 +90,7 @@ def test_merged_cache_evicts_least_recently_used(tmp_path, world, monkeypatch):
 
 
 def test_merge_cli(tmp_path, world):
-    runner = CliRunner()
-    home = ["--home", str(tmp_path / "h")]
-
-    def run(*args, code=0):
-        res = runner.invoke(cli, [*home, *map(str, args)])
-        assert res.exit_code == code, res.output + res.stderr
-        return res
+    run = cli_runner(tmp_path / "h")
 
     run("add", world / "a", "-n", "a")
     run("add", world / "b", "-n", "b")

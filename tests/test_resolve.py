@@ -7,11 +7,9 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
-from factories import peft_adapter, tiny_llama
+from factories import cli_runner, peft_adapter, tiny_llama
 
 import lorahub
-from lorahub.cli import cli
 from lorahub.errors import IncompatibleAdapter
 
 
@@ -71,13 +69,7 @@ def test_resolve_picks_the_variant_for_the_base(hub, world):
 
 
 def test_base_picks_the_variant_to_show_export_and_remove(tmp_path, world):
-    runner = CliRunner()
-    home = ["--home", str(tmp_path / "h")]
-
-    def run(*args, code=0):
-        res = runner.invoke(cli, [*home, *map(str, args)])
-        assert res.exit_code == code, res.output + res.stderr
-        return res
+    run = cli_runner(tmp_path / "h")
 
     run("add", world / "small-ad", "-n", "sql:v1", "--base", world / "llama")
     run("add", world / "wide-ad", "-n", "sql:v1", "--base", world / "wide")
@@ -133,13 +125,7 @@ def test_checks_need_no_base_files_once_recorded(hub, world, tmp_path):
 
 
 def test_base_commands(tmp_path, world):
-    runner = CliRunner()
-    home = ["--home", str(tmp_path / "h")]
-
-    def run(*args, code=0):
-        res = runner.invoke(cli, [*home, *map(str, args)])
-        assert res.exit_code == code, res.output + res.stderr
-        return res
+    run = cli_runner(tmp_path / "h")
 
     out = json.loads(run("base", "add", world / "llama", "--json").stdout)
     assert out["name"] == "llama" and out["content_hash"].startswith("xxh128:")
