@@ -1087,7 +1087,12 @@ def _merge_metadata(
 
 
 def _default_name(rel: Path, root: Path | None = None) -> str | None:
+    """A name from a folder path: accents dropped (``ünïcode`` -> ``unicode``), anything
+    else outside the name alphabet turned into ``-``; None when nothing usable is left."""
+    import unicodedata
+
     text = "-".join(p for p in rel.parts if p not in ("", ".")) or (root.name if root else "")
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
     text = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._")[:128]
     try:
         return validate_name(text) if text else None

@@ -151,3 +151,12 @@ def test_merged_rm_wants_eight_hex_and_takes_a_key_once(hub, world):
         hub.merged_remove([entry.key[7:11]])
     key = entry.key[7:19]
     assert hub.merged_remove([key, key]) == [entry.key] and not path.exists()
+
+
+def test_merge_cli_names_a_bad_shard_size(tmp_path, world):
+    run = cli_runner(tmp_path / "h")
+    res = run(
+        "merge", world / "llama", "./a", "-o", tmp_path / "m", "--max-shard-size", "0", code=2
+    )
+    assert "--max-shard-size" in res.stderr and "positive" in res.stderr
+    assert not (tmp_path / "m").exists()

@@ -599,3 +599,10 @@ def test_boolean_filters_refuse_other_words(hub):
     with pytest.raises(InvalidReference, match="filter dora needs true or false"):
         hub.list(["dora=maybe"])
     assert hub.list(["dora=no"]) == []
+
+
+def test_names_from_folders_drop_accents(hub, tmp_path):
+    pile = tmp_path / "pile"
+    write_peft_adapter(pile / "ünïcode adapter", seed=1)
+    (res,) = hub.add_many([pile])
+    assert res.status == "added" and res.adapter.refs == ("unicode-adapter:latest",)

@@ -16,7 +16,13 @@ from .output import echo_json, hub_from, human_size, parse_weights, progress, ta
 @click.option("-w", "--weights", help="One weight per adapter, comma-separated (default 1 each).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1...")
 @click.option("--dtype", help="Output dtype (bfloat16, float16, float32); default: the base's.")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output file.")
+@click.option(
+    "--max-shard-size",
+    default="5GB",
+    show_default=True,
+    callback=lambda ctx, param, value: _size(value),
+    help="Largest output file (5GB, 500MB, 2GiB).",
+)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -29,7 +35,7 @@ def merge(
     weights: str | None,
     device: str,
     dtype: str | None,
-    max_shard_size: str,
+    max_shard_size: int,
     force: bool,
     quiet: bool,
     as_json: bool,
@@ -77,6 +83,17 @@ def merge(
         f"{human_size(result.bytes_written)} in {result.seconds:.1f}s "
         f"({human_size(result.bytes_written / max(result.seconds, 1e-9))}/s on {result.device})"
     )
+
+
+def _size(value: str) -> int:
+    """The size in bytes, or a usage error that names the option."""
+    from ..errors import MergeError
+    from ..merge import parse_size
+
+    try:
+        return parse_size(value)
+    except MergeError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @click.group("merged")
