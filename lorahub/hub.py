@@ -32,6 +32,7 @@ from .digest import Digest, canonical_json, hash_bytes
 from .errors import (
     AdapterNotFound,
     AmbiguousReference,
+    BaseModelError,
     ComposeError,
     IncompatibleAdapter,
     InvalidAdapter,
@@ -437,6 +438,31 @@ class Hub:
         """Every base model recorded, newest first."""
         with db.read_session(self.engine) as s:
             return [bases_q.to_info(r) for r in bases_q.all_rows(s)]
+
+    def remove_base(self, reference: str) -> BaseInfo:
+        """Forget a recorded base (by name, repo id, path or 12+ hex of a fingerprint).
+
+        Adapters made for it are kept, with the name and fingerprints they recorded; only
+        checks by this base's name stop working until it is recorded again.
+
+        Raises:
+            BaseModelError: nothing recorded matches. AmbiguousReference: several do.
+        """
+        with db.write_session(self.engine) as s:
+            rows = bases_q.find(s, reference)
+            if not rows:
+                raise BaseModelError(
+                    f"no recorded base matches {reference!r}; see `lorahub base ls`"
+                )
+            if len(rows) > 1:
+                raise AmbiguousReference(
+                    reference,
+                    [f"{r.name} {r.content_hash or r.signature}" for r in rows],
+                    hint="give its content hash",
+                )
+            info = bases_q.to_info(rows[0])
+            bases_q.delete(s, rows[0])
+            return info
 
     def _base_context(
         self, base: str | os.PathLike[str], model: BaseModel | None = None

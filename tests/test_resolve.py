@@ -189,3 +189,15 @@ def test_base_names_follow_the_name_rules(hub, world, name):
     with pytest.raises(lorahub.InvalidReference, match="invalid name"):
         hub.add_base(world / "llama", name=name)
     assert hub.bases() == []
+
+
+def test_base_rm_forgets_the_record_and_keeps_the_adapters(tmp_path, world):
+    run = cli_runner(tmp_path / "h")
+    run("base", "add", world / "llama", "-n", "tiny")
+    run("add", world / "small-ad", "-n", "sql", "--base", "tiny")
+    assert "no recorded base matches" in run("base", "rm", "nope", code=1).stderr
+    assert "removed base tiny" in run("base", "rm", "tiny").stdout
+    assert json.loads(run("base", "ls", "--json").stdout) == []
+    shown = json.loads(run("show", "sql", "--json").stdout)
+    assert shown["base"]["content_hash"].startswith("xxh128:")  # the adapter kept its record
+    assert run("check", "sql", "--base", world / "llama").stdout.startswith("exact")

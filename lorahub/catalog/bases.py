@@ -97,3 +97,14 @@ def all_rows(session: Session) -> list[BaseModelRow]:
 
 def by_id(session: Session, ident: int) -> BaseModelRow | None:
     return session.get(BaseModelRow, ident)
+
+
+def delete(session: Session, row: BaseModelRow) -> None:
+    """Forget a base record. Adapters made for it keep their own copy of its name and
+    fingerprints (their identity), so only the link to this row goes."""
+    from sqlalchemy import update
+
+    from .models import Adapter
+
+    session.execute(update(Adapter).where(Adapter.base_id == row.id).values(base_id=None))
+    session.delete(row)

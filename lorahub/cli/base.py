@@ -87,6 +87,20 @@ def base_ls(ctx: click.Context, as_json: bool, quiet: bool) -> None:
     table(rows, ["NAME", "CONTENT", "SIGNATURE", "TENSORS", "SIZE", "WHERE"])
 
 
+@base_group.command("rm")
+@click.argument("reference")
+@click.pass_context
+def base_rm(ctx: click.Context, reference: str) -> None:
+    """Forget a recorded base model (adapters made for it are kept).
+
+    \b
+    Example:
+      lorahub base rm llama-old
+    """
+    info = hub_from(ctx).remove_base(reference)
+    click.echo(f"removed base {info.name} ({(info.content_hash or info.signature)[7:19]})")
+
+
 @click.command()
 @click.argument("reference")
 @click.option("--base", required=True, help="Base model: folder, file, repo id or recorded name.")
