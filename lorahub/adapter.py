@@ -218,7 +218,9 @@ class LoraAdapter:
         for key, tensor in tensors.items():
             if not tensor.is_floating_point():
                 raise InvalidAdapter(f"tensor {key!r} has dtype {tensor.dtype}; expected a float")
-            if tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+            # isfinite has no float8 kernel on the CPU: check those one byte types widened.
+            probe = tensor if tensor.element_size() > 1 else tensor.float()
+            if tensor.device.type != "meta" and not bool(torch.isfinite(probe).all()):
                 raise InvalidAdapter(
                     f"tensor {key!r} holds NaN or infinite values: the training diverged or the "
                     "file is damaged; merging it would give a broken model"
@@ -265,9 +267,32 @@ def _strings(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
+MAX_CONFIG_DEPTH = 32
+
+
+def _depth(value: Any) -> int:
+    """How deep lists and objects nest, counted without recursion (a hostile file can nest
+    deeper than Python's stack)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > MAX_CONFIG_DEPTH:
+            break
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return deepest
+
+
 def _check_config(config: Mapping[str, Any]) -> None:
     """Refuse config values PEFT itself could not load (``r: 4.5``, ``target_modules: 5``,
     ``use_dora: "yes"``): accepted, they would be exported as a folder PEFT rejects."""
+    if _depth(config) > MAX_CONFIG_DEPTH:
+        raise InvalidAdapter(
+            f"adapter_config.json nests deeper than {MAX_CONFIG_DEPTH} levels; no LoRA config does"
+        )
     problems = []
     if not _whole(config.get("r", 8)):
         problems.append("r must be a whole number of 1 or more")

@@ -351,6 +351,7 @@ class Hub:
             AdapterNotFound: nothing matches. AmbiguousReference: several do.
         """
         if base is not None:
+            parse(reference)  # a stored reference only: a path here must not add anything
             return self.resolve(reference, base=base)
         with db.read_session(self.engine) as s:
             return q.to_info(self._find(s, reference))
@@ -863,7 +864,16 @@ class Hub:
         ``gc`` (other adapters may share it). Returns the names removed.
         """
         ref = parse(reference)
-        digest = self.resolve(reference, base=base).digest if base is not None else None
+        digest = None
+        if base is not None:
+            chosen = self.resolve(reference, base=base)
+            if chosen.match != "exact":  # removing is for the variant made for this base only
+                raise AdapterNotFound(
+                    reference,
+                    f"{reference!r} has no variant recorded for {os.fspath(base)} (the one that "
+                    f"fits, {chosen.short}, was made for another base); nothing was removed",
+                )
+            digest = chosen.digest
         removed: list[str] = []
         with db.write_session(self.engine) as s:
             row = self._find(s, ref if digest is None else parse("@" + digest))

@@ -8,6 +8,7 @@ so the same adapter always gets the same digest.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from .adapter import LoraAdapter
 from .digest import Digest, canonical_json, hash_bytes
 from .errors import InvalidAdapter
 
-SCHEMA = 1
+SCHEMA = 2  # 2: incidental config keys out, patterns per module, header metadata out
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def skeleton(manifest: Mapping[str, Any]) -> LoraAdapter:
 
 # Written by PEFT on every save (its version, its mode, a hint for AutoModel), so two saves of
 # one adapter differ in them; they say nothing about what the adapter is.
-INCIDENTAL_CONFIG = frozenset({"peft_version", "inference_mode", "auto_mapping", "runtime_config"})
+INCIDENTAL_CONFIG = frozenset({"peft_version", "inference_mode", "runtime_config"})
 # Lists PEFT writes from Python sets: their order changes from one save to the next.
 UNORDERED_CONFIG = frozenset(
     {"target_modules", "modules_to_save", "exclude_modules", "layers_to_transform"}
@@ -128,6 +129,24 @@ def _plain_numbers(value: Any) -> Any:
     return value
 
 
+def explicit_patterns(adapter: LoraAdapter) -> dict[str, Any]:
+    """The config with ``rank_pattern`` / ``alpha_pattern`` spelled out per module.
+
+    PEFT applies the first pattern that matches, in dict order; canonical JSON sorts keys,
+    so stored as written they could give another module another alpha after a round trip.
+    Each module's own escaped name, for the modules that differ from ``r`` / ``lora_alpha``,
+    means the same whatever the order.
+    """
+    config = dict(adapter.config)
+    mods = sorted(adapter.modules.items())
+    ranks = {re.escape(n): m.rank for n, m in mods if m.rank != adapter.rank}
+    alphas = {re.escape(n): m.alpha for n, m in mods if m.alpha != adapter.alpha}
+    for key, value in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
+        if value or key in config:
+            config[key] = value
+    return config
+
+
 def build(
     adapter: LoraAdapter,
     weights: Digest,
@@ -139,7 +158,7 @@ def build(
     return {
         "schema": SCHEMA,
         "weights": {"digest": str(weights), "size": weights_size},
-        "config": identity_config(adapter.config),
+        "config": identity_config(explicit_patterns(adapter)),
         "modules": module_table(adapter),
         "full": {k: list(t.shape) for k, t in sorted(adapter.full.items())},
         "base": base.to_dict(),

@@ -702,7 +702,9 @@ def _stream_cpu(
             target = torch.frombuffer(reserve(tp), dtype=torch.uint8)
             out = target.view(_torch_dtype(tp.dtype)).view(shape)
             blocks = _blocks(tp, ops.get(tp.name, ()), CPU_CHUNK)
-            # Only while this tensor's blocks run: the caller's setting is back by the yield.
+            # Only while this tensor's blocks run: the caller's setting (read afresh, it may
+            # change between items) is back by the yield.
+            threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
                 for f in [pool.submit(block, tp, first, out, rows) for rows in blocks]:

@@ -709,6 +709,8 @@ def _download(repo_id: str, rev: str, sub: str | None) -> RemoteAdapter:
     for path in chosen:
         _verify(folder / path, siblings[path], label)
     manifest = _in(sub, LORAHUB_JSON)
+    if manifest not in chosen:
+        _remember_absent(folder, manifest)
     return RemoteAdapter(
         endpoint=_public_url(ep),
         repo_id=repo_id,
@@ -719,6 +721,15 @@ def _download(repo_id: str, rev: str, sub: str | None) -> RemoteAdapter:
         weights=folder / weights,
         lorahub_json=folder / manifest if manifest in chosen else None,
     )
+
+
+def _remember_absent(snapshot: Path, name: str) -> None:
+    """Record in the cache, as huggingface_hub does after a 404, that this commit has no
+    ``name``: an offline pull can then tell "absent" from "never asked for"."""
+    marker = snapshot.parent.parent / ".no_exist" / snapshot.name / name
+    with contextlib.suppress(OSError):
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
 
 
 def _refuse_hostile(repo_id: str, ep: str, siblings: Mapping[str, Any]) -> None:
@@ -867,7 +878,8 @@ def _from_cache(repo_id: str, rev: str, sub: str | None) -> RemoteAdapter:
             f"({constants.HF_HUB_CACHE}): pull it once online, or unset HF_HUB_OFFLINE"
         )
     manifest = cached(LORAHUB_JSON)
-    if manifest is None and try_to_load_from_cache(repo_id, _in(sub, LORAHUB_JSON), rev) is None:
+    known = try_to_load_from_cache(repo_id, _in(sub, LORAHUB_JSON), revision=rev)
+    if manifest is None and known is None:
         # Not "known absent" either: the cache was filled by something that never asked
         # for lorahub.json (PeftModel.from_pretrained), so its check cannot be made offline.
         log.warning(
@@ -947,6 +959,17 @@ def identity(adapter: LoraAdapter, got: RemoteAdapter) -> tuple[BaseRef, dict[st
     if got.lorahub_json is None:
         return BaseRef(adapter.base_model_name, adapter.config.get("revision") or None), None
     digest, manifest = read_lorahub_json(got.lorahub_json, got.label)
+    if manifest.get("schema") != mf.SCHEMA:
+        # Written under other identity rules (an older lorahub): the digest cannot be
+        # recomputed here, so the adapter comes in as a plain PEFT one would.
+        log.warning(
+            "%s: lorahub.json uses manifest schema %r, this lorahub writes %d; imported as a "
+            "plain PEFT adapter, without its identity check",
+            got.label,
+            manifest.get("schema"),
+            mf.SCHEMA,
+        )
+        return BaseRef(adapter.base_model_name, adapter.config.get("revision") or None), None
     base = BaseRef.from_dict(manifest.get("base") if isinstance(manifest.get("base"), dict) else {})
     provenance = manifest.get("provenance")
     if not isinstance(provenance, dict):

@@ -757,3 +757,31 @@ def _capture(name: str):
         yield records
     finally:
         logger.removeHandler(handler)
+
+
+def test_own_online_pull_lets_offline_pulls_know_lorahub_json_is_absent(
+    server, stores, tmp_path, monkeypatch
+):
+    files = files_of(write_peft_adapter(tmp_path / "src"))
+    server.seed_repo("plain/peft", files)  # no lorahub.json: a repo made by PEFT alone
+    stores("a").pull("plain/peft")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with _capture("lorahub") as records:
+        stores("b").pull("plain/peft")
+    assert not [r for r in records if "identity check" in r.getMessage()]
+
+
+def test_lorahub_json_of_an_older_schema_imports_as_plain_peft(server, stores, tmp_path):
+    hub = stores("a")
+    hub.add(write_peft_adapter(tmp_path / "src"), name="a:v1")
+    hub.push("a:v1", "myorg/old")
+    files = server.repo_files("myorg/old")
+    doc = json.loads(files["lorahub.json"])
+    doc["manifest"]["schema"] = 1
+    doc["manifest"]["metadata"] = {}
+    doc["digest"] = str(digest_of(doc["manifest"]))
+    server.seed_repo("myorg/older", files | {"lorahub.json": json.dumps(doc).encode()})
+    with _capture("lorahub") as records:
+        got = stores("b").pull("myorg/older")
+    assert got.provenance == {"kind": "import"}
+    assert any("manifest schema 1" in r.getMessage() for r in records)

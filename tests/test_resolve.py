@@ -201,3 +201,18 @@ def test_base_rm_forgets_the_record_and_keeps_the_adapters(tmp_path, world):
     shown = json.loads(run("show", "sql", "--json").stdout)
     assert shown["base"]["content_hash"].startswith("xxh128:")  # the adapter kept its record
     assert run("check", "sql", "--base", world / "llama").stdout.startswith("exact")
+
+
+def test_rm_with_a_base_removes_only_the_variant_made_for_it(hub, world):
+    made = hub.add(world / "small-ad", name="n", base=world / "llama").adapter
+    with pytest.raises(lorahub.AdapterNotFound, match="no variant recorded for"):
+        hub.remove("n", base=world / "llama-instruct")  # fits, but was made for llama
+    assert hub.get("n").digest == made.digest
+    assert hub.remove("n", base=world / "llama") == ["n:latest"]
+
+
+def test_a_path_with_base_is_not_added_by_show_or_rm(hub, world):
+    for call in (hub.get, hub.remove):
+        with pytest.raises(lorahub.InvalidReference, match="is a path"):
+            call(str(world / "small-ad"), base=world / "llama")
+    assert hub.list() == []

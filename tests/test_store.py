@@ -395,6 +395,7 @@ def _evil_pickle(src: Path) -> None:
         (_config_value("target_modules", 5), "target_modules must be a string or a list"),
         (_config_value("use_dora", "yes"), "use_dora must be true or false"),
         (_config_value("layers_to_transform", "x"), "layers_to_transform must be"),
+        (_config_value("deep", json.loads("[" * 600 + "]" * 600)), "nests deeper than"),
     ],
 )
 def test_bad_input_is_refused_and_changes_nothing(hub, tmp_path, break_it, message):
@@ -606,3 +607,37 @@ def test_names_from_folders_drop_accents(hub, tmp_path):
     write_peft_adapter(pile / "ünïcode adapter", seed=1)
     (res,) = hub.add_many([pile])
     assert res.status == "added" and res.adapter.refs == ("unicode-adapter:latest",)
+
+
+def test_float8_weights_are_accepted(hub, tmp_path):
+    src = write_peft_adapter(tmp_path / "a", dtype=torch.float8_e4m3fn)
+    assert hub.add(src, name="f8").status == "added"
+    assert hub.load("f8").modules
+
+
+def test_auto_mapping_survives_export(hub, tmp_path):
+    mapping = {"base_model_class": "LlamaForCausalLM", "parent_library": "transformers"}
+    src = write_peft_adapter(tmp_path / "a", extra_config={"auto_mapping": mapping})
+    hub.add(src, name="a")
+    out = hub.export("a", tmp_path / "out")
+    assert json.loads((out / "adapter_config.json").read_text())["auto_mapping"] == mapping
+
+
+def test_pattern_order_is_kept_through_the_store_and_export(hub, tmp_path):
+    """PEFT takes the first matching pattern in dict order; sorted keys would pick another."""
+    from lorahub.adapter import pattern_value
+
+    mods = {
+        "model.layers.0.self_attn.q_proj": (32, 32),
+        "model.layers.1.self_attn.q_proj": (32, 32),
+    }
+    patterns = {"q_proj": 4, "layers.0.self_attn.q_proj": 16}  # sorted, the second comes first
+    src = write_peft_adapter(
+        tmp_path / "a", mods, alpha=8, extra_config={"alpha_pattern": patterns}
+    )
+    hub.add(src, name="a")
+    loaded = hub.load("a")
+    assert {n: m.alpha for n, m in loaded.modules.items()} == {n: 4.0 for n in mods}
+    exported = json.loads((hub.export("a", tmp_path / "out") / "adapter_config.json").read_text())
+    for name in mods:
+        assert pattern_value(exported["alpha_pattern"], name) == 4
