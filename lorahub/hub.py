@@ -390,7 +390,7 @@ class Hub:
 
     def load_info(self, info: AdapterInfo) -> LoraAdapter:
         blob = Digest.parse(info.weights_digest)
-        tensors = peft.load_safetensors(self.blobs.read_checked(blob), f"blob {blob}")
+        tensors, _ = peft.read_safetensors(self.blobs.checked_path(blob))
         return LoraAdapter.from_state_dict(info.config, tensors, info.origin.get("metadata"))
 
     # ------------------------------------------------------------------ base models
@@ -911,7 +911,7 @@ class Hub:
             raise StoreError(f"{dest} already exists and is not empty; pass --force to replace it")
         from .card import adapter_card
 
-        data = self.blobs.read_checked(Digest.parse(info.weights_digest))  # before any write
+        blob = self.blobs.checked_path(Digest.parse(info.weights_digest))  # before any write
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
@@ -919,7 +919,7 @@ class Hub:
         except OSError as exc:
             raise StoreError(f"cannot write {dest}: {exc.strerror or exc}") from None
         try:
-            (tmp / peft.SAFETENSORS).write_bytes(data)
+            shutil.copyfile(blob, tmp / peft.SAFETENSORS)
             peft.write_config(info.config, tmp)
             (tmp / "README.md").write_text(adapter_card(info))
             (tmp / "lorahub.json").write_text(mf.lorahub_json_text(info.digest, info.manifest))

@@ -60,17 +60,6 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, metadata
 
 
-def load_safetensors(data: bytes, label: str) -> dict[str, torch.Tensor]:
-    """Tensors from safetensors bytes already in memory (a checked blob)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    try:
-        return load(data)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise InvalidAdapter(f"{label} is not a valid safetensors file: {exc}") from None
-
-
 def read_safetensors_header(path: Path) -> tuple[list[str], dict[str, str]]:
     """Tensor names and metadata, read from the header alone."""
     from safetensors import SafetensorError, safe_open
