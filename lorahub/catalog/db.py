@@ -128,7 +128,7 @@ def _reason(exc: BaseException) -> str:
 def _database_errors(engine: Engine) -> Iterator[None]:
     """A full disk, a read-only or damaged database file: a StoreError, not a traceback.
     SQLite rolls the transaction back, so what the catalog held is untouched."""
-    from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+    from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
     try:
         yield
@@ -136,7 +136,7 @@ def _database_errors(engine: Engine) -> Iterator[None]:
         raise  # a unique violation: callers that expect one retry
     except OperationalError as exc:
         raise StoreError(f"the catalog at {engine.url!r} refused a change: {_reason(exc)}") from exc
-    except SQLAlchemyError as exc:
+    except DBAPIError as exc:  # the database's own failures; a misuse of the ORM stays a bug
         raise StoreError(f"the catalog at {engine.url!r} failed: {_reason(exc)}") from exc
 
 
