@@ -249,9 +249,6 @@ class LoraAdapter:
         for m in modules.values():
             if not math.isfinite(m.alpha):
                 raise InvalidAdapter(f"module {m.name!r}: its alpha ({m.alpha}) is not finite")
-        for key in ("base_model_name_or_path", "revision"):
-            if config.get(key) is not None and not isinstance(config[key], str):
-                raise InvalidAdapter(f"adapter_config.json: {key} must be a string")
         return cls(config=config, modules=modules, full=full, metadata=dict(metadata or {}))
 
 
@@ -311,6 +308,9 @@ def _check_config(config: Mapping[str, Any]) -> None:
         type(layers) is int or (isinstance(layers, list) and all(type(x) is int for x in layers))
     ):
         problems.append("layers_to_transform must be a whole number or a list of them")
+    for key in ("base_model_name_or_path", "revision"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            problems.append(f"{key} must be a string")
     for key, check in (("rank_pattern", _whole), ("alpha_pattern", _number)):
         pattern = config.get(key)
         if pattern is not None and not (

@@ -271,7 +271,11 @@ class Hub:
         if ref is not None and ref.name is None:
             raise InvalidReference(f"{name!r} is a digest; give a name such as 'my-adapter:v1'")
         base_ref, base_id = self._base_for(adapter, base, force)
-        weights, size = self.blobs.put_file(lambda p: peft.write_canonical(adapter, p))
+
+        def write(path: Path) -> None:
+            peft.write_canonical(adapter, path)
+
+        weights, size = self.blobs.put_file(write)
         manifest = mf.build(adapter, weights, size, base_ref, provenance)
         if adapter.metadata:  # kohya's ss_* keys and the like: kept, but not identity
             origin = {**origin, "metadata": dict(adapter.metadata)}
@@ -284,7 +288,7 @@ class Hub:
                 if not self.blobs.path(weights).is_file():
                     # A gc that listed the blob before put_file refreshed it deleted it since;
                     # gc needs the write lock too, so once written again it stays.
-                    self.blobs.put_file(lambda p: peft.write_canonical(adapter, p))
+                    self.blobs.put_file(write)
                 added = row is None
                 if row is None:
                     q.ensure_blob(s, str(weights), size)
@@ -323,7 +327,7 @@ class Hub:
         if isinstance(base, BaseRef):
             return base, None
         if base is None:
-            return BaseRef(adapter.base_model_name, adapter.config.get("revision") or None), None
+            return mf.claimed_base(adapter), None
         return self._register_base_for(adapter, base, force)
 
     def _register_base_for(

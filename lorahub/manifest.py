@@ -50,6 +50,12 @@ class BaseRef:
         return cls(*values)
 
 
+def claimed_base(adapter: LoraAdapter) -> BaseRef:
+    """The base an adapter's own config names (``base_model_name_or_path``, ``revision``):
+    unverified, for adapters stored or pulled without a base to check them against."""
+    return BaseRef(adapter.base_model_name, adapter.config.get("revision") or None)
+
+
 def module_table(adapter: LoraAdapter) -> dict[str, dict[str, Any]]:
     """Per module: kind, features, rank, alpha, the base shape it needs, DoRA and bias."""
     table: dict[str, dict[str, Any]] = {}

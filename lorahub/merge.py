@@ -51,6 +51,7 @@ from . import compat
 from .base import DTYPE_BITS, FLOAT_DTYPES
 from .errors import LorahubError, MergeError
 from .fsutil import fsync_dir, publish_dir
+from .units import human_size
 
 if TYPE_CHECKING:
     import torch
@@ -990,7 +991,7 @@ def merge_to_dir(
     if free < plan.output_bytes + SPACE_MARGIN:
         raise MergeError(
             f"not enough free space in {out.parent}: the merge needs about "
-            f"{_gb(plan.output_bytes + SPACE_MARGIN)}, {_gb(free)} is free"
+            f"{human_size(plan.output_bytes + SPACE_MARGIN)}, {human_size(free)} is free"
         )
     with _Sources(base, plan) as sources, _io_errors(out):
         tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -1292,13 +1293,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # alive, someone else's
         pass
     return True
-
-
-def _gb(n: int) -> str:
-    """A size in the unit that keeps it readable (0.07 GB reads better as 70.0 MB)."""
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"

@@ -10,6 +10,8 @@ from pathlib import Path
 from .errors import InvalidReference
 
 DEFAULT_TAG = "latest"
+# How a path is told from a reference: written this way, it is a path, never a name.
+PATH_PREFIXES = ("./", "../", "/", "~")
 MIN_PREFIX = 12  # DESIGN.md: a unique digest prefix of 12+ hex
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
@@ -58,7 +60,7 @@ def parse(text: str) -> Reference:
     raw = text.strip()
     if not raw:
         raise InvalidReference("empty reference")
-    if raw.startswith(("./", "../", "/", "~")):
+    if raw.startswith(PATH_PREFIXES):
         raise InvalidReference(
             f"{raw!r} is a path, not a stored adapter: add it first (`lorahub add {raw}`), "
             "then use its name or digest"
@@ -94,7 +96,7 @@ def local_path(text: str) -> Path | None:
     path only when it exists and could not be a reference (``adapters/sql/v1``): a valid
     name wins over a folder of the same name in the current directory, as in docker.
     """
-    if text.startswith(("./", "../", "/", "~")) or text in (".", ".."):
+    if text.startswith(PATH_PREFIXES) or text in (".", ".."):
         return Path(text).expanduser()
     if os.sep != "/" and text.startswith(("." + os.sep, ".." + os.sep)):
         return Path(text)

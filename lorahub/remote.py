@@ -598,13 +598,16 @@ def _unchanged(sibling: RepoSibling | None, op: Any, local: Path) -> bool:
     return sibling.blob_id is not None and sibling.blob_id == _git_blob_oid(local)
 
 
+def _tag_target(api: HfApi, repo_id: str, tag: str) -> str | None:
+    """The commit ``tag`` points at in ``repo_id``, or None when there is no such tag."""
+    return next((t.target_commit for t in api.list_repo_refs(repo_id).tags if t.name == tag), None)
+
+
 def _check_tag_free(api: HfApi, repo_id: str, tag: str, head: str | None) -> None:
     """Refuse, before committing anything, a tag that exists at another commit than the one
     the push will leave (``head``: the branch head when nothing changes; None when a new
     commit is coming, which no existing tag can point at)."""
-    current = next(
-        (t.target_commit for t in api.list_repo_refs(repo_id).tags if t.name == tag), None
-    )
+    current = _tag_target(api, repo_id, tag)
     if current is not None and current != head:
         raise RemoteError(
             f"tag {tag!r} already exists in {repo_id} at commit {current[:12]}; nothing was "
@@ -623,9 +626,7 @@ def _ensure_tag(api: HfApi, repo_id: str, tag: str, sha: str) -> None:
     except HfHubHTTPError as exc:
         if _status(exc) != 409:
             raise
-    current = next(
-        (t.target_commit for t in api.list_repo_refs(repo_id).tags if t.name == tag), None
-    )
+    current = _tag_target(api, repo_id, tag)
     if current != sha:
         where = f"commit {current[:12]}" if current else "another revision"
         raise RemoteError(
@@ -957,7 +958,7 @@ def identity(adapter: LoraAdapter, got: RemoteAdapter) -> tuple[BaseRef, dict[st
     base named by ``adapter_config.json`` (unverified) and the default provenance.
     """
     if got.lorahub_json is None:
-        return BaseRef(adapter.base_model_name, adapter.config.get("revision") or None), None
+        return mf.claimed_base(adapter), None
     digest, manifest = read_lorahub_json(got.lorahub_json, got.label)
     if manifest.get("schema") != mf.SCHEMA:
         # Written under other identity rules (an older lorahub): the digest cannot be
@@ -969,7 +970,7 @@ def identity(adapter: LoraAdapter, got: RemoteAdapter) -> tuple[BaseRef, dict[st
             manifest.get("schema"),
             mf.SCHEMA,
         )
-        return BaseRef(adapter.base_model_name, adapter.config.get("revision") or None), None
+        return mf.claimed_base(adapter), None
     base = BaseRef.from_dict(manifest.get("base") if isinstance(manifest.get("base"), dict) else {})
     provenance = manifest.get("provenance")
     if not isinstance(provenance, dict):

@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from .output import echo_json, hub_from, human_size, progress, table
+from ..units import human_size
+from .output import echo_json, hub_from, progress, table
 
 
 @click.group("base")

@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from .output import echo_json, hub_from, human_size, parse_weights, progress, table
+from ..units import human_size
+from .output import echo_json, hub_from, parse_weights, progress, table
 
 
 @click.command()

@@ -34,14 +34,6 @@ def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> None:
     """Left-aligned columns, two spaces apart, like ``docker images``."""
     widths = [len(h) for h in headers]

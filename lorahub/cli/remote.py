@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .output import echo_json, hub_from, human_size, show_progress
+from ..units import human_size
+from .output import echo_json, hub_from, show_progress
 
 
 @click.command()

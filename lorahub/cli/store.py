@@ -9,7 +9,8 @@ import click
 from ..errors import AdapterNotFound, InvalidAdapter, InvalidReference
 from ..info import AdapterInfo
 from ..refs import format_ref, parse
-from .output import echo_json, hub_from, human_size, parse_duration, progress, table
+from ..units import human_size
+from .output import echo_json, hub_from, parse_duration, progress, table
 
 
 def _base_label(info: AdapterInfo) -> str:
