@@ -8,11 +8,11 @@ canonical blob is a file ``PeftModel.from_pretrained`` can load as it is.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from . import peft_config
 from .errors import InvalidAdapter
 
 if TYPE_CHECKING:
@@ -39,12 +39,12 @@ CONV2D = "conv2d"
 def pattern_value(patterns: Mapping[str, Any], module: str) -> Any | None:
     """The value of the first pattern key (dict order) that matches a dot-aligned suffix.
 
-    This is PEFT's rule for ``rank_pattern`` and ``alpha_pattern``.
+    This is PEFT's rule for ``rank_pattern`` and ``alpha_pattern``, matched in bounded time.
+
+    Raises:
+        InvalidAdapter: a key that is no valid pattern, or too slow to match.
     """
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return None
+    return peft_config.Matcher().pattern_value(patterns, module, "pattern")
 
 
 @dataclass
@@ -200,22 +200,26 @@ class LoraAdapter:
     ) -> LoraAdapter:
         """Build and validate an adapter from PEFT-style keys.
 
+        The config must be one PEFT loads as this same adapter (see :mod:`lorahub.peft_config`).
+
         Raises:
             InvalidAdapter: unknown or incomplete keys, non-float tensors, factor shapes
-                that disagree with each other or with ``r`` / ``rank_pattern``.
+                that disagree with each other or with ``r`` / ``rank_pattern``, a config PEFT
+                would refuse or read differently, patterns too slow to match.
         """
         import torch
 
         config = dict(config)
-        peft_type = config.get("peft_type", "LORA")  # may be PEFT's PeftType enum
-        if str(getattr(peft_type, "value", peft_type)).upper() != "LORA":
-            raise InvalidAdapter(
-                f"peft_type is {config.get('peft_type')!r}; lorahub handles LoRA adapters only"
-            )
-        _check_config(config)
+        peft_config.check(config)
+        # What PEFT assumes when a key is missing, recorded: PEFT cannot load a config without
+        # peft_type, and an exported config must scale each module as the merge here does.
+        for key, default in (("peft_type", "LORA"), ("r", 8), ("lora_alpha", 8)):
+            config.setdefault(key, default)
         parts: dict[str, dict[str, torch.Tensor]] = {}
         full: dict[str, torch.Tensor] = {}
         for key, tensor in tensors.items():
+            if not peft_config.is_text(key):
+                raise InvalidAdapter(f"tensor name {key!r} is not valid Unicode text")
             if not tensor.is_floating_point():
                 raise InvalidAdapter(f"tensor {key!r} has dtype {tensor.dtype}; expected a float")
             # isfinite has no float8 kernel on the CPU: check those one byte types widened.
@@ -238,87 +242,13 @@ class LoraAdapter:
                 full[bare.replace(".base_layer.", ".")] = tensor
         if not parts:
             raise InvalidAdapter("no LoRA tensors found (no lora_A/lora_B keys)")
-        try:
-            modules = {name: _module(name, p, config) for name, p in sorted(parts.items())}
-        except (TypeError, ValueError, AttributeError, re.error) as exc:
-            if isinstance(exc, InvalidAdapter):
-                raise
-            raise InvalidAdapter(
-                f"adapter_config.json has a value of the wrong type or form: {exc}"
-            ) from None
+        matcher = peft_config.Matcher()
+        modules = {name: _module(name, p, config, matcher) for name, p in sorted(parts.items())}
         for m in modules.values():
             if not math.isfinite(m.alpha):
                 raise InvalidAdapter(f"module {m.name!r}: its alpha ({m.alpha}) is not finite")
+        peft_config.check_targets(config, {n: m.kind for n, m in modules.items()}, matcher)
         return cls(config=config, modules=modules, full=full, metadata=dict(metadata or {}))
-
-
-def _number(value: Any) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)
-
-
-def _whole(value: Any) -> bool:
-    return _number(value) and float(value).is_integer() and value >= 1
-
-
-def _strings(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-MAX_CONFIG_DEPTH = 32
-
-
-def _depth(value: Any) -> int:
-    """How deep lists and objects nest, counted without recursion (a hostile file can nest
-    deeper than Python's stack)."""
-    deepest, stack = 0, [(value, 0)]
-    while stack:
-        item, level = stack.pop()
-        deepest = max(deepest, level)
-        if level > MAX_CONFIG_DEPTH:
-            break
-        if isinstance(item, dict):
-            stack.extend((v, level + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, level + 1) for v in item)
-    return deepest
-
-
-def _check_config(config: Mapping[str, Any]) -> None:
-    """Refuse config values PEFT itself could not load (``r: 4.5``, ``target_modules: 5``,
-    ``use_dora: "yes"``): accepted, they would be exported as a folder PEFT rejects."""
-    if _depth(config) > MAX_CONFIG_DEPTH:
-        raise InvalidAdapter(
-            f"adapter_config.json nests deeper than {MAX_CONFIG_DEPTH} levels; no LoRA config does"
-        )
-    problems = []
-    if not _whole(config.get("r", 8)):
-        problems.append("r must be a whole number of 1 or more")
-    if "lora_alpha" in config and not _number(config["lora_alpha"]):
-        problems.append("lora_alpha must be a finite number")
-    for key in ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias", "inference_mode"):
-        if config.get(key) is not None and config[key] not in (True, False):  # 0/1 too
-            problems.append(f"{key} must be true or false")
-    tm = config.get("target_modules")
-    if tm is not None and not (isinstance(tm, str) or _strings(tm)):
-        problems.append("target_modules must be a string or a list of strings")
-    if config.get("modules_to_save") is not None and not _strings(config["modules_to_save"]):
-        problems.append("modules_to_save must be a list of strings")
-    layers = config.get("layers_to_transform")
-    if layers is not None and not (
-        type(layers) is int or (isinstance(layers, list) and all(type(x) is int for x in layers))
-    ):
-        problems.append("layers_to_transform must be a whole number or a list of them")
-    for key in ("base_model_name_or_path", "revision"):
-        if config.get(key) is not None and not isinstance(config[key], str):
-            problems.append(f"{key} must be a string")
-    for key, check in (("rank_pattern", _whole), ("alpha_pattern", _number)):
-        pattern = config.get(key)
-        if pattern is not None and not (
-            isinstance(pattern, dict) and all(check(v) for v in pattern.values())
-        ):
-            problems.append(f"{key} must map module patterns to numbers")
-    if problems:
-        raise InvalidAdapter("adapter_config.json: " + "; ".join(problems))
 
 
 def _full_saved_key(base_key: str, modules: Mapping[str, LoraModule]) -> str:
@@ -327,7 +257,12 @@ def _full_saved_key(base_key: str, modules: Mapping[str, LoraModule]) -> str:
     return f"{module}.base_layer.{leaf}" if module in modules else base_key
 
 
-def _module(name: str, p: dict[str, torch.Tensor], config: Mapping[str, Any]) -> LoraModule:
+def _module(
+    name: str,
+    p: dict[str, torch.Tensor],
+    config: Mapping[str, Any],
+    matcher: peft_config.Matcher,
+) -> LoraModule:
     if "embA" in p or "embB" in p:
         kind, a, b = EMBEDDING, p.get("embA"), p.get("embB")
     else:
@@ -353,15 +288,16 @@ def _module(name: str, p: dict[str, torch.Tensor], config: Mapping[str, Any]) ->
     rank = int(a.shape[0])
     if rank < 1:
         raise InvalidAdapter(f"module {name!r}: lora_A has rank 0; a LoRA needs rank 1 or more")
-    expected_r = pattern_value(config.get("rank_pattern") or {}, name) or config.get("r")
-    if expected_r is not None and int(expected_r) != rank:
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    expected_r = matcher.pattern_value(ranks, name, "rank_pattern") or config["r"]
+    if int(expected_r) != rank:
         raise InvalidAdapter(
             f"module {name!r}: the config says r={expected_r} but the tensors have rank {rank}; "
             "the adapter is corrupt or its adapter_config.json belongs to another adapter"
         )
-    alpha = pattern_value(config.get("alpha_pattern") or {}, name)
+    alpha = matcher.pattern_value(alphas, name, "alpha_pattern")
     if alpha is None:
-        alpha = config.get("lora_alpha", rank)
+        alpha = config["lora_alpha"]
     out = int(b.shape[0])
     bias, magnitude = p.get("bias"), p.get("magnitude")
     if bias is not None and tuple(bias.shape) != (out,):

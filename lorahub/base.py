@@ -168,11 +168,18 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise _bad(path, f"the header is not valid JSON ({e})") from e
+    except ValueError as e:  # json's refusal of an integer of thousands of digits
+        raise _bad(path, "the header holds an integer too long to read") from e
     if not isinstance(header, dict):
         raise _bad(path, "the header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict):
         raise _bad(path, "__metadata__ is not a JSON object")
+    # A lone surrogate ("\ud800") parses but can be neither stored nor hashed.
+    if not all(_is_text(k) for k in header) or not all(
+        _is_text(str(k)) and _is_text(str(v)) for k, v in meta.items()
+    ):
+        raise _bad(path, "a tensor name or metadata string is not valid Unicode")
     data_len = size - 8 - n
     tensors = {name: _tensor_info(path, name, entry, data_len) for name, entry in header.items()}
     spans = sorted(t.offsets for t in tensors.values() if t.offsets and t.nbytes)
@@ -182,14 +189,22 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
     return tensors, {str(k): str(v) for k, v in meta.items()}, 8 + n
 
 
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _tensor_info(path: Path, name: str, entry: Any, data_len: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise _bad(path, f"entry {name!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BITS:
-        raise _bad(path, f"tensor {name!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise _bad(path, f"tensor {name!r} has an invalid shape {shape!r}")
+    if not _dtype_ok(dtype):
+        raise _bad(path, f"tensor {name!r} has unknown dtype {_clip(dtype)}")
+    if not _shape_ok(shape):
+        raise _bad(path, f"tensor {name!r} has an invalid shape {_clip(shape)}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -197,16 +212,41 @@ def _tensor_info(path: Path, name: str, entry: Any, data_len: int) -> TensorInfo
         or not 0 <= offsets[0] <= offsets[1] <= data_len
     ):
         raise _bad(
-            path, f"tensor {name!r} has data_offsets {offsets!r} outside the {data_len} data bytes"
+            path,
+            f"tensor {name!r} has data_offsets {_clip(offsets)} outside the {data_len} data bytes",
         )
     bits = math.prod(shape) * DTYPE_BITS[dtype]
     if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
+        need = f"{bits // 8}" if bits < 10**30 else "more"
         raise _bad(
             path,
-            f"tensor {name!r} ({dtype} {shape}) needs {bits / 8:g} bytes but its data_offsets "
+            f"tensor {name!r} ({dtype} {_clip(shape)}) needs {need} bytes but its data_offsets "
             f"span {offsets[1] - offsets[0]}",
         )
     return TensorInfo(name, dtype, tuple(shape), path.name, (offsets[0], offsets[1]))
+
+
+# safetensors stores dimensions as 64-bit unsigned integers; larger ones can only be hostile.
+MAX_DIM = 2**64 - 1
+MAX_DIMS = 64
+
+
+def _dtype_ok(dtype: Any) -> bool:
+    return isinstance(dtype, str) and dtype in DTYPE_BITS
+
+
+def _shape_ok(shape: Any) -> bool:
+    return (
+        isinstance(shape, list)
+        and len(shape) <= MAX_DIMS
+        and all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)
+    )
+
+
+def _clip(value: Any) -> str:
+    """A hostile value as a short quote: a header may hold megabytes in one field."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _bad(path: Path, why: str) -> BaseModelError:
@@ -491,6 +531,10 @@ def _open_remote(repo_id: str, revision: str | None) -> BaseModel:
         raise BaseModelError(
             f"the Hub's safetensors headers of {repo_id}{rev} are invalid: {e}"
         ) from e
+    except ValueError as e:  # json's refusal of an integer of thousands of digits, and kin
+        raise BaseModelError(
+            f"the Hub's safetensors headers of {repo_id}{rev} are invalid: {_clip(str(e))}"
+        ) from e
     except (OSError, HTTPError) as e:  # connection refused, timeouts, other HTTP statuses
         raise BaseModelError(
             f"{repo_id}{rev} is not in the local Hugging Face cache and the Hub could not be "
@@ -501,6 +545,11 @@ def _open_remote(repo_id: str, revision: str | None) -> BaseModel:
         for tname, t in fmeta.tensors.items():
             if tname in tensors:
                 raise BaseModelError(f"tensor {tname!r} appears in two files of {repo_id}")
+            if not (_is_text(tname) and _dtype_ok(t.dtype) and _shape_ok(t.shape)):
+                raise BaseModelError(
+                    f"the Hub's safetensors header of {repo_id}{rev} describes tensor "
+                    f"{_clip(tname)} as {_clip(t.dtype)} {_clip(t.shape)}: not a valid tensor"
+                )
             offsets = tuple(t.data_offsets) if t.data_offsets else None
             tensors[tname] = TensorInfo(tname, t.dtype, tuple(t.shape), None, offsets)  # type: ignore[arg-type]
     files = tuple(sorted(meta.files_metadata))

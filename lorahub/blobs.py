@@ -4,13 +4,23 @@ Layout ``blobs/xxh128/<2 hex>/<30 hex>``, like git and dvc. A blob path only eve
 full, verified content: bytes go to a unique temp file in ``tmp/`` (same filesystem), are
 hashed while written, fsynced, then published with ``link`` (which never overwrites) and the
 directory is fsynced. A crash leaves at most a stray temp file, collected by ``gc``.
+
+A name is an xxh3 digest, which is not cryptographic: when a blob of that name exists, new
+bytes are compared with it byte for byte before they are dropped as duplicates. Equal: the
+old file is kept. Different, and the old file no longer hashes to its name: it was damaged
+on disk and the new, good bytes replace it. Different, and both hash to the name: a crafted
+collision, refused. Writers hold a shared lock on ``.tmp.lock`` (beside ``tmp/``) while
+their temp file exists, and the temp sweep takes it exclusively, so ``gc`` never deletes a
+write in flight.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,9 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .digest import ALGO, Digest, Hasher, hash_file, hash_stream
-from .errors import IntegrityError, StoreError
+from .digest import ALGO, Digest, hash_bytes, hash_file, hash_stream
+from .errors import BlobCollision, IntegrityError, StoreError
 from .fsutil import fsync_dir
+
+log = logging.getLogger(__name__)
+WRITERS_LOCK = ".tmp.lock"
 
 
 @dataclass(frozen=True)
@@ -55,30 +68,30 @@ class BlobStore:
         except FileNotFoundError:
             return None
 
-    def put_bytes(self, data: bytes | memoryview, digest: Digest | None = None) -> Digest:
-        """Store ``data``; a blob that already exists is not written again.
-
-        Pass ``digest`` when it is already known, to skip hashing twice.
-        """
-        if digest is not None and self.exists(digest):
-            return digest
-        self.tmp.mkdir(parents=True, exist_ok=True)
+    def put_bytes(
+        self,
+        data: bytes | memoryview,
+        digest: Digest | None = None,
+        *,
+        source: str = "",
+        sync: bool = True,
+    ) -> Digest:
+        """Store ``data`` (compared with an existing blob of the same name, see the module
+        docstring); ``digest``, when given, must be what the bytes hash to. ``sync=False``
+        skips the fsyncs, for a caller that syncs the filesystem once after many writes."""
+        actual = hash_bytes(data)
+        if digest is not None and actual != digest:
+            raise IntegrityError(f"bytes hash to {actual}, not the expected {digest}")
         tmp = self.tmp / f"blob-{uuid.uuid4().hex}"
-        hasher = Hasher()
         try:
-            with open(tmp, "xb") as f:
-                view = memoryview(data)
-                step = 8 << 20
-                for i in range(0, len(view), step):
-                    chunk = view[i : i + step]
-                    hasher.update(chunk)
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            actual = hasher.digest()
-            if digest is not None and actual != digest:
-                raise IntegrityError(f"bytes hash to {actual}, not the expected {digest}")
-            self._publish(tmp, actual)
+            with self.writing():
+                with open(tmp, "xb") as f:
+                    f.write(data)
+                    if sync:
+                        f.flush()
+                        os.fsync(f.fileno())
+                if not self._reuse(tmp, actual, source) and not self._publish(tmp, actual, sync):
+                    self._reuse(tmp, actual, source)
             return actual
         except OSError as exc:
             if isinstance(exc, IntegrityError):
@@ -88,48 +101,94 @@ class BlobStore:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 
-    def put_file(self, write: Callable[[Path], None]) -> tuple[Digest, int]:
+    def put_file(
+        self,
+        write: Callable[[Path], None],
+        *,
+        source: str = "",
+        expect: Digest | None = None,
+    ) -> tuple[Digest, int]:
         """Store the file that ``write(path)`` creates; returns its digest and size.
 
         The file is hashed after it is written while a second thread fsyncs it (both wait
         on the disk or the page cache, not the GIL), then published. When the blob is
-        already there the new copy is dropped and the old one's mtime refreshed, so a
-        concurrent ``gc`` sees it as young and keeps it.
+        already there and holds the same bytes, the new copy is dropped and the old one's
+        mtime refreshed, so a concurrent ``gc`` sees it as young and keeps it.
+
+        Raises:
+            IntegrityError: the bytes do not hash to ``expect``, or they collide with a
+                stored blob of the same name but other content (``source`` names them).
         """
-        self.tmp.mkdir(parents=True, exist_ok=True)
         tmp = self.tmp / f"blob-{uuid.uuid4().hex}"
         try:
-            write(tmp)
-            with open(tmp, "rb") as f, ThreadPoolExecutor(1) as pool:
-                synced = pool.submit(os.fsync, f.fileno())
-                digest, size = hash_stream(f)
-                synced.result()
-            try:
-                os.utime(self.path(digest))
+            with self.writing():
+                write(tmp)
+                with open(tmp, "rb") as f, ThreadPoolExecutor(1) as pool:
+                    synced = pool.submit(os.fsync, f.fileno())
+                    digest, size = hash_stream(f)
+                    synced.result()
+                if expect is not None and digest != expect:
+                    raise IntegrityError(f"bytes hash to {digest}, not the expected {expect}")
+                # Published by another writer between the check and the link: compare again.
+                if not self._reuse(tmp, digest, source) and not self._publish(tmp, digest):
+                    self._reuse(tmp, digest, source)
                 return digest, size
-            except FileNotFoundError:
-                pass
-            self._publish(tmp, digest)
-            return digest, size
         except OSError as exc:
+            if isinstance(exc, IntegrityError):
+                raise
             raise _disk_error(exc, "writing a blob") from exc
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 
-    def _publish(self, tmp: Path, digest: Digest) -> None:
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the writers' shared lock: the temp sweep waits for writes in flight."""
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        with _flock(self.tmp.parent / WRITERS_LOCK, shared=True):
+            yield
+
+    def _reuse(self, tmp: Path, digest: Digest, source: str) -> bool:
+        """True when a blob named ``digest`` already holds these bytes (its mtime is then
+        refreshed); a damaged one is replaced by them, a colliding one refused."""
+        final = self.path(digest)
+        try:
+            st = final.lstat()
+        except FileNotFoundError:
+            return False
+        if stat.S_ISREG(st.st_mode) and _same_bytes(tmp, final):
+            os.utime(final)
+            return True
+        if stat.S_ISREG(st.st_mode) and hash_file(final)[0] == digest:
+            raise BlobCollision(
+                f"the bytes of {source or 'the new adapter'} hash to {digest}, like the blob "
+                f"already stored under that name, but differ from it: an xxh3 collision, "
+                "crafted or accidental. Nothing was stored and the stored blob is unchanged",
+                str(digest),
+            )
+        # Damaged on disk (or not a file at all): the new bytes are the real content.
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        log.warning("blob %s was damaged on disk; replaced by a good copy", digest)
+        return True
+
+    def _publish(self, tmp: Path, digest: Digest, sync: bool = True) -> bool:
+        """Link ``tmp`` in under its name; False when a file of that name appeared first."""
         final = self.path(digest)
         if not final.parent.is_dir():
             final.parent.mkdir(parents=True, exist_ok=True)
             # New fan-out folders must reach the disk too, or a power cut loses the blob
             # whose catalog row has survived.
-            fsync_dir(final.parent.parent)
-            fsync_dir(final.parent.parent.parent)
+            if sync:
+                fsync_dir(final.parent.parent)
+                fsync_dir(final.parent.parent.parent)
         try:
-            os.link(tmp, final)  # never replaces: an existing blob is already complete
+            os.link(tmp, final)  # never replaces what another writer published
         except FileExistsError:
-            return
-        fsync_dir(final.parent)
+            return False
+        if sync:
+            fsync_dir(final.parent)
+        return True
 
     def open(self, digest: Digest):
         try:
@@ -152,12 +211,13 @@ class BlobStore:
             actual, _ = hash_file(path)
         except FileNotFoundError:
             raise IntegrityError(
-                f"blob {digest} is missing from the store; run `lorahub verify`"
+                f"blob {digest} is missing from the store; run `lorahub fsck`"
             ) from None
         if actual != digest:
             raise IntegrityError(
                 f"blob {digest} is corrupt (its content hashes to {actual}); run `lorahub "
-                "verify`, then remove and add the adapter again"
+                "fsck` to fetch it again from its source, or add the adapter again from its "
+                "files (that replaces the damaged blob)"
             )
         return path
 
@@ -182,28 +242,70 @@ class BlobStore:
             self.path(digest).unlink()
 
     def __iter__(self) -> Iterator[BlobInfo]:
+        """Every blob file; links and other non-files are skipped, never followed."""
         base = self.root / ALGO
         if not base.is_dir():
             return
-        for sub in sorted(base.iterdir()):
-            if not sub.is_dir() or len(sub.name) != 2:
+        for sub in sorted(os.scandir(base), key=lambda e: e.name):
+            if len(sub.name) != 2 or not sub.is_dir(follow_symlinks=False):
                 continue
-            for f in sorted(sub.iterdir()):
+            for f in sorted(os.scandir(sub.path), key=lambda e: e.name):
                 try:
                     digest = Digest(sub.name + f.name)
-                    st = f.stat()
+                    st = f.stat(follow_symlinks=False)
                 except (ValueError, OSError):
                     continue
-                yield BlobInfo(digest, st.st_size, st.st_mtime)
+                if stat.S_ISREG(st.st_mode):
+                    yield BlobInfo(digest, st.st_size, st.st_mtime)
 
-    def stale_temp_files(self, older_than: float) -> list[Path]:
-        """Temp files left by interrupted writers, older than ``older_than`` seconds."""
-        if not self.tmp.is_dir():
+    def any(self) -> bool:
+        """Whether at least one blob file exists (cheap: stops at the first)."""
+        return next(iter(self), None) is not None
+
+    def sweep_temp(self, older_than: float, *, dry_run: bool = False) -> list[tuple[Path, int]]:
+        """Delete (or, ``dry_run``, list) temp files left by interrupted writers, older than
+        ``older_than`` seconds. Holds the writers' lock exclusively, so a write in flight is
+        never touched whatever the age; links are removed as links, never followed."""
+        if not self.tmp.is_dir() or self.tmp.is_symlink():
             return []
         cutoff = time.time() - older_than
-        out = []
-        for f in self.tmp.iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                if f.is_file() and f.stat().st_mtime < cutoff:
-                    out.append(f)
+        out: list[tuple[Path, int]] = []
+        with _flock(self.tmp.parent / WRITERS_LOCK, shared=False):
+            for entry in os.scandir(self.tmp):
+                with contextlib.suppress(FileNotFoundError):
+                    st = entry.stat(follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode) or st.st_mtime >= cutoff:
+                        continue
+                    if not dry_run:
+                        os.unlink(entry.path)
+                    out.append((Path(entry.path), st.st_size))
         return out
+
+
+@contextlib.contextmanager
+def _flock(path: Path, *, shared: bool) -> Iterator[None]:
+    """An advisory ``flock`` on ``path`` (POSIX); elsewhere nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _same_bytes(a: Path, b: Path, chunk: int = 4 << 20) -> bool:
+    """Byte-for-byte equality, read in a stream."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        if os.fstat(fa.fileno()).st_size != os.fstat(fb.fileno()).st_size:
+            return False
+        while True:
+            x, y = fa.read(chunk), fb.read(chunk)
+            if x != y:
+                return False
+            if not x:
+                return True

@@ -26,7 +26,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,7 @@ import xxhash
 
 from .adapter import CONV2D, EMBEDDING, LoraAdapter, LoraModule
 from .errors import ComposeError
+from .manifest import BaseRef
 
 if TYPE_CHECKING:
     import torch
@@ -271,6 +272,120 @@ def compose(
         copied=tuple(sorted(full)),
     )
     return adapter, report
+
+
+# --- the parents' base ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParentBase:
+    """What a parent says about the base model it is for, as compose checks it.
+
+    ``base`` is what the store recorded (verified when it has a signature); ``claimed`` is the
+    parent's own ``base_model_name_or_path``; ``fan_in_fan_out`` is its weight layout.
+    """
+
+    label: str
+    base: BaseRef
+    claimed: str | None = None
+    fan_in_fan_out: bool = False
+
+    @property
+    def described(self) -> str:
+        b = self.base
+        if b.verified:
+            what = f"base {b.name or '?'} (signature {_short(b.signature)}"
+            what += f", content {_short(b.content_hash)})" if b.content_hash else ")"
+        else:
+            what = f"base {self.names[0]!r} (unverified)" if self.names else "base unknown"
+        return f"{self.label}: {what}, fan_in_fan_out {str(self.fan_in_fan_out).lower()}"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names this parent's base goes by, the one it is known by first."""
+        first, second = (
+            (self.claimed, self.base.name) if self.base.verified else (self.base.name, self.claimed)
+        )
+        return tuple(dict.fromkeys(n for n in map(_plain_name, (first, second)) if n))
+
+
+def parents_base(parents: Sequence[ParentBase], *, allow_mixed: bool = False) -> BaseRef:
+    """The base a composition of ``parents`` is recorded for, after checking they share one.
+
+    Parents verified against a base (a signature) must share its architecture; when some
+    were not, nothing better than names is known, so each unverified parent's base name must
+    be one the others use. All must agree on ``fan_in_fan_out``. The result keeps what the
+    parents agree on: the verified ones' base (its content hash only if they share it), else
+    the name they give.
+
+    Raises:
+        ComposeError: the parents were made for different bases (each parent and its base
+            named), unless ``allow_mixed``: then the result keeps a base name only if every
+            parent gives it, and no signature unless all were verified for one architecture.
+    """
+    reasons = _base_conflicts(parents)
+    if reasons and not allow_mixed:
+        raise ComposeError(
+            "cannot compose adapters made for different base models: "
+            + "; ".join(reasons)
+            + ".\n  "
+            + "\n  ".join(p.described for p in parents)
+            + "\nCompose adapters made for one base (record each against it with `lorahub add "
+            "--base BASE` to prove it fits), or pass --allow-mixed-bases if you know the result "
+            "is meant for one model"
+        )
+    verified = [p.base for p in parents if p.base.verified]
+    if reasons and (len(verified) < len(parents) or len({b.signature for b in verified}) > 1):
+        # Mixed on purpose: only a name every parent gives is kept, nothing verified.
+        names = {p.names[0] if p.names else None for p in parents}
+        return BaseRef(names.pop() if len(names) == 1 else None)
+    if verified:
+        name = _only(b.name for b in verified)
+        return BaseRef(
+            name,
+            _only(b.revision for b in verified) if name else None,
+            verified[0].signature,
+            _only(b.content_hash for b in verified),
+        )
+    name = _only(p.names[0] for p in parents if p.names)
+    return BaseRef(name, _only(p.base.revision for p in parents) if name else None)
+
+
+def _base_conflicts(parents: Sequence[ParentBase]) -> list[str]:
+    reasons = []
+    signatures = {p.base.signature for p in parents if p.base.verified}
+    if len(signatures) > 1:
+        reasons.append("they were recorded for different base architectures")
+    else:
+        unverified = [p for p in parents if not p.base.verified and p.names]
+        known = {n for p in parents if p.base.verified for n in p.names}
+        if known:
+            strays = [p for p in unverified if not set(p.names) & known]
+        else:
+            strays = unverified if len({p.names[0] for p in unverified}) > 1 else []
+        if strays:
+            reasons.append(
+                "they name different base models and "
+                + ("not all were" if known else "none was")
+                + " checked against one"
+            )
+    if len({p.fan_in_fan_out for p in parents}) > 1:
+        reasons.append("they disagree on fan_in_fan_out (weights laid out for another model)")
+    return reasons
+
+
+def _plain_name(name: str | None) -> str | None:
+    return name.strip().rstrip("/") or None if name else None
+
+
+def _only(values: Iterable[str | None]) -> str | None:
+    """The one value given (Nones aside), else None."""
+    found = {v for v in values if v}
+    return found.pop() if len(found) == 1 else None
+
+
+def _short(digest: str | None) -> str:
+    return (digest or "?").removeprefix("xxh128:")[:12]
 
 
 # --- validation and gathering -------------------------------------------------------------

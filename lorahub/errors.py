@@ -48,6 +48,15 @@ class IntegrityError(LorahubError, OSError):
     """Stored or downloaded bytes that do not match their recorded digest or size."""
 
 
+class BlobCollision(IntegrityError):
+    """New bytes whose digest names a stored blob with other content (xxh3 is not
+    cryptographic); ``digest`` is that name."""
+
+    def __init__(self, message: str, digest: str) -> None:
+        self.digest = digest
+        super().__init__(message)
+
+
 class StoreError(LorahubError, OSError):
     """The store itself cannot be used (permissions, full disk, broken database)."""
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
+import stat
 import uuid
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def fsync_dir(path: Path) -> None:
@@ -47,18 +51,27 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def publish_dir(tmp: Path, out: Path, replace: bool) -> None:
-    """Rename a finished directory to ``out``. With ``replace`` an existing ``out`` is
-    swapped with it in one step where Linux allows, else moved aside first; the old tree is
-    deleted only once the new one is in. Raises ``OSError`` (the old tree restored) if the
-    rename fails."""
-    old = None
-    if replace and os.path.isdir(out) and not os.path.islink(out) and _exchange(tmp, out):
+    """Rename a finished directory to ``out``. With ``replace`` an existing directory at
+    ``out`` is swapped with it in one step where Linux allows, else moved aside first; the old
+    tree is deleted only once the new one is in. A symbolic link or a file at ``out`` is never
+    replaced, moved or followed. Raises ``OSError`` (the old tree restored) if the rename
+    fails, ``FileExistsError`` for a link or file in the way."""
+    _refuse_non_dir(out)
+    if replace and _is_real_dir(out) and _exchange(tmp, out):
+        if os.path.islink(tmp):  # a link took the folder's place after the check: undo
+            _exchange(tmp, out)
+            _refuse_non_dir(out)
         fsync_dir(out.parent)
-        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old tree
+        _remove_tree(tmp)  # tmp now holds the old tree
         return
+    old = None
     if replace and os.path.lexists(out):
+        _refuse_non_dir(out)
         old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.rename(out, old)
+        if not _is_real_dir(old):  # swapped for a link or file after the check: put it back
+            os.rename(old, out)
+            _refuse_non_dir(out)
     try:
         os.rename(tmp, out)
     except OSError:
@@ -67,7 +80,29 @@ def publish_dir(tmp: Path, out: Path, replace: bool) -> None:
         raise
     fsync_dir(out.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_tree(old)
+
+
+def _is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _refuse_non_dir(out: Path) -> None:
+    """Raise ``FileExistsError`` when something other than a real directory is at ``out``."""
+    if os.path.lexists(out) and not _is_real_dir(out):
+        what = "a symbolic link" if os.path.islink(out) else "not a directory"
+        raise FileExistsError(errno.EEXIST, f"{what} is in the way; it was left as it is", str(out))
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a replaced tree; what cannot be deleted is logged, not raised: the new output
+    is already in place."""
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        log.warning("could not delete all of %s, left from a replaced output", path)
 
 
 def current_umask() -> int:

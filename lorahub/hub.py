@@ -9,23 +9,23 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import layout, upkeep
 from . import manifest as mf
 from .adapter import LoraAdapter
 from .blobs import BlobStore
 from .catalog import bases as bases_q
 from .catalog import db
+from .catalog import health as health_q
 from .catalog import merged as merged_q
 from .catalog import queries as q
 from .digest import Digest, canonical_json, hash_bytes
@@ -50,16 +50,17 @@ from .info import (
     ComposeResult,
     GcReport,
     MergedInfo,
-    VerifyProblem,
     VerifyReport,
 )
 from .manifest import BaseRef
+from .records import Records
 from .refs import Reference, format_ref, local_path, parse, validate_name
 from .settings import Settings, load
 
 if TYPE_CHECKING:
     import torch
     from sqlalchemy import Engine
+    from sqlalchemy.orm import Session
 
     from .base import BaseModel, TensorInfo
     from .compat import CompatReport
@@ -85,12 +86,9 @@ class Hub:
     ):
         self.settings = settings or load(home)
         self.home = self.settings.home
-        try:
-            for sub in ("blobs", "tmp", "merged"):
-                (self.home / sub).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create the store at {self.home}: {exc}") from exc
+        layout.prepare(self.home, allow_symlinks=self.settings.allow_symlinks)
         self.blobs = BlobStore(self.home / "blobs", self.home / "tmp")
+        self.records = Records(self.home, self.home / "tmp")
         self._engine: Engine | None = None
 
     def __repr__(self) -> str:
@@ -100,10 +98,43 @@ class Hub:
     def engine(self) -> Engine:
         """The catalog engine, migrated on first use."""
         if self._engine is None:
-            engine = db.make_engine(self.settings.db_url)
-            db.upgrade(engine, self.home / "migrate.lock")
-            self._engine = engine
+            self._engine = self._open_catalog(check=True)
         return self._engine
+
+    def _open_catalog(self, *, check: bool) -> Engine:
+        """Open and migrate the catalog. With ``check``, a new, empty catalog over a store
+        that holds adapters is refused: it would look empty, and ``gc`` would then delete
+        every blob. ``fsck`` opens it without the check, to rebuild it."""
+        # Files first, then the schema: a concurrent first open migrates before it writes.
+        holds = self.records.has_manifests() or self.blobs.any()
+        engine = db.make_engine(self.settings.db_url)
+        if check and holds and db.current_revision_or_none(engine) is None:
+            engine.dispose()
+            raise StoreError(
+                f"the catalog ({self.settings.db_url}) is missing or empty, but the store at "
+                f"{self.home} holds adapters; run `lorahub fsck` to rebuild the catalog from "
+                "the store's files"
+            )
+        db.upgrade(engine, self.home / "migrate.lock")
+        upkeep.backfill_records(engine, self.records, self.home / "migrate.lock")
+        return engine
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[tuple[Session, list[dict[str, Any]]]]:
+        """A write transaction whose journal events (appended to the list it yields) are
+        written under the catalog's write lock just before the commit, so the journal keeps
+        commit order; if the commit fails they are marked aborted."""
+        events: list[dict[str, Any]] = []
+        ids: list[str] = []
+        try:
+            with db.write_session(self.engine) as s:
+                yield s, events
+                s.flush()
+                ids = self.records.append(events)
+        except BaseException:
+            if ids:
+                self.records.abort(ids)
+            raise
 
     def close(self) -> None:
         if self._engine is not None:
@@ -128,18 +159,56 @@ class Hub:
     ) -> AddResult:
         """Import one adapter (a PEFT directory, or a kohya/diffusers file with ``base``).
 
+        A PEFT folder carrying a ``lorahub.json`` (written by ``export``) keeps the identity
+        it records, as ``pull`` does: the same digest, base and provenance, once its files
+        are checked to make exactly that adapter. With ``base`` as well, the adapter is
+        checked to fit that base; the recorded identity stays when that base is the one
+        recorded (same content hash, or same signature where no hash was recorded), else the
+        adapter is recorded for ``base``, with its recorded provenance: a new digest.
+
         Returns an ``AddResult`` whose status is ``added`` or ``present``.
 
         Raises:
             InvalidAdapter: the source is not a readable adapter; the store is unchanged.
+            IntegrityError: the folder's files do not match its ``lorahub.json`` (edited
+                after export); the store is unchanged.
         """
+        from .formats import lorahub_json
+
         path = Path(source)
         adapter, fmt, unmapped = self._read(path, base)
         origin: dict[str, Any] = {"path": str(path.resolve()), "format": fmt}
         if unmapped:
             origin["unmapped_keys"] = unmapped
+        folder = path if path.is_dir() else path.parent
+        recorded = None
+        if fmt.startswith("peft") and (folder / lorahub_json.FILENAME).is_file():
+            recorded = lorahub_json.identity(
+                adapter,
+                folder / lorahub_json.FILENAME,
+                str(folder),
+                cause="The folder was edited after export, or its files are corrupt; to import "
+                f"it as a new adapter, remove {folder / lorahub_json.FILENAME}",
+            )
+        stored: str | os.PathLike[str] | BaseRef | None = base
+        if recorded is not None:
+            stored = recorded.base
+            if base is not None:
+                given, _ = self._register_base_for(adapter, base, force)  # refuses a misfit
+                same = (
+                    given.content_hash == recorded.base.content_hash
+                    if recorded.base.content_hash
+                    else recorded.base.verified and given.signature == recorded.base.signature
+                )
+                stored = stored if same else base
         info, added = self.store(
-            adapter, name=name, origin_kind="import", origin=origin, base=base, force=force
+            adapter,
+            name=name,
+            origin_kind="import",
+            origin=origin,
+            provenance=recorded.provenance if recorded else None,
+            base=stored,
+            force=force,
         )
         return AddResult(str(path), "added" if added else "present", info)
 
@@ -177,15 +246,19 @@ class Hub:
                 found.append((root, None if name else _default_name(Path(label))))
                 continue
             dirs = peft.find_adapter_dirs(root, recursive=recursive)
+            lacking = _weights_without_config(root, recursive)
+            for folder in lacking:
+                results.append(AddResult(str(folder), "refused", reason=_no_config(folder)))
             if not dirs and recursive:
                 dirs = (
                     [p for p in sorted(root.rglob("*.safetensors")) if p.is_file()] if base else []
                 )
-            if not dirs:
+            if not dirs and not lacking:
                 hint = "" if recursive else " (use --recursive to search below it)"
                 results.append(
                     AddResult(str(root), "refused", reason=f"no adapter found in {root}{hint}")
                 )
+            if not dirs:
                 continue
             for d in dirs:
                 rel = d.relative_to(root) if d != root else Path(d.name)
@@ -198,8 +271,12 @@ class Hub:
         for path, default in found:
             try:
                 results.append(self.add(path, name=name or default, base=base, force=force))
-            except LorahubError as exc:
+            except (LorahubError, OSError) as exc:
                 results.append(AddResult(str(path), "refused", reason=str(exc)))
+            except Exception as exc:  # a bug, but one adapter's bug must not stop the batch
+                log.debug("adding %s failed", path, exc_info=True)
+                reason = f"unexpected {type(exc).__name__}: {exc} (a lorahub bug; please report it)"
+                results.append(AddResult(str(path), "refused", reason=reason))
         return results
 
     def _read(
@@ -217,6 +294,8 @@ class Hub:
             path = path.parent
         if path.is_dir():
             if not peft.is_adapter_dir(path):
+                if _weights_without_config(path, recursive=False):
+                    raise InvalidAdapter(_no_config(path))
                 raise InvalidAdapter(
                     f"{path} holds no adapter ({peft.CONFIG} not found); "
                     "for a folder of adapters use `lorahub add --recursive`"
@@ -271,24 +350,31 @@ class Hub:
         if ref is not None and ref.name is None:
             raise InvalidReference(f"{name!r} is a digest; give a name such as 'my-adapter:v1'")
         base_ref, base_id = self._base_for(adapter, base, force)
+        self.engine  # noqa: B018 - a new store's catalog exists before its first blob does
+        source = _source_label(origin_kind, origin)
 
         def write(path: Path) -> None:
             peft.write_canonical(adapter, path)
 
-        weights, size = self.blobs.put_file(write)
+        weights, size = self._put_blob(write, source)
         manifest = mf.build(adapter, weights, size, base_ref, provenance)
         if adapter.metadata:  # kohya's ss_* keys and the like: kept, but not identity
             origin = {**origin, "metadata": dict(adapter.metadata)}
         text = mf.encode(manifest).decode()
         digest = str(hash_bytes(text.encode()))
+        # The manifest reaches the disk before its row commits: a lost catalog is rebuilt
+        # from these files (`lorahub fsck`), and gc keeps the blobs they name.
+        self.records.put_manifest(digest, text)
 
         def commit() -> tuple[AdapterInfo, bool]:
-            with db.write_session(self.engine) as s:
+            with self._writing() as (s, events):
                 row = q.adapter_by_digest(s, digest)  # the write lock is held from here
                 if not self.blobs.path(weights).is_file():
                     # A gc that listed the blob before put_file refreshed it deleted it since;
                     # gc needs the write lock too, so once written again it stays.
-                    self.blobs.put_file(write)
+                    self._put_blob(write, source)
+                if self.records.manifest_text(digest) is None:  # the same, for the manifest
+                    self.records.put_manifest(digest, text)
                 added = row is None
                 if row is None:
                     q.ensure_blob(s, str(weights), size)
@@ -304,8 +390,10 @@ class Hub:
                         origin_kind=origin_kind,
                         origin=origin,
                     )
+                    events.append(upkeep.add_event(row))
                 if ref is not None:
                     q.set_ref(s, ref.name, ref.tag, row)  # type: ignore[arg-type]
+                    events.append(upkeep.ref_event("tag", ref.name, ref.tag, digest))  # type: ignore[arg-type]
                 s.refresh(row)
                 return q.to_info(row), added
 
@@ -319,6 +407,23 @@ class Hub:
             info, added = commit()
         log.info("%s %s", "added" if added else "already present", digest)
         return info, added
+
+    def _put_blob(self, write: Callable[[Path], None], source: str) -> tuple[Digest, int]:
+        """``blobs.put_file``, a collision naming the adapters that use the stored blob."""
+        from .errors import BlobCollision
+
+        try:
+            return self.blobs.put_file(write, source=source)
+        except BlobCollision as exc:
+            with db.read_session(self.engine) as s:
+                users = [q.to_info(r) for r in health_q.adapters_using(s, exc.digest)]
+            named = "; ".join(
+                f"{', '.join(i.refs) or i.short} from {_source_label(i.origin_kind, i.origin)}"
+                for i in users
+            )
+            raise BlobCollision(
+                f"{exc}. The stored blob belongs to: {named or 'no adapter'}", exc.digest
+            ) from None
 
     def _base_for(
         self, adapter: LoraAdapter, base: str | os.PathLike[str] | BaseRef | None, force: bool
@@ -358,7 +463,7 @@ class Hub:
             parse(reference)  # a stored reference only: a path here must not add anything
             return self.resolve(reference, base=base)
         with db.read_session(self.engine) as s:
-            return q.to_info(self._find(s, reference))
+            return q.resolve_info(s, parse(reference))
 
     def list(
         self,
@@ -371,7 +476,7 @@ class Hub:
         ``base`` keeps only those that fit that base model."""
         parsed = q.parse_filters(filters)
         with db.read_session(self.engine) as s:
-            infos = [q.to_info(r) for r in q.list_adapters(s, parsed, None if base else limit)]
+            infos = q.list_infos(s, parsed, None if base else limit)
         if base is not None:
             infos = self._fitting(infos, base)[:limit] if limit else self._fitting(infos, base)
         return infos
@@ -437,6 +542,7 @@ class Hub:
         label = name or model.repo_id or Path(os.fspath(source)).expanduser().resolve().name
         with db.write_session(self.engine) as s:
             row = bases_q.upsert(s, model, label, digest, rename=name is not None)
+            self.records.put_base(upkeep.base_record(row))  # for `fsck`, before the commit
             return bases_q.to_info(row)
 
     def bases(self) -> list[BaseInfo]:
@@ -466,8 +572,10 @@ class Hub:
                     hint="give its content hash",
                 )
             info = bases_q.to_info(rows[0])
+            record = upkeep.base_record(rows[0])
             bases_q.delete(s, rows[0])
-            return info
+        self.records.remove_base(record)
+        return info
 
     def _base_context(
         self, base: str | os.PathLike[str], model: BaseModel | None = None
@@ -513,17 +621,6 @@ class Hub:
         info, _ = self._resolve(reference, base, strict=True)
         return info
 
-    def _outside_store(self, out: str | os.PathLike[str]) -> Path:
-        """``out`` as a path, refused when it is the store, lies in it or holds it: with
-        ``--force`` such an output would replace what the store keeps."""
-        dest = Path(out).expanduser()
-        target, home = dest.resolve(), self.home.resolve()
-        if target == home or target.is_relative_to(home) or home.is_relative_to(target):
-            raise StoreError(
-                f"{dest} overlaps the lorahub store at {home}; write the output somewhere else"
-            )
-        return dest
-
     def _stored_ref(self, reference: str, base: str | os.PathLike[str] | None) -> str:
         """``reference`` itself, or for a path (``./my-adapter``) the ``@digest`` of that
         adapter once added to the store: merges and checks record digests, and adding is
@@ -552,15 +649,11 @@ class Hub:
         ctx = ctx or self._base_context(base)
         ref = parse(self._stored_ref(reference, base))
         with db.read_session(self.engine) as s:
-            rows = q.candidates(s, ref)
-            if not rows:
-                raise AdapterNotFound(ref.text)
-            named = ref.name is not None and any(
-                x.name == ref.name and x.tag == ref.tag for r in rows for x in r.refs
-            )
-            if not named and len(rows) > 1:  # a prefix of several digests, not base variants
-                raise AmbiguousReference(ref.text, [r.digest for r in rows])
-            infos = [q.to_info(r) for r in rows]
+            infos, named = q.candidate_infos(s, ref)
+        if not infos:
+            raise AdapterNotFound(ref.text)
+        if not named and len(infos) > 1:  # a prefix of several digests, not base variants
+            raise AmbiguousReference(ref.text, [i.digest for i in infos])
         reports = []
         for info in infos:
             report = compat.check(
@@ -639,8 +732,14 @@ class Hub:
             >>> hub.merge("./Llama-3.2-1B", ["sql-expert", "tone"], [1.0, 0.5], out="./m")
         """
         from .merge import merge_to_dir, parse_size
+        from .outputs import check_output
 
-        self._outside_store(out)
+        # Checked before adapter folders are added: a refused output leaves no trace.
+        given = [adapters] if isinstance(adapters, str) else list(adapters)
+        inputs = [("an adapter", p) for p in map(local_path, given) if p is not None]
+        if Path(base).expanduser().exists():
+            inputs.append(("the base model", Path(base).expanduser()))
+        check_output(out, force=force, inputs=inputs, store_home=self.home, kind="merge")
         model, infos, w, base_ref = self._merge_inputs(base, adapters, weights)
         loaded = [self.load_info(i) for i in infos]
         meta = _merge_metadata(base_ref, infos, w)
@@ -655,6 +754,7 @@ class Hub:
             force=force,
             progress=progress,
             extra_metadata=meta,
+            inputs=inputs,
         )
 
     def iter_merged(
@@ -686,8 +786,6 @@ class Hub:
     ) -> Path:
         """The merged checkpoint for these inputs, made once and then served from
         ``<home>/merged/`` (least recently used entries go past ``merged_max_bytes``)."""
-        from filelock import FileLock
-
         from .merge import merge_to_dir, normalize_dtype
 
         model, infos, w, base_ref = self._merge_inputs(base, adapters, weights)
@@ -696,7 +794,7 @@ class Hub:
         key_doc = {"base": base_ref.content_hash, "adapters": parts, "dtype": dt}
         key = str(hash_bytes(canonical_json(key_doc)))
         out = self.home / "merged" / key.split(":")[1]
-        with FileLock(str(out) + ".lock"):
+        with _merged_lock(self.home / "merged", key):
             with db.write_session(self.engine) as s:
                 row = merged_q.get(s, key)
                 if row is not None and Path(row.path).is_dir():
@@ -786,6 +884,7 @@ class Hub:
         seed: int | None = None,
         name: str | None = None,
         device: str = "cpu",
+        allow_mixed_bases: bool = False,
     ) -> ComposeResult:
         """Make a new adapter from several and store it, with its provenance.
 
@@ -794,18 +893,52 @@ class Hub:
         (``density``) and then refactor. The report gives each module's relative error.
         Composing the same inputs again gives the same digest (DARE is seeded).
 
+        The parents must be made for one base: recorded for one architecture, naming one
+        base model where they were not checked against one (and then fitting the recorded
+        base of those that were), and agreeing on ``fan_in_fan_out``. The result is recorded
+        for the base they agree on, and under ``name`` takes that base's place like an add.
+        ``allow_mixed_bases`` lifts the check; the result then keeps only what they agree on.
+
+        Raises:
+            ComposeError: parents for different bases (each named with its base), bad
+                method arguments, parents that cannot be combined.
+
         Example:
             >>> hub.compose(["sql", "tone"], [1.0, 0.5], method="svd", rank=32, name="blend")
         """
-        from .compose import compose
+        from . import compat
+        from .compose import ParentBase, compose, parents_base
 
         infos = [self.get(self._stored_ref(r, None)) for r in refs]  # a path is added first
-        signatures = {i.base.signature for i in infos if i.base.signature}
-        if len(signatures) > 1:
-            listed = [f"{i.refs[0] if i.refs else i.short}: base {i.base.name}" for i in infos]
-            raise ComposeError(
-                "the adapters were recorded for different base architectures: " + "; ".join(listed)
-            )
+        parents = []
+        for r, i in zip(refs, infos, strict=True):
+            claimed = i.config.get("base_model_name_or_path")
+            claimed = claimed if isinstance(claimed, str) else None
+            parents.append(ParentBase(r, i.base, claimed, i.config.get("fan_in_fan_out") is True))
+        base = parents_base(parents, allow_mixed=allow_mixed_bases)
+        loose = [(p, i) for p, i in zip(parents, infos, strict=True) if not i.base.verified]
+        if base.verified and loose:
+            # The unverified parents were never checked against the base the result claims
+            # (one signature, one tensor table: any base row of it will do).
+            with db.read_session(self.engine) as s:
+                rows = [
+                    r for r in bases_q.find(s, str(base.signature)) if r.signature == base.signature
+                ]
+                table = bases_q.tensor_table(rows[0]) if rows else {}
+            misfits = [
+                (p, fit)
+                for p, i in loose
+                if table and not (fit := compat.check(mf.skeleton(i.manifest), table)).ok
+            ]
+            if misfits and not allow_mixed_bases:
+                p, fit = misfits[0]
+                raise ComposeError(
+                    f"{p.label} was not recorded for a base and does not fit "
+                    f"{base.name or base.variant}, the base the other parents were recorded "
+                    f"for: {fit.summary}\nPass --allow-mixed-bases to compose them anyway"
+                )
+            if misfits:  # the result cannot claim a base some of it does not fit
+                base = BaseRef(base.name)
         adapter, report = compose(
             [self.load_info(i) for i in infos],
             weights,
@@ -826,12 +959,6 @@ class Hub:
             "majority_sign": majority_sign if method in ("ties", "dare_ties") else None,
             "seed": seed,
         }
-        variants = {i.base for i in infos}
-        base = (
-            variants.pop()
-            if len(variants) == 1
-            else BaseRef(signature=next(iter(signatures), None))
-        )
         info, added = self.store(
             adapter,
             name=name,
@@ -854,9 +981,10 @@ class Hub:
             raise InvalidReference(
                 f"{new!r} is a digest; a tag must be a name like 'sql-expert:prod'"
             )
-        with db.write_session(self.engine) as s:
+        with self._writing() as (s, events):
             row = self._find(s, reference)
             q.set_ref(s, target.name, target.tag, row)
+            events.append(upkeep.ref_event("tag", target.name, target.tag, row.digest))
             s.refresh(row)
             return q.to_info(row)
 
@@ -879,7 +1007,7 @@ class Hub:
                 )
             digest = chosen.digest
         removed: list[str] = []
-        with db.write_session(self.engine) as s:
+        with self._writing() as (s, events):
             row = self._find(s, ref if digest is None else parse("@" + digest))
             by_name = ref.name is not None and any(
                 r.name == ref.name and r.tag == ref.tag for r in row.refs
@@ -887,12 +1015,15 @@ class Hub:
             if by_name:
                 q.remove_ref(s, ref.name, ref.tag, row.id)  # type: ignore[arg-type]
                 removed.append(format_ref(ref.name, ref.tag))  # type: ignore[arg-type]
+                events.append(upkeep.ref_event("untag", ref.name, ref.tag, row.digest))  # type: ignore[arg-type]
                 s.expire(row)
                 if q.ref_count(s, row.id) == 0:
                     q.delete_adapter(s, row)
+                    events.append({"op": "rm", "digest": row.digest})
             else:
                 removed.extend(format_ref(r.name, r.tag) for r in row.refs)
                 q.delete_adapter(s, row)
+                events.append({"op": "rm", "digest": row.digest})
             return removed or [row.digest]
 
     # ------------------------------------------------------------------ export
@@ -907,13 +1038,24 @@ class Hub:
     ) -> Path:
         """Write a directory ``PeftModel.from_pretrained`` loads: config, weights, model card.
 
-        The directory appears complete or not at all. ``base`` picks a name's variant.
+        The directory appears complete or not at all. An empty folder is filled; with
+        ``force`` an earlier lorahub output holding nothing else is replaced; anything else
+        at ``out`` (a link, the current directory, other files) is refused with ``StoreError``.
+        ``base`` picks a name's variant.
         """
-        info = self.get(reference, base=base)
-        dest = self._outside_store(out)
-        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not force:
-            raise StoreError(f"{dest} already exists and is not empty; pass --force to replace it")
+        import functools
+
         from .card import adapter_card
+        from .outputs import EXPORT_FILES, check_output
+
+        info = self.get(reference, base=base)
+        dest = Path(out).expanduser()
+        given = Path(base).expanduser() if base is not None else None
+        inputs = [("the base model", given)] if given is not None and given.exists() else []
+        check = functools.partial(
+            check_output, dest, force=force, inputs=inputs, store_home=self.home, kind="export"
+        )
+        check()
 
         blob = self.blobs.checked_path(Digest.parse(info.weights_digest))  # before any write
         try:
@@ -926,11 +1068,12 @@ class Hub:
             shutil.copyfile(blob, tmp / peft.SAFETENSORS)
             peft.write_config(info.config, tmp)
             (tmp / "README.md").write_text(adapter_card(info))
-            (tmp / "lorahub.json").write_text(mf.lorahub_json_text(info.digest, info.manifest))
+            text = mf.lorahub_json_text(info.digest, info.manifest, files=EXPORT_FILES)
+            (tmp / "lorahub.json").write_text(text)
             for f in tmp.iterdir():
                 with f.open("rb") as fh:
                     os.fsync(fh.fileno())
-            publish_dir(tmp, dest, replace=True)
+            publish_dir(tmp, dest, replace=check())  # checked again: files may have come
         except OSError as exc:
             raise StoreError(f"cannot write {dest}: {exc.strerror or exc}") from None
         finally:
@@ -940,79 +1083,96 @@ class Hub:
     # ------------------------------------------------------------------ health
 
     def verify(self, *, quick: bool = False, progress: Progress | None = None) -> VerifyReport:
-        """Re-hash every blob (or, ``quick``, check existence and size) and check every
-        adapter row against its blob and its manifest."""
-        from .catalog.models import Adapter, Blob
+        """Check the catalog database's own integrity, re-hash every blob (or, ``quick``,
+        check existence and size), and check every adapter row against its blob, its
+        manifest and the store's manifest file; adapters the files hold and the catalog
+        lacks are reported too (``fsck`` restores them)."""
+        return upkeep.verify_store(
+            self.engine, self.blobs, self.records, quick=quick, progress=progress
+        )
 
-        problems: list[VerifyProblem] = []
-        with db.read_session(self.engine) as s:
-            blobs = [(b.digest, b.size) for b in s.query(Blob)]
-            adapters = [(a.digest, a.weights_digest, a.size, a.manifest) for a in s.query(Adapter)]
-        total = sum(size for _, size in blobs)
-        done = 0
-        for digest, size in blobs:
-            problem = self.blobs.verify(Digest.parse(digest), size, quick)
-            if problem:
-                problems.append(VerifyProblem("blob", digest, problem))
-            done += size
-            if progress:
-                progress(done, total)
-        known = {d for d, _ in blobs}
-        for digest, weights, _size, text in adapters:
-            if weights not in known:
-                problems.append(
-                    VerifyProblem("adapter", digest, f"weights blob {weights} has no row")
-                )
-            if str(hash_bytes(text.encode())) != digest:
-                problems.append(
-                    VerifyProblem("adapter", digest, "manifest does not hash to its digest")
-                )
-            try:
-                if json.loads(text)["weights"]["digest"] != weights:
-                    problems.append(VerifyProblem("adapter", digest, "manifest names another blob"))
-            except (KeyError, ValueError):
-                problems.append(VerifyProblem("adapter", digest, "manifest is not valid"))
-        return VerifyReport(len(blobs), len(adapters), tuple(problems))
-
-    def gc(self, *, grace: float = DEFAULT_GRACE_S, dry_run: bool = False) -> GcReport:
-        """Delete blobs no adapter uses and stale temp files, older than ``grace`` seconds.
+    def gc(
+        self, *, grace: float = DEFAULT_GRACE_S, dry_run: bool = False, force: bool = False
+    ) -> GcReport:
+        """Delete blobs no adapter uses, stale temp files and merge leftovers, older than
+        ``grace`` seconds.
 
         The grace period protects a concurrent ``add`` that has published a blob and not
-        yet committed the row that uses it.
-        """
-        from .catalog.models import Blob
+        yet committed the row that uses it. A blob stays while the catalog or any manifest
+        file in the store needs it; gc refuses to run on a damaged or inconsistent catalog,
+        and, unless ``force``, when it would delete blobs no recorded removal accounts for
+        while the catalog is empty or they are most of the store.
 
-        cutoff = time.time() - grace
-        freed: list[str] = []
-        size = 0
-        session = db.read_session if dry_run else db.write_session
-        with session(self.engine) as s:
-            used = q.referenced_weights(s)
-            rows = {b.digest: b for b in s.query(Blob)}
-            for info in self.blobs:
-                key = str(info.digest)
-                if key in used or info.mtime >= cutoff:
-                    continue
-                freed.append(key)
-                size += info.size
-                if not dry_run:
-                    if key in rows:
-                        s.delete(rows[key])
-                    self.blobs.delete(info.digest)
-            if not dry_run:
-                on_disk = {str(b.digest) for b in self.blobs}
-                for key, row in rows.items():
-                    if key not in used and key not in on_disk:
-                        s.delete(row)
-        temps = self.blobs.stale_temp_files(grace)
-        for t in temps:
-            try:
-                size += t.stat().st_size
-                if not dry_run:
-                    t.unlink()
-            except FileNotFoundError:
-                pass
-        return GcReport(tuple(freed), tuple(str(t) for t in temps), size, dry_run)
+        Raises:
+            StoreError: the catalog cannot be trusted to say what is unused.
+        """
+        return upkeep.collect_garbage(
+            self.engine,
+            self.blobs,
+            self.records,
+            self.home / "merged",
+            grace=grace,
+            dry_run=dry_run,
+            force=force,
+        )
+
+    def fsck(self, *, dry_run: bool = False, quick: bool = False) -> upkeep.FsckReport:
+        """Repair the store from its own files: a SQLite catalog that cannot be read is
+        moved aside (``lorahub.db.damaged-<time>``) and a damaged index rebuilt; then every
+        adapter, name and base the store's records hold and the catalog lacks is restored,
+        missing manifest files are rewritten, and damaged or missing blobs are fetched
+        again from the adapter's source (its folder, or its Hub repo) where possible, else
+        moved to ``<home>/quarantine/``. Nothing is deleted.
+
+        Example:
+            >>> hub.fsck().adapters_restored  # doctest: +SKIP
+        """
+        aside, reindexed = None, False
+        if self.settings.database_url is None:
+            self.close()
+            aside, reindexed = upkeep.set_aside_if_damaged(
+                self.home / "lorahub.db", dry_run=dry_run
+            )
+        if dry_run and aside:
+            return upkeep.FsckReport(catalog_set_aside=aside, dry_run=True)
+        self._engine = self._open_catalog(check=False)
+        report = upkeep.fsck(
+            self._engine,
+            self.blobs,
+            self.records,
+            dry_run=dry_run,
+            quick=quick,
+            refetch=self._refetch,
+            quarantine=self.home / "quarantine",
+        )
+        return replace(report, catalog_set_aside=aside, reindexed=reindexed)
+
+    def _refetch(self, weights: str, origin_kind: str, origin: Mapping[str, Any]) -> bool:
+        """Write blob ``weights`` again from where its adapter came from: the folder or
+        file it was imported from, or the Hub repo at the commit it was pulled from.
+        False when that source is gone or now holds something else."""
+        if origin_kind == "import" and origin.get("path"):
+            path = Path(str(origin["path"]))
+            if not path.exists() or origin.get("format") == "kohya":
+                return False  # kohya names were mapped with a base: not redone here
+            adapter, _, _ = self._read(path, None)
+        elif origin_kind == "pull" and origin.get("repo_id"):
+            from . import remote
+
+            got = remote.download_adapter(
+                str(origin["repo_id"]),
+                revision=str(origin.get("commit") or origin.get("revision")),
+                subfolder=origin.get("subfolder"),
+            )
+            adapter = remote.read_adapter(got)
+        else:
+            return False
+
+        def write(path: Path) -> None:
+            peft.write_canonical(adapter, path)
+
+        self.blobs.put_file(write, expect=Digest.parse(weights), source=str(origin))
+        return True
 
     # ------------------------------------------------------------------ remote
 
@@ -1101,6 +1261,57 @@ class _BaseContext:
     tensors: Mapping[str, TensorInfo]
     ref: BaseRef
     id: int | None
+
+
+@contextlib.contextmanager
+def _merged_lock(merged: Path, key: str) -> Iterator[None]:
+    """Saves two processes from making the same merged checkpoint at once. One lock file
+    per 256th of the key space (``merged/.locks/ab.lock``): a bounded set that is never
+    deleted, since deleting a lock file another process holds open breaks the lock."""
+    from filelock import FileLock, Timeout
+
+    locks = merged / ".locks"
+    path = locks / f"{key.split(':')[-1][:2]}.lock"
+    lock = FileLock(str(path))
+    try:
+        locks.mkdir(exist_ok=True)
+        if locks.is_symlink() or path.is_symlink():
+            raise StoreError(f"{path} is a link; remove it (lorahub makes its own lock files)")
+        lock.acquire()
+    except (OSError, Timeout) as exc:
+        if isinstance(exc, StoreError):
+            raise
+        raise StoreError(f"cannot lock {path}: {exc}") from exc
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _weights_without_config(root: Path, recursive: bool) -> list[Path]:
+    """Folders (``root``, or any below it with ``recursive``) holding PEFT weights but no
+    ``adapter_config.json``: an adapter copied without its config."""
+    names = (peft.SAFETENSORS, peft.BIN)
+    if recursive:
+        found = {p.parent for n in names for p in root.rglob(n) if p.is_file()}
+    else:
+        found = {root} if any((root / n).is_file() for n in names) else set()
+    return sorted(f for f in found if not peft.is_adapter_dir(f))
+
+
+def _no_config(folder: Path) -> str:
+    weights = next(n for n in (peft.SAFETENSORS, peft.BIN) if (folder / n).is_file())
+    return (
+        f"{folder} has {weights} but no {peft.CONFIG}; PEFT saves both: copy the config that "
+        "was saved with these weights into the folder"
+    )
+
+
+def _source_label(origin_kind: str, origin: Mapping[str, Any]) -> str:
+    """Where an adapter came from, for messages: a path, ``repo@revision``, or its kind."""
+    if origin.get("repo_id"):
+        return f"{origin['repo_id']}@{origin.get('revision') or origin.get('commit')}"
+    return str(origin.get("path") or origin_kind)
 
 
 def _base_ref(info: BaseInfo) -> BaseRef:

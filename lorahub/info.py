@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from .manifest import BaseRef
@@ -15,7 +17,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class AdapterInfo:
-    """One stored adapter as users see it: identity, LoRA settings, base, origin and names."""
+    """One stored adapter as users see it: identity, LoRA settings, base, origin and names.
+
+    ``manifest_text`` and ``origin_text`` are the JSON as stored; ``manifest`` and ``origin``
+    parse it on first use only, so listing thousands of adapters (some with huge configs)
+    parses none of it.
+    """
 
     digest: str
     refs: tuple[str, ...]
@@ -29,10 +36,20 @@ class AdapterInfo:
     weights_digest: str
     base: BaseRef
     origin_kind: str
-    origin: dict[str, Any]
+    origin_text: str = field(repr=False)
     created_at: datetime
-    manifest: dict[str, Any] = field(repr=False, compare=False)
+    manifest_text: str = field(repr=False, compare=False)
     match: str | None = field(default=None, compare=False)  # set by resolve: exact|compatible
+
+    @cached_property
+    def manifest(self) -> dict[str, Any]:
+        """The parsed manifest (parsed once per info; treat it as read-only)."""
+        return json.loads(self.manifest_text)
+
+    @cached_property
+    def origin(self) -> dict[str, Any]:
+        """Where it came from: path and format, repo and revision, or composed parents."""
+        return json.loads(self.origin_text)
 
     @property
     def short(self) -> str:
@@ -40,7 +57,9 @@ class AdapterInfo:
 
     @property
     def provenance(self) -> dict[str, Any]:
-        return dict(self.manifest.get("provenance", {}))
+        if "manifest" in self.__dict__:  # already parsed
+            return dict(self.manifest.get("provenance", {}))
+        return dict(provenance_of(self.manifest_text))
 
     @property
     def config(self) -> dict[str, Any]:
@@ -51,18 +70,63 @@ class AdapterInfo:
         return dict(self.manifest.get("modules", {}))
 
     def to_dict(self, manifest: bool = False) -> dict[str, Any]:
-        d = asdict(self)
-        d["base"] = self.base.to_dict()
-        d["created_at"] = self.created_at.isoformat() + "Z"
-        d["targets"] = list(self.targets)
-        d["refs"] = list(self.refs)
-        d["provenance"] = self.provenance
-        if not manifest:
-            d.pop("manifest")
+        """Plain data for JSON: every field but the manifest (unless ``manifest``), with the
+        provenance. Built field by field: ``asdict`` would deep-copy the manifest."""
+        d: dict[str, Any] = {
+            "digest": self.digest,
+            "refs": list(self.refs),
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
+            "targets": list(self.targets),
+            "module_count": self.module_count,
+            "size": self.size,
+            "weights_digest": self.weights_digest,
+            "base": self.base.to_dict(),
+            "origin_kind": self.origin_kind,
+            "origin": json.loads(self.origin_text),  # a copy, without caching it here
+            "created_at": self.created_at.isoformat() + "Z",
+            "match": self.match,
+            "provenance": self.provenance,
+        }
+        if manifest:
+            d["manifest"] = self.manifest
         return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# The end of every manifest ``manifest.build`` writes, in canonical JSON (sorted keys, no
+# whitespace): nothing after ``provenance`` but these two top-level keys.
+_MANIFEST_TAIL = re.compile(
+    r',"schema":\d+,"weights":\{"digest":"xxh128:[0-9a-f]{32}","size":\d+\}\}'
+)
+_PROVENANCE_KEY = ',"provenance":'
+_DECODER = json.JSONDecoder()
+
+
+def provenance_of(manifest_text: str) -> dict[str, Any]:
+    """A stored manifest's ``provenance``, parsing only that part of it.
+
+    In canonical JSON the top-level provenance is the value that ends right where the tail
+    ``,"schema":N,"weights":{...}}`` starts; the last ``,"provenance":`` key whose value ends
+    there is it (a quote inside a string is always escaped, so the key cannot hide in one;
+    a nested key's value ends before its container does). Anything else is parsed whole.
+    """
+    end = manifest_text.rfind(',"schema":')
+    if end > 0 and _MANIFEST_TAIL.fullmatch(manifest_text, end):
+        pos = end
+        while (pos := manifest_text.rfind(_PROVENANCE_KEY, 0, pos)) >= 0:
+            try:
+                value, stop = _DECODER.raw_decode(manifest_text, pos + len(_PROVENANCE_KEY))
+            except ValueError:
+                break
+            if stop == end:
+                return value if isinstance(value, dict) else {}
+    value = json.loads(manifest_text).get("provenance", {})
+    return value if isinstance(value, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -110,6 +174,8 @@ class GcReport:
     temp_files: tuple[str, ...]
     bytes_freed: int
     dry_run: bool
+    # Adapters the store's files hold that the catalog does not: `lorahub fsck` restores them.
+    unrecorded: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ so the same adapter always gets the same digest.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -76,26 +77,35 @@ def module_table(adapter: LoraAdapter) -> dict[str, dict[str, Any]]:
     return table
 
 
-def skeleton(manifest: Mapping[str, Any]) -> LoraAdapter:
-    """An adapter with the manifest's shapes on torch's ``meta`` device: enough to check
-    compatibility of thousands of adapters without reading one weight."""
-    import torch
+@dataclass(frozen=True)
+class ShapeOnly:
+    """Stands in for a tensor where only its shape is read: a skeleton needs no torch."""
 
+    shape: tuple[int, ...]
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def skeleton(manifest: Mapping[str, Any]) -> LoraAdapter:
+    """An adapter with the manifest's shapes and no weights (``ShapeOnly`` where tensors
+    would be): enough for :func:`lorahub.compat.check` on thousands of adapters without
+    reading one weight or importing torch, and for nothing that computes."""
     from .adapter import CONV2D, LoraModule
 
-    def meta(*shape: int) -> torch.Tensor:
-        return torch.empty(*shape, device="meta")
+    def shape(*dims: int) -> Any:  # typed as the tensor it stands in for
+        return ShapeOnly(tuple(int(d) for d in dims))
 
     modules = {}
     for name, row in manifest["modules"].items():
         r, fin, fout, kind = row["r"], row["in"], row["out"], row["kind"]
         extra = tuple(row["shape"][2:]) if kind == CONV2D else ()
-        a = meta(r, fin, *extra)
-        b = meta(fout, r, 1, 1) if kind == CONV2D else meta(fout, r)
-        magnitude = meta(row["magnitude"]) if "magnitude" in row else None
-        bias = meta(fout) if row.get("bias") else None
+        a = shape(r, fin, *extra)
+        b = shape(fout, r, 1, 1) if kind == CONV2D else shape(fout, r)
+        magnitude = shape(row["magnitude"]) if "magnitude" in row else None
+        bias = shape(fout) if row.get("bias") else None
         modules[name] = LoraModule(name, kind, a, b, float(row["alpha"]), bias, magnitude)
-    full = {k: meta(*shape) for k, shape in manifest.get("full", {}).items()}
+    full = {k: shape(*dims) for k, dims in manifest.get("full", {}).items()}
     return LoraAdapter(dict(manifest["config"]), modules, full)
 
 
@@ -183,10 +193,20 @@ def digest_of(manifest: Mapping[str, Any]) -> Digest:
 LORAHUB_JSON_VERSION = 1
 
 
-def lorahub_json_text(digest: str, manifest: Mapping[str, Any]) -> str:
+def lorahub_json_text(
+    digest: str, manifest: Mapping[str, Any], files: list[str] | tuple[str, ...] | None = None
+) -> str:
     """The ``lorahub.json`` an exported or pushed adapter carries: its digest and manifest,
-    so whoever imports it can check they got exactly this adapter."""
+    so whoever imports it can check they got exactly this adapter. ``files`` (an export's)
+    lists every file written beside it, so a later ``export --force`` knows the folder holds
+    nothing else; readers ignore it and it is no part of the digest."""
     import json
 
-    doc = {"lorahub_version": LORAHUB_JSON_VERSION, "digest": digest, "manifest": manifest}
+    doc: dict[str, Any] = {
+        "lorahub_version": LORAHUB_JSON_VERSION,
+        "digest": digest,
+        "manifest": manifest,
+    }
+    if files is not None:
+        doc["files"] = sorted(files)
     return json.dumps(doc, indent=2, sort_keys=True) + "\n"

@@ -42,7 +42,7 @@ import shutil
 import struct
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +51,7 @@ from . import compat
 from .base import DTYPE_BITS, FLOAT_DTYPES
 from .errors import LorahubError, MergeError
 from .fsutil import fsync_dir, publish_dir
+from .outputs import FILES_KEY, Input, check_output
 from .units import human_size
 
 if TYPE_CHECKING:
@@ -950,6 +951,7 @@ def merge_to_dir(
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     extra_metadata: Mapping[str, Any] | None = None,
+    inputs: Iterable[Input] = (),
 ) -> MergeResult:
     """Merge adapters into the base and write a checkpoint directory transformers can load.
 
@@ -963,13 +965,18 @@ def merge_to_dir(
     Args:
         out: the directory to create.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``...
-        force: replace an existing ``out`` (atomically swapped, then the old one deleted).
+        force: replace an existing ``out`` (atomically swapped, then the old one deleted),
+            only if it is an earlier lorahub output holding nothing else (see
+            :func:`lorahub.outputs.check_output`); an empty folder is filled without it.
         progress: called as ``progress(bytes_done, bytes_total)`` of tensor data.
+        inputs: ``(what, path)`` of more inputs ``out`` must not be or hold (adapter folders);
+            the base's folder is always one.
 
     Raises:
         IncompatibleAdapter: an adapter does not fit the base; nothing is written.
-        MergeError: ``out`` exists (without ``force``), too little free disk space, a
-            truncated or unreadable base shard.
+        MergeError: ``out`` exists (without ``force``), or is not lorahub's to replace (a
+            link, the current directory, an input, a folder with other files), too little
+            free disk space, a truncated or unreadable base shard.
 
     Example::
 
@@ -979,11 +986,8 @@ def merge_to_dir(
     out = Path(out).absolute()
     plan = plan_merge(base, adapters, weights, dtype=dtype, max_shard_size=max_shard_size)
     dev = resolve_device(device)
-    if os.path.lexists(out):
-        if not force:
-            raise MergeError(f"{out} already exists; pick another path or pass force (--force)")
-        if not out.is_dir() or out.is_symlink():
-            raise MergeError(f"{out} exists and is not a directory; remove it yourself")
+    inputs = [*inputs, *([("the base model", base.root)] if base.root is not None else [])]
+    check_output(out, force=force, inputs=inputs, kind="merge")
     with _io_errors(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(out)
@@ -1001,7 +1005,9 @@ def merge_to_dir(
             doc = _metadata(base, plan, adapters, dev, extra_metadata)
             written += _write_file(tmp / METADATA_NAME, json.dumps(doc, indent=2).encode())
             fsync_dir(tmp)
-            _publish(tmp, out, force)
+            # Checked again: during a long merge someone may have put files at ``out``.
+            replace = check_output(out, force=force, inputs=inputs, kind="merge")
+            _publish(tmp, out, replace)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -1251,6 +1257,9 @@ def _metadata(
         "merged": plan.merged,
     }
     doc.update(extra or {})
+    # What this merge writes, so a later --force knows the folder holds nothing else.
+    files = [s.name for s in plan.shards] + ([INDEX_NAME] if len(plan.shards) > 1 else [])
+    doc[FILES_KEY] = sorted([*files, *plan.aux_files, METADATA_NAME])
     return doc
 
 
@@ -1265,9 +1274,13 @@ def _result_dtype(plan: MergePlan) -> str:
     return max(floats, key=floats.get) if floats else "F32"
 
 
-def _publish(tmp: Path, out: Path, force: bool) -> None:
+def _publish(tmp: Path, out: Path, replace: bool) -> None:
     try:
-        publish_dir(tmp, out, replace=force)
+        publish_dir(tmp, out, replace=replace)
+    except FileExistsError as e:
+        raise MergeError(
+            f"cannot move the merged checkpoint to {out}: {e.strerror}; nothing was replaced"
+        ) from e
     except OSError as e:
         raise MergeError(f"cannot move the merged checkpoint to {out}: {e.strerror}") from e
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
-import json
 import logging
 import os
 import re
@@ -34,7 +33,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from . import manifest as mf
 from .card import adapter_card
-from .digest import hash_bytes, hash_file
+from .digest import hash_file
 from .errors import (
     IntegrityError,
     InvalidAdapter,
@@ -42,8 +41,8 @@ from .errors import (
     LorahubError,
     RemoteError,
 )
-from .formats import peft
-from .manifest import LORAHUB_JSON_VERSION, BaseRef, lorahub_json_text
+from .formats import lorahub_json, peft
+from .manifest import BaseRef, lorahub_json_text
 from .refs import DEFAULT_TAG, validate_name, validate_tag
 
 if TYPE_CHECKING:
@@ -56,7 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 README = "README.md"
-LORAHUB_JSON = "lorahub.json"
+LORAHUB_JSON = lorahub_json.FILENAME
 DEFAULT_REVISION = "main"
 #: Weights at least this large get their safetensors header checked (one small range request)
 #: before the download, so a lying or non-LoRA file is refused before its bytes are fetched.
@@ -918,79 +917,27 @@ def read_adapter(got: RemoteAdapter) -> LoraAdapter:
 
 def read_lorahub_json(path: Path, label: str) -> tuple[str, dict[str, Any]]:
     """The digest and manifest of a ``lorahub.json``, checked to agree with each other."""
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InvalidAdapter(f"{label}: lorahub.json is not valid JSON ({exc})") from None
-    if (
-        not isinstance(doc, dict)
-        or not isinstance(doc.get("digest"), str)
-        or not isinstance(doc.get("manifest"), dict)
-    ):
-        raise InvalidAdapter(f"{label}: lorahub.json lacks a digest and a manifest object")
-    version = doc.get("lorahub_version", 1)
-    schema = doc["manifest"].get("schema", mf.SCHEMA)
-    if (
-        not isinstance(version, int)
-        or version > LORAHUB_JSON_VERSION
-        or not isinstance(schema, int)
-        or schema > mf.SCHEMA
-    ):
-        raise InvalidAdapter(
-            f"{label}: lorahub.json was written by a newer lorahub (format {version}, manifest "
-            f"schema {schema}); upgrade lorahub to pull it"
-        )
-    digest, manifest = doc["digest"], doc["manifest"]
-    actual = str(mf.digest_of(manifest))
-    if actual != digest:
-        raise IntegrityError(
-            f"{label}: lorahub.json states digest {digest} but its manifest hashes to {actual}: "
-            "the file was edited or corrupted; nothing was stored"
-        )
-    return digest, manifest
+    return lorahub_json.read(path, label)
 
 
 def identity(adapter: LoraAdapter, got: RemoteAdapter) -> tuple[BaseRef, dict[str, Any] | None]:
     """The base and provenance to store a pulled adapter with.
 
     With ``lorahub.json``: its base and provenance, after checking the adapter rebuilt from the
-    downloaded files has exactly the digest it states (else ``IntegrityError``). Without: the
-    base named by ``adapter_config.json`` (unverified) and the default provenance.
+    downloaded files has exactly the digest it states (else ``IntegrityError``); one of an
+    older manifest schema is ignored, with a warning. Without: the base named by
+    ``adapter_config.json`` (unverified) and the default provenance.
     """
-    if got.lorahub_json is None:
-        return mf.claimed_base(adapter), None
-    digest, manifest = read_lorahub_json(got.lorahub_json, got.label)
-    if manifest.get("schema") != mf.SCHEMA:
-        # Written under other identity rules (an older lorahub): the digest cannot be
-        # recomputed here, so the adapter comes in as a plain PEFT one would.
-        log.warning(
-            "%s: lorahub.json uses manifest schema %r, this lorahub writes %d; imported as a "
-            "plain PEFT adapter, without its identity check",
+    if got.lorahub_json is not None:
+        recorded = lorahub_json.identity(
+            adapter,
+            got.lorahub_json,
             got.label,
-            manifest.get("schema"),
-            mf.SCHEMA,
+            cause="The repo was edited without lorahub, or its files are corrupt",
         )
-        return mf.claimed_base(adapter), None
-    base = BaseRef.from_dict(manifest.get("base") if isinstance(manifest.get("base"), dict) else {})
-    provenance = manifest.get("provenance")
-    if not isinstance(provenance, dict):
-        raise InvalidAdapter(f"{got.label}: lorahub.json has no provenance object")
-    data = peft.canonical_weights(adapter)
-    weights = hash_bytes(data)
-    ours = mf.build(adapter, weights, len(data), base, provenance)
-    found = str(mf.digest_of(ours))
-    if found != digest:
-        differ = sorted(k for k in set(ours) | set(manifest) if ours.get(k) != manifest.get(k))
-        detail = ""
-        if "weights" in differ:
-            stated = (manifest.get("weights") or {}).get("digest")
-            detail = f" (the weights hash to {weights}, lorahub.json says {stated})"
-        raise IntegrityError(
-            f"{got.label}: the adapter files do not match lorahub.json: {', '.join(differ)} "
-            f"differ{detail}. Expected digest {digest}, got {found}; nothing was stored. The "
-            "repo was edited without lorahub, or its files are corrupt"
-        )
-    return base, provenance
+        if recorded is not None:
+            return recorded.base, recorded.provenance
+    return mf.claimed_base(adapter), None
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ class Settings:
     home: Path
     database_url: str | None = None
     merged_max_bytes: int = DEFAULT_MERGED_MAX_BYTES
+    allow_symlinks: bool = False  # store folders that are links out of the store
 
     @property
     def db_url(self) -> str:
@@ -40,6 +41,7 @@ def load(home: str | os.PathLike[str] | None = None) -> Settings:
         home=Path(home).expanduser() if home is not None else default_home(),
         database_url=os.environ.get("LORAHUB_DATABASE_URL") or None,
         merged_max_bytes=_size(max_bytes) if max_bytes else DEFAULT_MERGED_MAX_BYTES,
+        allow_symlinks=os.environ.get("LORAHUB_ALLOW_SYMLINKS", "").lower() in ("1", "true", "yes"),
     )
 
 

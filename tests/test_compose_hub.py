@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from factories import LLAMA_MODULES, write_peft_adapter
+from factories import LLAMA_MODULES, cli_runner, peft_adapter, tiny_gpt2, write_peft_adapter
 
 import lorahub
 from lorahub.cli import cli
@@ -97,3 +97,65 @@ def test_compose_cli_prints_errors_for_approximations(tmp_path):
 def test_compose_on_a_missing_gpu_is_a_clear_error(hub):
     with pytest.raises(ComposeError, match="no CUDA GPU"):
         hub.compose(["a", "b"], device="cuda")
+
+
+def _gpt2_adapter(path):
+    """A GPT-2 adapter as PEFT saves it: Conv1D weights, so fan_in_fan_out is true."""
+    peft_adapter(
+        tiny_gpt2(), path, r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True
+    )
+    return path
+
+
+def test_adapters_for_different_models_are_refused_unless_allowed(tmp_path):
+    run = cli_runner(tmp_path / "h")
+    run("add", write_peft_adapter(tmp_path / "a1", seed=1), "-n", "a1")
+    run("add", _gpt2_adapter(tmp_path / "gpt"), "-n", "gpt")
+    before = run("ls", "-q").stdout
+    err = run("compose", "a1", "gpt", "--method", "cat", "-n", "mix", code=1).stderr
+    assert err.startswith("Error: cannot compose adapters made for different base models")
+    assert "fan_in_fan_out" in err and "--allow-mixed-bases" in err and "Traceback" not in err
+    assert "a1: base 'tiny/llama' (unverified), fan_in_fan_out false" in err
+    assert "gpt: base unknown, fan_in_fan_out true" in err
+    assert run("ls", "-q").stdout == before  # nothing was stored
+    out = json.loads(run("compose", "a1", "gpt", "--allow-mixed-bases", "--json").stdout)
+    assert out["adapter"]["base"] == {}  # half of it is for a model it does not name
+    assert any("fan_in_fan_out" in n for n in out["report"]["notes"])
+
+
+def test_parents_naming_different_bases_are_refused(tmp_path):
+    with lorahub.open(tmp_path / "s") as hub:
+        for n, base in (("l1", "meta-llama/Llama-3.2-1B"), ("l2", "meta-llama/Llama-3.2-1B/")):
+            extra = {"base_model_name_or_path": base}
+            hub.add(write_peft_adapter(tmp_path / n, seed=len(n), extra_config=extra), name=n)
+        extra = {"base_model_name_or_path": "mistralai/Mistral-7B-v0.1"}
+        hub.add(write_peft_adapter(tmp_path / "m", seed=5, extra_config=extra), name="m")
+        same = hub.compose(["l1", "l2"]).adapter  # one base, however the path was spelled
+        assert same.base.name == "meta-llama/Llama-3.2-1B"
+        with pytest.raises(ComposeError) as err:
+            hub.compose(["l1", "m"], name="mix")
+        msg = str(err.value)
+        assert "they name different base models and none was checked against one" in msg
+        assert "l1: base 'meta-llama/Llama-3.2-1B' (unverified)" in msg
+        assert "m: base 'mistralai/Mistral-7B-v0.1' (unverified)" in msg
+        assert hub.list(["name=mix"]) == []
+        mixed = hub.compose(["l1", "m"], name="mix", allow_mixed_bases=True).adapter
+        assert not mixed.base.verified and mixed.base.name is None
+
+
+def test_an_unverified_parent_must_fit_the_base_of_the_verified_ones(tmp_path):
+    from factories import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    fits = {f"model.layers.{i}.self_attn.q_proj": (32, 32) for i in range(2)}
+    with lorahub.open(tmp_path / "s") as hub:
+        made = hub.add(write_peft_adapter(tmp_path / "v", fits), name="v", base=tmp_path / "llama")
+        hub.add(write_peft_adapter(tmp_path / "f", fits, seed=2), name="f")
+        hub.add(write_peft_adapter(tmp_path / "u", seed=3), name="u")  # v_proj 32 -> 32: no
+        # Same claimed base name; "f" fits the recorded base, so the result keeps that base.
+        kept = hub.compose(["v", "f"]).adapter
+        assert kept.base == made.adapter.base
+        with pytest.raises(ComposeError, match=r"u was not recorded for a base and does not fit"):
+            hub.compose(["v", "u"])
+        loose = hub.compose(["v", "u"], allow_mixed_bases=True).adapter
+        assert not loose.base.verified  # a base part of it does not fit is not claimed

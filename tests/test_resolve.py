@@ -216,3 +216,79 @@ def test_a_path_with_base_is_not_added_by_show_or_rm(hub, world):
         with pytest.raises(lorahub.InvalidReference, match="is a path"):
             call(str(world / "small-ad"), base=world / "llama")
     assert hub.list() == []
+
+
+def _fitting_adapter(path, seed):
+    """A q_proj adapter for the tiny Llama (made without the base: its record is unverified)."""
+    return peft_adapter(tiny_llama(), path, seed=seed, r=2, lora_alpha=4, target_modules=["q_proj"])
+
+
+def test_a_composition_under_a_used_name_replaces_it(tmp_path, world):
+    run = cli_runner(tmp_path / "h")
+    _fitting_adapter(tmp_path / "x", seed=3)
+    run("add", world / "small-ad", "-n", "rs:v1", "--base", world / "llama")
+    run("add", tmp_path / "x", "-n", "x:v1")  # no --base: recorded unverified
+    composed = json.loads(run("compose", "rs:v1", "x:v1", "-n", "rs:v1", "--json").stdout)
+    digest = composed["adapter"]["digest"]
+    # Every command that takes the name finds the one composition, not an ambiguous pair.
+    assert json.loads(run("show", "rs:v1", "--json").stdout)["digest"] == digest
+    again = json.loads(run("compose", "rs:v1", "x:v1", "--json").stdout)
+    assert again["adapter"]["provenance"]["parents"][0] == digest
+    assert run("resolve", "rs:v1", "--base", world / "llama").stdout.startswith(digest)
+    listed = json.loads(run("ls", "--json", "-f", "name=rs").stdout)
+    assert [a["digest"] for a in listed] == [digest]
+    run("rm", "rs:v1", "-y")
+    assert "no adapter matches" in run("show", "rs:v1", code=1).stderr
+
+
+def test_variants_for_bases_of_one_architecture(hub, world, tmp_path):
+    """Llama and its Instruct model share a signature: verified adapters for each stay two
+    variants; one known only by that signature stands for both and takes both places."""
+    for_llama = hub.add(world / "small-ad", name="sql", base=world / "llama").adapter
+    for_instruct = hub.add(world / "small-ad", name="sql", base=world / "llama-instruct").adapter
+    assert for_llama.base.signature == for_instruct.base.signature
+    assert for_llama.digest != for_instruct.digest
+    with pytest.raises(lorahub.AmbiguousReference):
+        hub.get("sql")
+    assert hub.resolve("sql", base=world / "llama").digest == for_llama.digest
+    assert hub.resolve("sql", base=world / "llama-instruct").digest == for_instruct.digest
+    # Adding the same adapter for llama again moves nothing.
+    hub.add(world / "small-ad", name="sql", base=world / "llama")
+    assert hub.resolve("sql", base=world / "llama-instruct").match == "exact"
+
+    # A composition of the two is for the architecture, not for either model: it replaces both.
+    both = hub.compose(["@" + for_llama.digest, "@" + for_instruct.digest], name="sql").adapter
+    assert both.base.signature == for_llama.base.signature and both.base.content_hash is None
+    assert hub.get("sql").digest == both.digest
+    # And a variant for one of them replaces it in turn, never leaving two for one base.
+    again = hub.add(world / "small-ad", name="sql", base=world / "llama").adapter
+    assert hub.get("sql").digest == again.digest == for_llama.digest
+
+
+def test_tag_slots_by_base_fingerprint(hub, world):
+    """The rules of set_ref, base by base: same content, or a signature-only record of the
+    same architecture, is one slot; other content or another architecture is another."""
+    from lorahub.manifest import BaseRef
+
+    adapter = hub.load_info(hub.add(world / "small-ad").adapter)
+    sig, other_sig = "xxh128:" + "1" * 32, "xxh128:" + "2" * 32
+    h1, h2, h3 = ("xxh128:" + c * 32 for c in "abc")
+
+    def put(base: BaseRef) -> str:
+        info, _ = hub.store(adapter, name="n", origin_kind="import", origin={}, base=base)
+        return info.digest
+
+    def held() -> set[str]:
+        return {i.digest for i in hub.list(["name=n"])}
+
+    one = put(BaseRef("llama", None, sig, h1))
+    two = put(BaseRef("instruct", None, sig, h2))
+    assert held() == {one, two}  # same architecture, different content: two variants
+    wide = put(BaseRef("wide", None, other_sig, h3))
+    assert held() == {one, two, wide}  # another architecture: a third
+    generic = put(BaseRef(None, None, sig))
+    assert held() == {generic, wide}  # signature only: takes the place of both of its kind
+    back = put(BaseRef("llama", None, sig, h1))
+    assert held() == {back, wide}  # and gives it back to a content-verified one
+    plain = put(BaseRef("tiny/llama"))
+    assert held() == {plain}  # unverified: a plain tag move over every variant

@@ -151,6 +151,8 @@ def test_unknown_config_keys_survive_export(hub, tmp_path):
 
 
 def test_export_refuses_existing_dir_unless_forced(hub, tmp_path):
+    from lorahub.outputs import EXPORT_FILES
+
     hub.add(write_peft_adapter(tmp_path / "a"), name="k")
     out = tmp_path / "out"
     out.mkdir()
@@ -158,8 +160,13 @@ def test_export_refuses_existing_dir_unless_forced(hub, tmp_path):
     with pytest.raises(LorahubError, match="already exists"):
         hub.export("k", out)
     assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(LorahubError, match="lorahub replaces only its own earlier output"):
+        hub.export("k", out, force=True)  # issue 10: --force never deletes files it did not write
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    hub.export("k", out)
     hub.export("k", out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "adapter_config.json").is_file()
+    assert sorted(os.listdir(out)) == sorted(EXPORT_FILES)
 
 
 def test_references(hub, tmp_path):
@@ -247,8 +254,8 @@ def test_a_blob_gc_deletes_under_a_concurrent_add_is_written_again(hub, tmp_path
     real = hub.blobs.put_file
     calls = []
 
-    def put_then_gc_deletes(write):
-        digest, size = real(write)
+    def put_then_gc_deletes(write, **kw):
+        digest, size = real(write, **kw)
         if not calls:
             hub.blobs.delete(digest)  # gc's unlink, decided on the mtime it read earlier
         calls.append(digest)

@@ -81,6 +81,14 @@ def current_revision(engine: Engine) -> str | None:
         return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
 
+def current_revision_or_none(engine: Engine) -> str | None:
+    """:func:`current_revision`, a database that cannot be read being a ``StoreError``."""
+    try:
+        return current_revision(engine)
+    except Exception as exc:  # sqlalchemy's errors about the database itself
+        raise StoreError(f"cannot open the catalog at {engine.url!r}: {_reason(exc)}") from exc
+
+
 def upgrade(engine: Engine, lock_path: Path | None) -> None:
     """Bring the schema to the newest revision, unless it is there already (the usual case,
     which must not pay for importing Alembic)."""
@@ -121,6 +129,8 @@ def _reason(exc: BaseException) -> str:
     text = str(inner).splitlines()[0] if str(inner) else type(inner).__name__
     if "disk is full" in text or "disk I/O error" in text:
         text += " (is the disk full?)"
+    if "malformed" in text or "not a database" in text:
+        text += "; run `lorahub fsck` to rebuild the catalog from the store's files"
     return text
 
 

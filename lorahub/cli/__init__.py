@@ -6,6 +6,7 @@ Every ``LorahubError`` becomes ``Error: ...`` on stderr and exit status 1, in on
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import Any
@@ -14,9 +15,42 @@ import click
 
 from ..errors import LorahubError
 
+# The modules that register commands, in the order a command is looked for: `ls`, `show`
+# and `resolve` load the first two only, never merge or compose code.
+COMMAND_MODULES = ("store", "base", "health", "remote", "merge", "compose")
+
 
 class LorahubGroup(click.Group):
-    """A group that turns lorahub's errors into one line on stderr."""
+    """A group that turns lorahub's errors into one line on stderr, and imports a command's
+    module only when that command (or the list of all, for ``--help``) is asked for."""
+
+    _pending: list[str] | None = None
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        while cmd_name not in self.commands and self._load_next():
+            pass
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        while self._load_next():
+            pass
+        return super().list_commands(ctx)
+
+    def _load_next(self) -> bool:
+        """Register the next module's commands; False when every module is loaded."""
+        if self._pending is None:
+            self._pending = list(COMMAND_MODULES)
+        if not self._pending:
+            return False
+        name = f"{__name__}.{self._pending.pop(0)}"
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            return True
+        module.register(self)
+        return True
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -51,27 +85,12 @@ def cli(ctx: click.Context, home: str | None) -> None:
     ctx.obj = {"home": home}
 
 
-def _register() -> None:
-    from . import store
-
-    store.register(cli)
-    for name in ("base", "merge", "compose", "remote"):
-        try:
-            module = __import__(f"{__name__}.{name}", fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-            continue
-        module.register(cli)
-
-
-_register()
-
-
 def main() -> None:
     """Console-script entry point."""
     import gc
     import logging
+
+    from . import output
 
     # The library logs; the CLI shows lorahub's warnings as one plain line each on stderr.
     handler = logging.StreamHandler()
@@ -80,6 +99,7 @@ def main() -> None:
     library.addHandler(handler)
     library.setLevel(logging.WARNING)
     library.propagate = False
+    output.FREEZE_AFTER_IMPORT = True
     try:
         cli(prog_name="lorahub")
     finally:

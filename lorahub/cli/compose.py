@@ -24,6 +24,11 @@ from .output import echo_json, hub_from, parse_weights, table
 @click.option("--seed", type=int, help="Seed for dare_* (same seed, same result).")
 @click.option("-n", "--name", help="Reference for the new adapter (name or name:tag).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1...")
+@click.option(
+    "--allow-mixed-bases",
+    is_flag=True,
+    help="Compose adapters recorded for different base models or fan_in_fan_out layouts.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the adapter and report as JSON.")
 @click.pass_context
 def compose(
@@ -37,11 +42,13 @@ def compose(
     seed: int | None,
     name: str | None,
     device: str,
+    allow_mixed_bases: bool,
     as_json: bool,
 ) -> None:
     """Make a new adapter from several, exactly (cat, linear) or approximately.
 
     Approximate methods print each module's relative error against the exact blend.
+    The adapters must be made for one base model (see --allow-mixed-bases).
 
     \b
     Examples:
@@ -59,6 +66,7 @@ def compose(
         seed=seed,
         name=name,
         device=device,
+        allow_mixed_bases=allow_mixed_bases,
     )
     if as_json:
         echo_json(result.to_dict())

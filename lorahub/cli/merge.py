@@ -24,7 +24,11 @@ from .output import echo_json, hub_from, parse_weights, progress, table
     callback=lambda ctx, param, value: _size(value),
     help="Largest output file (5GB, 500MB, 2GiB).",
 )
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace OUT if it is an earlier lorahub output (never other files, the base or '.').",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
@@ -44,7 +48,8 @@ def merge(
     """Merge adapters into a base model and write a full checkpoint folder.
 
     Streams one tensor at a time (memory bounded by the largest tensor), on the GPU when
-    there is one; the folder appears only when complete.
+    there is one; the folder appears only when complete. OUT must be new or empty; --force
+    replaces an earlier lorahub output there, nothing else.
 
     \b
     Examples:

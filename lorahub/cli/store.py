@@ -1,4 +1,4 @@
-"""Store commands: add, ls, show, tag, rm, export, verify, gc."""
+"""Store commands: add, ls, show, tag, rm, export."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from ..errors import AdapterNotFound, InvalidAdapter, InvalidReference
 from ..info import AdapterInfo
 from ..refs import format_ref, parse
 from ..units import human_size
-from .output import echo_json, hub_from, parse_duration, progress, table
+from .output import echo_json, echo_json_list, hub_from, table
 
 
 def _base_label(info: AdapterInfo) -> str:
@@ -105,11 +105,11 @@ def ls(
     hub = hub_from(ctx)
     infos = hub.list(filters, base=base, limit=limit)
     if as_json:
-        echo_json([i.to_dict() for i in infos])
+        echo_json_list([i.to_dict() for i in infos])
         return
     if quiet:
-        for i in infos:
-            click.echo(f"@{i.digest}")
+        if infos:
+            click.echo("\n".join(f"@{i.digest}" for i in infos))
         return
     rows = []
     for i in infos:
@@ -233,11 +233,16 @@ def rm(ctx: click.Context, references: tuple[str, ...], yes: bool, base: str | N
 @click.command()
 @click.argument("reference")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option(
+    "--force", is_flag=True, help="Replace OUT if it is an earlier lorahub output (nothing else)."
+)
 @click.option("--base", help="The variant made for this base model (path, name or hub id).")
 @click.pass_context
 def export(ctx: click.Context, reference: str, out: str, force: bool, base: str | None) -> None:
     """Write an adapter as a PEFT folder (PeftModel.from_pretrained loads it).
+
+    OUT must be new or empty; --force replaces an earlier lorahub output there, never a
+    folder holding other files, a symbolic link or the current directory.
 
     \b
     Example:
@@ -247,70 +252,6 @@ def export(ctx: click.Context, reference: str, out: str, force: bool, base: str 
     click.echo(str(path))
 
 
-@click.command()
-@click.option("--quick", is_flag=True, help="Check existence and size only, no re-hashing.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.pass_context
-def verify(ctx: click.Context, quick: bool, quiet: bool, as_json: bool) -> None:
-    """Re-hash every blob and check every catalog row; exit 1 if anything is wrong.
-
-    \b
-    Example:
-      lorahub verify --quick
-    """
-    with progress("verifying", quiet) as cb:
-        report = hub_from(ctx).verify(quick=quick, progress=cb)
-    if as_json:
-        echo_json(
-            {
-                "ok": report.ok,
-                "blobs": report.checked_blobs,
-                "adapters": report.checked_adapters,
-                "problems": [p.__dict__ for p in report.problems],
-            }
-        )
-    else:
-        for p in report.problems:
-            click.echo(f"BAD {p.what} {p.digest}: {p.problem}", err=True)
-        status = "ok" if report.ok else f"{len(report.problems)} problem(s)"
-        click.echo(f"{report.checked_blobs} blobs, {report.checked_adapters} adapters: {status}")
-    if not report.ok:
-        sys.exit(1)
-
-
-@click.command()
-@click.option(
-    "--grace",
-    default="1h",
-    show_default=True,
-    help="Keep unreferenced blobs younger than this (90s, 30m, 1h).",
-)
-@click.option("--dry-run", is_flag=True, help="Only print what would be freed.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.pass_context
-def gc(ctx: click.Context, grace: str, dry_run: bool, as_json: bool) -> None:
-    """Delete blobs no adapter uses, and stale temporary files.
-
-    \b
-    Example:
-      lorahub gc --dry-run
-    """
-    report = hub_from(ctx).gc(grace=parse_duration(grace), dry_run=dry_run)
-    if as_json:
-        echo_json(report.__dict__)
-        return
-    verb = "would free" if dry_run else "freed"
-    for b in report.blobs:
-        click.echo(f"{'would delete' if dry_run else 'deleted'} blob {b}")
-    for t in report.temp_files:
-        click.echo(f"{'would delete' if dry_run else 'deleted'} temp file {t}")
-    click.echo(
-        f"{verb} {human_size(report.bytes_freed)} "
-        f"({len(report.blobs)} blobs, {len(report.temp_files)} temp files)"
-    )
-
-
 def register(group: click.Group) -> None:
-    for command in (add, ls, show, tag, rm, export, verify, gc):
+    for command in (add, ls, show, tag, rm, export):
         group.add_command(command)

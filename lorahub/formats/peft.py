@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,14 +35,42 @@ def find_adapter_dirs(root: Path, recursive: bool = False) -> list[Path]:
     return sorted(p.parent for p in root.rglob(CONFIG) if p.is_file())
 
 
+# The largest adapter_config.json read. PEFT writes a few kilobytes; spelled-out rank and alpha
+# patterns of a model with ten thousand adapted modules stay under one megabyte. The cap is
+# checked before reading, so a hostile multi-gigabyte file costs nothing.
+MAX_CONFIG_BYTES = 4 << 20
+
+
 def read_config(path: Path) -> dict[str, Any]:
+    """The parsed ``adapter_config.json`` of ``path``: a JSON object of at most
+    ``MAX_CONFIG_BYTES``, UTF-8, with no integer too long for Python to parse.
+
+    Raises:
+        InvalidAdapter: missing, too large, not UTF-8 or not a JSON object.
+    """
     cfg_path = path / CONFIG
     try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        with open(cfg_path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = b"" if size > MAX_CONFIG_BYTES else f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise InvalidAdapter(f"{path} has no {CONFIG}; is it a PEFT adapter directory?") from None
+    except OSError as exc:
+        raise InvalidAdapter(f"cannot read {cfg_path}: {exc.strerror or exc}") from None
+    if size > MAX_CONFIG_BYTES or len(raw) > MAX_CONFIG_BYTES:
+        raise InvalidAdapter(
+            f"{cfg_path} is over {MAX_CONFIG_BYTES:,} bytes, and lorahub reads at most that: "
+            "an adapter config is a few kilobytes, so this is not one (or it is damaged)"
+        )
+    try:
+        config = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InvalidAdapter(f"{cfg_path} is not valid JSON: {exc}") from None
+    except ValueError:  # json's way of refusing an integer of thousands of digits
+        raise InvalidAdapter(
+            f"{cfg_path} holds an integer too long to read (thousands of digits); no "
+            "adapter setting needs one"
+        ) from None
     if not isinstance(config, dict):
         raise InvalidAdapter(f"{cfg_path} must hold a JSON object, not {type(config).__name__}")
     return config
@@ -148,4 +177,7 @@ def write_canonical(adapter: LoraAdapter, path: Path) -> None:
 
 
 def write_config(config: Mapping[str, Any], out: Path) -> None:
-    (out / CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+    """Write ``adapter_config.json``. ``peft_type`` is always written: PEFT picks the config
+    class by it and cannot load a folder without it, while lorahub reads a missing one as LoRA."""
+    data = {"peft_type": "LORA", **config}
+    (out / CONFIG).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,198 @@
+"""What an output folder may replace: the guard behind ``merge -o`` and ``export`` (``--force``).
+
+lorahub deletes only what it made. A destination that exists is replaced only when it is an
+empty folder or an earlier lorahub output (a merge or an export, recognised by the
+``lorahub.json`` it carries) holding nothing but the files that output wrote. Whatever the
+flags, it never replaces a symbolic link (nor what it points at), the current directory or a
+folder holding it, the store, or an input of the command (the base model, an adapter).
+
+Each output's ``lorahub.json`` lists the files it wrote (``"files"``); readers that predate the
+list ignore it. Outputs written before the list existed are recognised by their fixed file
+sets (:func:`legacy_files`).
+
+Example::
+
+    replace = check_output(Path("./merged"), force=True, inputs=[("the base model", base)],
+                           kind="merge")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import LorahubError, MergeError, StoreError
+
+Kind = Literal["merge", "export"]
+Input = tuple[str, str | os.PathLike[str]]
+
+MARKER = "lorahub.json"
+FILES_KEY = "files"
+EXPORT_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", MARKER)
+MAX_MARKER_BYTES = 64 << 20  # as lorahub.formats.lorahub_json: larger is none of ours
+_SHARD_RE = re.compile(r"^model(?:-\d{5}-of-\d{5})?\.safetensors$")
+_ERRORS: dict[str, type[LorahubError]] = {"merge": MergeError, "export": StoreError}
+_EXAMPLE = {"merge": "merged", "export": "exported"}
+
+
+def check_output(
+    dest: str | os.PathLike[str],
+    *,
+    force: bool,
+    inputs: Iterable[Input] = (),
+    store_home: str | os.PathLike[str] | None = None,
+    kind: Kind,
+) -> bool:
+    """Check that writing ``kind``'s output at ``dest`` destroys nothing lorahub did not make.
+
+    Args:
+        dest: the output folder.
+        force: the user asked to replace an existing output (``--force``).
+        inputs: ``(what, path)`` of each input of the command (``("the base model", path)``);
+            ``dest`` may be neither one of them nor a folder holding one.
+        store_home: the store, which ``dest`` may not be, lie in or hold.
+        kind: ``"merge"`` (errors are ``MergeError``) or ``"export"`` (``StoreError``).
+
+    Returns:
+        True when ``dest`` exists (an empty folder or an earlier output) and is to be replaced.
+
+    Raises:
+        MergeError, StoreError: the message says what is at ``dest`` and what to do instead.
+    """
+    error = _ERRORS[kind]
+    dest = Path(dest).expanduser().absolute()
+    if os.path.islink(dest):
+        target = os.readlink(dest)
+        raise error(
+            f"{dest} is a symbolic link to {target}; lorahub does not write through links: "
+            f"give the target path ({(dest.parent / target).resolve()}) or remove the link"
+        )
+    real = dest.resolve()
+    if store_home is not None:
+        check_outside(dest, store_home)
+    if not os.path.lexists(dest):
+        return False
+    if not dest.is_dir():
+        raise error(f"{dest} exists and is not a folder; remove it yourself or pick another path")
+    cwd = _cwd()
+    if real == cwd:
+        raise error(
+            f"{dest} is the current directory; lorahub will not replace it. "
+            f"Write the output to a new folder (e.g. {dest / _EXAMPLE[kind]})"
+        )
+    if cwd is not None and cwd.is_relative_to(real):
+        raise error(
+            f"{dest} holds the current directory ({cwd}); lorahub will not replace it. "
+            "Write the output to a new folder"
+        )
+    for what, path in inputs:
+        p = Path(path).expanduser().resolve()
+        if p == real:
+            raise error(f"{dest} is {what} of this {kind}; write the output somewhere else")
+        if p.is_relative_to(real):
+            raise error(
+                f"{dest} holds {what} of this {kind} ({p}); write the output somewhere else"
+            )
+    entries = _entries(dest, error)
+    if not entries:
+        return True
+    problem = foreign_files(dest, entries)
+    if problem is None:
+        if not force:
+            raise error(
+                f"{dest} already exists (an earlier lorahub output); pass --force to replace it"
+            )
+        return True
+    advice = "" if force else " (--force does not change that)"
+    raise error(
+        f"{dest} already exists and {problem}; lorahub replaces only its own earlier output "
+        f"or an empty folder{advice}. Remove it yourself or pick another path"
+    )
+
+
+def check_outside(dest: str | os.PathLike[str], store_home: str | os.PathLike[str]) -> None:
+    """Raise ``StoreError`` when ``dest`` is the store, lies in it or holds it: an output
+    written there would replace what the store keeps."""
+    real, home = Path(dest).expanduser().resolve(), Path(store_home).expanduser().resolve()
+    if real == home or real.is_relative_to(home) or home.is_relative_to(real):
+        raise StoreError(
+            f"{dest} overlaps the lorahub store at {home}; write the output somewhere else"
+        )
+
+
+def foreign_files(dest: Path, entries: list[os.DirEntry[str]] | None = None) -> str | None:
+    """None when the folder ``dest`` is an earlier lorahub output holding only what that
+    output wrote; else why not, as a phrase ("holds files lorahub did not write: a.txt")."""
+    entries = _entries(dest, StoreError) if entries is None else entries
+    names = {e.name for e in entries}
+    if MARKER not in names:
+        return "has no lorahub.json (it is not a lorahub output)"
+    doc = _read_marker(dest / MARKER)
+    if doc is None:
+        return "its lorahub.json is not one lorahub wrote"
+    listed = doc.get(FILES_KEY)
+    if listed is None:
+        allowed = legacy_files(doc, names)
+        if allowed is None:
+            return "its lorahub.json is not one lorahub wrote"
+    elif isinstance(listed, list) and all(isinstance(n, str) for n in listed):
+        allowed = set(listed) | {MARKER}
+    else:
+        return f"its lorahub.json has a malformed {FILES_KEY!r} list"
+    other = sorted(
+        e.name for e in entries if e.name not in allowed or not e.is_file(follow_symlinks=False)
+    )
+    if other:
+        shown = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+        return f"holds files lorahub did not write: {shown}"
+    return None
+
+
+def legacy_files(doc: dict[str, Any], names: set[str]) -> set[str] | None:
+    """The names an output written before lorahub recorded its files may hold: the fixed
+    export set, or what a merge writes (shards, their index, the base's config and tokenizer
+    files); None when ``doc`` is neither an export's nor a merge's ``lorahub.json``."""
+    if isinstance(doc.get("digest"), str) and isinstance(doc.get("manifest"), dict):
+        return set(EXPORT_FILES)
+    if isinstance(doc.get("base"), dict) and isinstance(doc.get("tensors"), int):
+        from .merge import AUX_FILES, INDEX_NAME
+
+        fixed = {MARKER, INDEX_NAME, *AUX_FILES}
+        return fixed | {n for n in names if _SHARD_RE.match(n)}
+    return None
+
+
+def _cwd() -> Path | None:
+    try:
+        return Path.cwd().resolve()
+    except FileNotFoundError:  # the current directory was deleted: nothing there to protect
+        return None
+
+
+def _entries(dest: Path, error: type[LorahubError]) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(dest) as it:
+            return list(it)
+    except OSError as exc:
+        raise error(f"cannot read {dest}: {exc.strerror or exc}") from None
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    """The ``lorahub.json`` at ``path`` as a dict, or None (unreadable, a link, too large)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(MAX_MARKER_BYTES + 1)
+    except OSError:
+        return None
+    if len(data) > MAX_MARKER_BYTES:
+        return None
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None

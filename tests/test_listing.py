@@ -1,0 +1,138 @@
+"""Reading the catalog at scale: listings parse no manifest, shape checks need no torch, and
+the commands that read (ls, show, resolve) never import torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from factories import peft_adapter, tiny_llama, write_peft_adapter
+
+import lorahub
+from lorahub import compat
+from lorahub.base import open_base
+from lorahub.digest import canonical_json
+from lorahub.info import provenance_of
+from lorahub.manifest import skeleton
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("world")
+    tiny_llama(seed=0).save_pretrained(d / "llama")
+    tiny_llama(hidden_size=48).save_pretrained(d / "wide")
+    peft_adapter(
+        tiny_llama(),
+        d / "dora-ad",
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "embed_tokens"],
+        use_dora=True,
+    )
+    return d
+
+
+# A program that runs one CLI command and then says whether torch was imported on the way.
+PROBE = """
+import sys
+from lorahub.cli import main
+sys.argv = ["lorahub", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exc:
+    if exc.code:
+        raise
+print("torch imported" if "torch" in sys.modules else "torch not imported", file=sys.stderr)
+"""
+
+
+def test_reading_commands_do_not_import_torch(world, tmp_path):
+    home = tmp_path / "store"
+    with lorahub.open(home) as hub:
+        hub.add_base(world / "llama", name="tiny-base")
+        info = hub.add(world / "dora-ad", name="sql:v1", base=world / "llama").adapter
+        hub.add(write_peft_adapter(tmp_path / "plain"), name="plain:v1")
+
+    def run(*args: str) -> str:
+        # cwd: a folder without "tiny-base" in it, so the name is the recorded base's.
+        res = subprocess.run(
+            [sys.executable, "-c", PROBE, "--home", str(home), *args],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+        assert res.returncode == 0, res.stderr
+        assert res.stderr.strip().endswith("torch not imported"), (args, res.stderr)
+        return res.stdout
+
+    listing = run("ls")
+    assert "sql:v1" in listing and "plain:v1" in listing
+    assert info.digest in {a["digest"] for a in json.loads(run("ls", "--json"))}
+    assert info.digest in run("show", "sql:v1")
+    assert run("resolve", "sql:v1", "--base", "tiny-base").split()[0] == info.digest
+    assert run("check", "sql:v1", "--base", "tiny-base").startswith("exact")
+    fits = json.loads(run("ls", "--json", "--base", "tiny-base"))
+    assert [a["refs"] for a in fits] == [["sql:v1"]]  # plain:v1 needs a [32, 32] v_proj
+    assert run("--help")
+
+
+def test_skeleton_checks_like_the_real_adapter(world, tmp_path):
+    """The shape-only skeleton gives the very report the adapter's real tensors give."""
+    with lorahub.open(tmp_path / "store") as hub:
+        info = hub.add(world / "dora-ad", name="d").adapter
+        real = hub.load("d")
+    assert real.modules and any(m.magnitude is not None for m in real.modules.values())
+    assert real.full or any(m.kind == "embedding" for m in real.modules.values())
+    shaped = skeleton(info.manifest)
+    assert "torch" not in type(next(iter(shaped.modules.values())).A).__module__
+    for base in ("llama", "wide"):
+        tensors = open_base(world / base).tensors
+        want = compat.check(real, tensors, content_hash="xxh128:" + "0" * 32)
+        got = compat.check(shaped, tensors, content_hash="xxh128:" + "0" * 32)
+        assert got == want
+        assert got.status == ("compatible" if base == "llama" else "incompatible")
+    assert got.problems and all(p.expected for p in got.problems)
+
+
+def test_listing_parses_no_manifest_and_keeps_every_field(tmp_path):
+    with lorahub.open(tmp_path / "store") as hub:
+        for i in range(3):
+            hub.add(write_peft_adapter(tmp_path / f"a{i}", seed=i), name=f"a{i}:v1")
+        listed = hub.list()
+        rows = [i.to_dict() for i in listed]
+        assert all("manifest" not in i.__dict__ for i in listed)  # never parsed
+        for info, row in zip(listed, rows, strict=True):
+            full = hub.get(info.digest).to_dict(manifest=True)
+            assert row == {k: v for k, v in full.items() if k != "manifest"}
+            assert row["provenance"] == json.loads(info.manifest_text)["provenance"]
+            assert row["origin"]["format"] == "peft-safetensors" and row["refs"]
+
+
+@pytest.mark.parametrize(
+    "provenance",
+    [
+        {"kind": "import"},
+        {"kind": "compose", "parents": ["xxh128:" + "a" * 32], "weights": [1.0, 0.5]},
+        {"kind": "compose", "params": {"provenance": {"kind": "x"}, "schema": 9}},
+        {"kind": "pull", "note": ',"provenance":{"kind":"fake"},"schema":2'},
+        {"kind": "x", "list": [{"provenance": 1}, {"provenance": {"provenance": []}}]},
+    ],
+)
+def test_provenance_of_reads_only_the_top_level_value(provenance):
+    manifest = {
+        "base": {"name": "tiny/llama"},
+        "config": {"r": 4, "provenance": {"kind": "in-config"}, "note": '"provenance":1'},
+        "full": {},
+        "modules": {"m.q_proj": {"provenance": {"kind": "in-modules"}}},
+        "provenance": provenance,
+        "schema": 2,
+        "weights": {"digest": "xxh128:" + "b" * 32, "size": 10},
+    }
+    text = canonical_json(manifest).decode()
+    assert provenance_of(text) == provenance
+    # Not the tail `manifest.build` writes (another key last): parsed whole, same answer.
+    odd = canonical_json({**manifest, "zzz": {"provenance": {"kind": "no"}}}).decode()
+    assert provenance_of(odd) == provenance
+    assert provenance_of(canonical_json({"schema": 2}).decode()) == {}

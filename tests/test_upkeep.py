@@ -1,0 +1,408 @@
+"""The store survives a lost or damaged catalog, damaged blobs and links: gc, verify, fsck."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from factories import cli_runner, write_peft_adapter
+
+import lorahub
+from lorahub.errors import BlobCollision, IntegrityError, StoreError
+
+
+@pytest.fixture
+def hub(tmp_path):
+    h = lorahub.Hub(tmp_path / "store")
+    yield h
+    h.close()
+
+
+def _fill(hub, tmp_path, n=4):
+    infos = [
+        hub.add(write_peft_adapter(tmp_path / f"src{i}", seed=i), name=f"a{i}:v1").adapter
+        for i in range(n)
+    ]
+    hub.tag("a0:v1", "a0:prod")
+    return infos
+
+
+def _drop_catalog(hub, how="delete"):
+    hub.close()
+    db = hub.home / "lorahub.db"
+    for suffix in ("-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    if how == "delete":
+        db.unlink()
+    else:
+        db.write_bytes(b"")
+
+
+def _blob_count(hub):
+    return sum(1 for _ in hub.blobs)
+
+
+@pytest.mark.parametrize("how", ["delete", "truncate"])
+def test_a_lost_catalog_is_refused_then_rebuilt_with_names(hub, tmp_path, how):
+    infos = _fill(hub, tmp_path)
+    hub.remove("a3:v1")
+    blobs_before = _blob_count(hub)
+    _drop_catalog(hub, how)
+
+    fresh = lorahub.Hub(hub.home)
+    for call in (fresh.list, lambda: fresh.gc(grace=0)):
+        with pytest.raises(StoreError, match="lorahub fsck"):
+            call()
+    assert _blob_count(fresh) == blobs_before  # nothing deleted
+
+    report = fresh.fsck()
+    assert set(report.adapters_restored) == {i.digest for i in infos[:3]}
+    assert report.ok
+    listed = {i.digest: set(i.refs) for i in fresh.list()}
+    assert listed == {
+        infos[0].digest: {"a0:v1", "a0:prod"},
+        infos[1].digest: {"a1:v1"},
+        infos[2].digest: {"a2:v1"},
+    }
+    assert fresh.get("a0:prod").origin["path"] == infos[0].origin["path"]
+    assert fresh.get("a0:v1").created_at == infos[0].created_at
+    assert fresh.verify().ok
+    fresh.close()
+
+
+def test_fsck_through_the_cli_restores_and_a_second_run_finds_nothing(tmp_path):
+    home = tmp_path / "store"
+    run = cli_runner(home)
+    run("add", write_peft_adapter(tmp_path / "x"), "--name", "x:v1")
+    (home / "lorahub.db").unlink()
+    res = run("ls", code=1)
+    assert "lorahub fsck" in res.stderr and "Traceback" not in res.output
+    res = run("fsck", "--dry-run")
+    assert "would restore adapter" in res.stdout
+    run("fsck")
+    assert "x:v1" in run("ls").stdout
+    assert "0 repair(s)" in run("fsck").stdout
+
+
+def test_bases_come_back_from_their_records(hub, tmp_path):
+    from factories import tiny_llama
+
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    recorded = hub.add_base(base_dir, name="tiny")
+    _drop_catalog(hub)
+    fresh = lorahub.Hub(hub.home)
+    report = fresh.fsck()
+    assert report.bases_restored == ("tiny",)
+    (base,) = fresh.bases()
+    assert (base.name, base.signature, base.content_hash) == (
+        recorded.name,
+        recorded.signature,
+        recorded.content_hash,
+    )
+    fresh.close()
+
+
+def test_a_committed_add_the_catalog_lost_keeps_its_blob_and_comes_back(hub, tmp_path):
+    """A damaged WAL drops a committed transaction: the row is gone, the files are not."""
+    keep = hub.add(write_peft_adapter(tmp_path / "k", seed=1), name="keep").adapter
+    lost = hub.add(write_peft_adapter(tmp_path / "l", seed=2), name="lost:v1").adapter
+    hub.close()
+    con = sqlite3.connect(hub.home / "lorahub.db")
+    con.execute("PRAGMA foreign_keys=ON")
+    con.execute("DELETE FROM adapters WHERE digest = ?", (lost.digest,))
+    con.commit()
+    con.close()
+    old = time.time() - 7200
+    for path in hub.home.rglob("*"):
+        if path.is_file():
+            os.utime(path, (old, old))
+
+    report = hub.gc(grace=60)
+    assert report.blobs == () and lost.digest in report.unrecorded
+    assert any(v.problem.endswith("run `lorahub fsck`") for v in hub.verify().problems)
+    assert hub.fsck().adapters_restored == (lost.digest,)
+    assert hub.get("lost:v1").digest == lost.digest and hub.get("keep").digest == keep.digest
+    assert hub.verify().ok
+
+
+def test_gc_refuses_an_empty_catalog_over_blobs_no_record_explains(hub, tmp_path):
+    """A store made before manifests were kept, whose catalog was emptied: nothing on disk
+    says the blobs are garbage, so gc deletes none of them unless forced."""
+    _fill(hub, tmp_path, n=2)
+    hub.close()
+    con = sqlite3.connect(hub.home / "lorahub.db")
+    con.execute("PRAGMA foreign_keys=ON")
+    con.execute("DELETE FROM adapters")
+    con.commit()
+    con.close()
+    for p in (hub.home / "manifests").rglob("*"):
+        if p.is_file():
+            p.unlink()
+    (hub.home / "journal.log").unlink()
+    with pytest.raises(StoreError, match="lists no adapters"):
+        hub.gc(grace=0)
+    assert _blob_count(hub) == 2
+    assert len(hub.gc(grace=0, force=True).blobs) == 2
+
+
+def test_gc_refuses_to_delete_most_of_the_store_when_no_removal_explains_it(hub, tmp_path):
+    big = write_peft_adapter(tmp_path / "big", r=16, seed=3)
+    hub.add(write_peft_adapter(tmp_path / "small"), name="small")
+    # An unrecorded big blob (no manifest names it), as an old store's lost adapter would be.
+    hub.blobs.put_file(lambda p: p.write_bytes((big / "adapter_model.safetensors").read_bytes()))
+    with pytest.raises(StoreError, match="% of the store"):
+        hub.gc(grace=0)
+    assert len(hub.gc(grace=0, force=True).blobs) == 1
+
+
+def test_removed_adapters_are_collected_without_force(hub, tmp_path):
+    infos = _fill(hub, tmp_path, n=3)
+    for name in ("a0:v1", "a0:prod", "a1:v1", "a2:v1"):
+        hub.remove(name)
+    report = hub.gc(grace=0)
+    assert set(report.blobs) == {i.weights_digest for i in infos}
+    assert _blob_count(hub) == 0
+    assert list(hub.records.manifest_digests()) == []  # removed adapters' manifests go too
+    assert hub.verify().ok
+
+
+def _corrupt_index(db: Path, index: str) -> None:
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page_size = con.execute("PRAGMA page_size").fetchone()[0]
+    (root,) = con.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (index,)).fetchone()
+    con.close()
+    data = bytearray(db.read_bytes())
+    start = (root - 1) * page_size
+    at = data.index(b"xxh128:", start, start + page_size) + 7
+    data[at] = ord("0") if data[at] != ord("0") else ord("1")  # one byte, one digest changed
+    db.write_bytes(bytes(data))
+
+
+def test_one_changed_byte_in_the_weights_index_never_costs_a_live_blob(hub, tmp_path):
+    infos = _fill(hub, tmp_path, n=2)
+    hub.close()
+    _corrupt_index(hub.home / "lorahub.db", "ix_adapters_weights_digest")
+    with pytest.raises(StoreError, match="fsck"):
+        hub.gc(grace=0)
+    assert {p.what for p in hub.verify().problems} >= {"catalog"}
+    report = hub.fsck()
+    assert report.reindexed and report.catalog_set_aside is None
+    assert hub.gc(grace=0).blobs == ()
+    for info in infos:
+        assert hub.blobs.exists(lorahub.digest.Digest.parse(info.weights_digest))
+    assert hub.verify().ok
+
+
+def test_an_interrupted_gc_leaves_verify_clean(hub, tmp_path, monkeypatch):
+    infos = _fill(hub, tmp_path, n=3)
+    for name in ("a1:v1", "a2:v1"):
+        hub.remove(name)
+    real_unlink = Path.unlink
+    calls = []
+
+    def unlink_then_die(self, *a, **kw):
+        if "blobs" in self.parts:
+            calls.append(self)
+            if len(calls) == 2:
+                raise KeyboardInterrupt  # Ctrl-C between two deletions
+        return real_unlink(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "unlink", unlink_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        hub.gc(grace=0)
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert hub.verify().ok  # rows went first: a surviving file is only garbage
+    hub.gc(grace=0)
+    assert {str(b.digest) for b in hub.blobs} == {infos[0].weights_digest}
+
+
+def test_a_damaged_blob_is_replaced_by_adding_the_adapter_again(hub, tmp_path):
+    src = write_peft_adapter(tmp_path / "a")
+    info = hub.add(src, name="a").adapter
+    blob = hub.blobs.path(lorahub.digest.Digest.parse(info.weights_digest))
+    data = bytearray(blob.read_bytes())
+    data[-3] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="add the adapter again"):
+        hub.load("a")
+    assert hub.add(src, name="a").status == "present"
+    assert hub.verify().ok and hub.load("a") is not None
+
+
+def test_fsck_fetches_a_damaged_blob_again_or_quarantines_it(hub, tmp_path):
+    a = hub.add(write_peft_adapter(tmp_path / "a", seed=1), name="a").adapter
+    gone_src = write_peft_adapter(tmp_path / "b", seed=2)
+    b = hub.add(gone_src, name="b").adapter
+    for info in (a, b):
+        blob = hub.blobs.path(lorahub.digest.Digest.parse(info.weights_digest))
+        blob.write_bytes(blob.read_bytes()[:-1] + b"\0")
+    for f in gone_src.iterdir():
+        f.unlink()
+    report = hub.fsck()
+    assert report.blobs_repaired == (a.weights_digest,)
+    assert report.blobs_quarantined == (b.weights_digest,)
+    assert not report.ok and "b" in report.unrecovered[0]
+    hexpart = b.weights_digest.split(":")[1]
+    assert (hub.home / "quarantine" / hexpart).is_file()  # kept, never deleted
+    assert hub.load("a") is not None
+
+
+def test_bytes_that_collide_with_a_stored_blob_are_refused(hub, tmp_path, monkeypatch):
+    """xxh3 is not cryptographic: simulate a crafted collision by making two different
+    files hash alike, and check the stored blob wins and the error names both sides."""
+    from lorahub import blobs as blobs_mod
+    from lorahub.digest import Digest
+
+    first = hub.add(write_peft_adapter(tmp_path / "first", seed=1), name="first").adapter
+    fixed = Digest.parse(first.weights_digest)
+    real_stream = blobs_mod.hash_stream
+    monkeypatch.setattr(blobs_mod, "hash_stream", lambda f: (fixed, real_stream(f)[1]))
+    monkeypatch.setattr(blobs_mod, "hash_file", lambda p: (fixed, Path(p).stat().st_size))
+    before = hub.blobs.path(fixed).read_bytes()
+    with pytest.raises(BlobCollision) as err:
+        hub.add(write_peft_adapter(tmp_path / "evil", seed=2), name="evil")
+    message = str(err.value)
+    assert str(tmp_path / "evil") in message and "first" in message
+    assert hub.blobs.path(fixed).read_bytes() == before
+    assert [i.refs for i in hub.list()] == [("first:latest",)]
+
+
+def test_a_store_folder_linked_out_of_the_store_is_refused(tmp_path, monkeypatch):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    victim = outside / "old-file"
+    victim.write_text("precious")
+    os.utime(victim, (1, 1))
+    home = tmp_path / "store"
+    home.mkdir()
+    (home / "tmp").symlink_to(outside)
+    with pytest.raises(StoreError, match="LORAHUB_ALLOW_SYMLINKS"):
+        lorahub.Hub(home)
+    res = cli_runner(home)("gc", "--grace", "0", code=1)
+    assert "is a link to" in res.stderr
+    assert victim.read_text() == "precious"
+    monkeypatch.setenv("LORAHUB_ALLOW_SYMLINKS", "1")
+    lorahub.Hub(home).close()  # on purpose: allowed
+
+
+def test_gc_removes_links_in_tmp_without_following_them(hub, tmp_path):
+    target = tmp_path / "outside.txt"
+    target.write_text("keep me")
+    link = hub.home / "tmp" / "blob-link"
+    link.symlink_to(target)
+    os.utime(link, (1, 1), follow_symlinks=False)
+    os.utime(target, (1, 1))
+    report = hub.gc(grace=60)
+    assert str(link) in report.temp_files and not link.is_symlink()
+    assert target.read_text() == "keep me"
+
+
+def test_a_linked_merge_lock_is_an_error_not_a_traceback(tmp_path):
+    from lorahub.hub import _merged_lock
+
+    merged = tmp_path / "merged"
+    (merged / ".locks").mkdir(parents=True)
+    (merged / ".locks" / "ab.lock").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(StoreError, match="is a link"), _merged_lock(merged, "xxh128:ab" + "0" * 30):
+        pass
+
+
+def test_gc_collects_merge_leftovers_but_not_live_ones(hub):
+    merged = hub.home / "merged"
+    dead = merged / f".{'a' * 32}.partial-999999999-0123abcd"
+    live = merged / f".{'b' * 32}.partial-{os.getpid()}-0123abcd"
+    old = merged / f".{'c' * 32}.old-999999999-0123abcd"
+    lock = merged / f"{'d' * 32}.lock"
+    young = merged / f".{'e' * 32}.partial-999999999-0123abcd"
+    for d in (dead, live, old, young):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 10)
+    lock.write_bytes(b"")
+    for p in (dead, live, old, lock):
+        os.utime(p, (1, 1))
+    report = hub.gc(grace=3600)
+    assert set(report.temp_files) == {str(dead), str(old), str(lock)}
+    assert live.is_dir() and young.is_dir() and not dead.exists() and not lock.exists()
+
+
+def test_gc_at_grace_zero_waits_for_a_write_in_flight(hub):
+    entered, release = threading.Event(), threading.Event()
+    tmp_file = hub.home / "tmp" / "blob-inflight"
+
+    def writer():
+        with hub.blobs.writing():
+            tmp_file.write_bytes(b"half written")
+            os.utime(tmp_file, (1, 1))
+            entered.set()
+            release.wait(10)
+            assert tmp_file.read_bytes() == b"half written"  # gc did not take it
+            tmp_file.unlink()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    entered.wait(10)
+    done = []
+    g = threading.Thread(target=lambda: done.append(hub.gc(grace=0)))
+    g.start()
+    g.join(0.5)
+    assert g.is_alive()  # waiting on the writers' lock
+    release.set()
+    t.join(10)
+    g.join(10)
+    assert done and str(tmp_file) not in done[0].temp_files
+
+
+def test_add_recursive_goes_on_past_a_bad_adapter_and_names_a_missing_config(tmp_path):
+    pile = tmp_path / "pile"
+    write_peft_adapter(pile / "a-good", seed=1)
+    bad = write_peft_adapter(pile / "b-bad", seed=2)
+    (bad / "adapter_config.json").write_text('{"r": ' + "9" * 5000 + "}")
+    headless = write_peft_adapter(pile / "c-noconfig", seed=3)
+    (headless / "adapter_config.json").unlink()
+    write_peft_adapter(pile / "d-good", seed=4)
+    res = cli_runner(tmp_path / "store")("add", "-r", pile, code=1)
+    assert res.stdout.count("added") == 2
+    assert "c-noconfig has adapter_model.safetensors but no adapter_config.json" in res.stderr
+    assert "b-bad" in res.stderr and "Traceback" not in res.output
+
+
+def test_a_folder_with_weights_but_no_config_says_so(tmp_path):
+    folder = write_peft_adapter(tmp_path / "nocfg")
+    (folder / "adapter_config.json").unlink()
+    res = cli_runner(tmp_path / "store")("add", folder, code=1)
+    assert "no adapter_config.json" in res.stderr and "--recursive" not in res.stderr
+
+
+def test_a_damaged_catalog_file_names_fsck_which_sets_it_aside(hub, tmp_path):
+    infos = _fill(hub, tmp_path, n=2)
+    hub.close()
+    db = hub.home / "lorahub.db"
+    db.write_bytes(b"this is not a database" * 100)
+    res = cli_runner(hub.home)("ls", code=1)
+    assert "lorahub fsck" in res.stderr
+    report = lorahub.Hub(hub.home).fsck()
+    assert report.catalog_set_aside and Path(report.catalog_set_aside).read_bytes().startswith(
+        b"this is not"
+    )
+    assert {i.digest for i in lorahub.Hub(hub.home).list()} == {i.digest for i in infos}
+
+
+def test_an_older_store_gets_its_records_written_once(hub, tmp_path):
+    infos = _fill(hub, tmp_path, n=2)
+    hub.close()
+    for p in sorted((hub.home / "manifests").rglob("*"), reverse=True):
+        p.unlink() if p.is_file() else p.rmdir()
+    (hub.home / "journal.log").unlink()
+    reopened = lorahub.Hub(hub.home)
+    reopened.list()
+    assert {d for d, _ in reopened.records.manifest_digests()} == {i.digest for i in infos}
+    _drop_catalog(reopened)
+    again = lorahub.Hub(hub.home)
+    again.fsck()
+    assert {r for i in again.list() for r in i.refs} == {"a0:v1", "a0:prod", "a1:v1"}
