@@ -123,7 +123,7 @@ class Hub:
     def _writing(self) -> Iterator[tuple[Session, list[dict[str, Any]]]]:
         """A write transaction whose journal events (appended to the list it yields) are
         written under the catalog's write lock just before the commit, so the journal keeps
-        commit order; if the commit fails they are marked aborted."""
+        commit order, and confirmed after it; if the commit fails they are marked aborted."""
         events: list[dict[str, Any]] = []
         ids: list[str] = []
         try:
@@ -132,9 +132,9 @@ class Hub:
                 s.flush()
                 ids = self.records.append(events)
         except BaseException:
-            if ids:
-                self.records.abort(ids)
+            self.records.abort(ids)
             raise
+        self.records.commit(ids)
 
     def close(self) -> None:
         if self._engine is not None:
@@ -794,7 +794,7 @@ class Hub:
         key_doc = {"base": base_ref.content_hash, "adapters": parts, "dtype": dt}
         key = str(hash_bytes(canonical_json(key_doc)))
         out = self.home / "merged" / key.split(":")[1]
-        with _merged_lock(self.home / "merged", key):
+        with layout.merged_lock(self.home / "merged", key):
             with db.write_session(self.engine) as s:
                 row = merged_q.get(s, key)
                 if row is not None and Path(row.path).is_dir():
@@ -1261,31 +1261,6 @@ class _BaseContext:
     tensors: Mapping[str, TensorInfo]
     ref: BaseRef
     id: int | None
-
-
-@contextlib.contextmanager
-def _merged_lock(merged: Path, key: str) -> Iterator[None]:
-    """Saves two processes from making the same merged checkpoint at once. One lock file
-    per 256th of the key space (``merged/.locks/ab.lock``): a bounded set that is never
-    deleted, since deleting a lock file another process holds open breaks the lock."""
-    from filelock import FileLock, Timeout
-
-    locks = merged / ".locks"
-    path = locks / f"{key.split(':')[-1][:2]}.lock"
-    lock = FileLock(str(path))
-    try:
-        locks.mkdir(exist_ok=True)
-        if locks.is_symlink() or path.is_symlink():
-            raise StoreError(f"{path} is a link; remove it (lorahub makes its own lock files)")
-        lock.acquire()
-    except (OSError, Timeout) as exc:
-        if isinstance(exc, StoreError):
-            raise
-        raise StoreError(f"cannot lock {path}: {exc}") from exc
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _weights_without_config(root: Path, recursive: bool) -> list[Path]:

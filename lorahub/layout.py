@@ -7,7 +7,9 @@ are links out of it on purpose (blobs on another disk) says so with ``LORAHUB_AL
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import StoreError
@@ -32,3 +34,33 @@ def prepare(home: Path, *, allow_symlinks: bool = False) -> None:
             path.mkdir(exist_ok=True)
     except OSError as exc:
         raise StoreError(f"cannot create the store at {home}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def merged_lock(merged: Path, key: str, *, wait: bool = True) -> Iterator[bool]:
+    """Held by ``merged get`` from its merge to its catalog row, and by ``gc`` before it
+    takes an unlisted merged folder: yields True once held, or False at once when
+    ``wait=False`` and another process holds it. One lock file per 256th of the key space
+    (``merged/.locks/ab.lock``): a bounded set that is never deleted, since deleting a lock
+    file another process has open breaks the lock."""
+    from filelock import FileLock, Timeout
+
+    locks = merged / ".locks"
+    path = locks / f"{key.split(':')[-1][:2]}.lock"
+    lock = FileLock(str(path), timeout=-1 if wait else 0)
+    try:
+        locks.mkdir(exist_ok=True)
+        if locks.is_symlink() or path.is_symlink():
+            raise StoreError(f"{path} is a link; remove it (lorahub makes its own lock files)")
+        lock.acquire()
+    except Timeout:
+        yield False
+        return
+    except OSError as exc:
+        if isinstance(exc, StoreError):
+            raise
+        raise StoreError(f"cannot lock {path}: {exc}") from exc
+    try:
+        yield True
+    finally:
+        lock.release()

@@ -8,7 +8,8 @@ The catalog is an index; what it indexes is also kept as files in the store:
 ``journal.log``
     an append-only log of what the catalog was told: adapters added (with their origin)
     and removed, names set and dropped, in commit order (appended under the catalog's
-    write lock, just before the commit); a replay gives back every name;
+    write lock, just before the commit, then confirmed after it); a replay gives back
+    every name, and drops nothing on an unconfirmed event's word;
 ``bases/<key>.json``
     each recorded base model with its tensor table.
 
@@ -35,7 +36,7 @@ from .fsutil import fsync_dir
 log = logging.getLogger(__name__)
 
 JOURNAL = "journal.log"
-OPS = ("add", "tag", "untag", "rm", "abort")
+OPS = ("add", "tag", "untag", "rm", "abort", "commit")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Event:
     op: str
     id: str
     data: Mapping[str, Any]
+    committed: bool = True  # its transaction's commit was confirmed
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.data.get(key, default)
@@ -91,8 +93,9 @@ class Records:
 
     # -------------------------------------------------------------- journal
 
-    def append(self, events: Sequence[Mapping[str, Any]]) -> list[str]:
-        """Append events (each a dict with ``op``) durably; returns their ids."""
+    def append(self, events: Sequence[Mapping[str, Any]], *, sync: bool = True) -> list[str]:
+        """Append events (each a dict with ``op``), durably unless ``sync=False``; returns
+        their ids."""
         if not events:
             return []
         ids, lines = [], []
@@ -109,10 +112,11 @@ class Records:
             )
             try:
                 os.write(fd, data)  # one write: lines of concurrent writers never interleave
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
-            if new:
+            if new and sync:
                 fsync_dir(self.home)
         except OSError as exc:
             raise StoreError(
@@ -120,19 +124,30 @@ class Records:
             ) from exc
         return ids
 
+    def commit(self, ids: Sequence[str]) -> None:
+        """Confirm events whose catalog transaction committed. Best effort and not synced:
+        a lost confirmation only makes a later replay keep what an unconfirmed removal
+        would have dropped, the safe way round."""
+        if ids:
+            with contextlib.suppress(StoreError):
+                self.append([{"op": "commit", "ids": list(ids)}], sync=False)
+
     def abort(self, ids: Sequence[str]) -> None:
         """Mark events whose catalog transaction did not commit (best effort)."""
-        with contextlib.suppress(StoreError):
-            self.append([{"op": "abort", "ids": list(ids)}])
+        if ids:
+            with contextlib.suppress(StoreError):
+                self.append([{"op": "abort", "ids": list(ids)}])
 
     def events(self) -> Iterator[Event]:
-        """Committed events in order; aborted ones and torn or foreign lines are skipped."""
+        """Events in order, each saying whether its commit was confirmed; aborted ones and
+        torn or foreign lines are skipped."""
         try:
             raw = self.journal_path.read_bytes()
         except FileNotFoundError:
             return
-        parsed: list[Event] = []
+        parsed: list[tuple[str, str, dict[str, Any]]] = []
         aborted: set[str] = set()
+        committed: set[str] = set()
         for line in raw.splitlines():
             try:
                 doc = json.loads(line)
@@ -141,13 +156,14 @@ class Records:
                 continue
             if not isinstance(doc, dict) or doc.get("op") not in OPS:
                 continue
-            if doc["op"] == "abort":
-                aborted.update(x for x in doc.get("ids") or () if isinstance(x, str))
+            if doc["op"] in ("abort", "commit"):
+                marks = aborted if doc["op"] == "abort" else committed
+                marks.update(x for x in doc.get("ids") or () if isinstance(x, str))
                 continue
-            parsed.append(Event(doc["op"], str(doc.get("id", "")), doc))
-        for e in parsed:
-            if e.id not in aborted:
-                yield e
+            parsed.append((doc["op"], str(doc.get("id", "")), doc))
+        for op, ident, doc in parsed:
+            if ident not in aborted:
+                yield Event(op, ident, doc, ident in committed)
 
     # -------------------------------------------------------------- bases
 

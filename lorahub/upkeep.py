@@ -107,19 +107,40 @@ def backfill_records(engine: Engine, records: Records, lock_path: Path) -> None:
             for base in s.scalars(select(BaseModelRow)):
                 records.put_base(base_record(base))
         if events and not any(True for _ in records.events()):
-            records.append(events)
+            records.commit(records.append(events))
         os.sync()  # the manifests above, written without one fsync each
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
 
 
-def removed_digests(records: Records) -> set[str]:
-    """Adapters whose last event in the journal is a removal."""
+@dataclass(frozen=True)
+class Recorded:
+    """What the journal says of the adapters whose manifests the store holds."""
+
+    live: frozenset[str]  # a confirmed add, no confirmed removal since
+    removed: frozenset[str]  # a confirmed removal last
+    journal: bool  # there is a journal at all
+
+    def status(self, digest: str) -> str:
+        """``live``, ``removed``, or ``abandoned``: a manifest written by an add that never
+        committed (killed, or rolled back). Without a journal every manifest counts as
+        live: nothing is dropped on a missing file's word."""
+        if digest in self.live or not self.journal:
+            return "live"
+        return "removed" if digest in self.removed else "abandoned"
+
+
+def recorded(records: Records) -> Recorded:
+    """Only confirmed events count: an unconfirmed one may have been rolled back."""
     last: dict[str, str] = {}
     for e in records.events():
-        if e.op in ("add", "rm"):
+        if e.op in ("add", "rm") and e.committed:
             last[str(e.get("digest"))] = e.op
-    return {d for d, op in last.items() if op == "rm"}
+    return Recorded(
+        frozenset(d for d, op in last.items() if op == "add"),
+        frozenset(d for d, op in last.items() if op == "rm"),
+        records.journal_path.exists(),
+    )
 
 
 def _weights_of(manifest_text: str) -> str | None:
@@ -157,31 +178,33 @@ def collect_garbage(
             f"the catalog is damaged ({damage[0]}); gc deletes nothing it cannot account "
             "for. Run `lorahub fsck` to repair the catalog, then gc again"
         )
-    removed = removed_digests(records)
     session = db.read_session if dry_run else db.write_session
     with session(engine) as s:
         needed, in_catalog = _needed_by_catalog(s)
+        journal = recorded(records)  # read under the write lock: no commit is half done
         on_disk_only: list[str] = []
         gone_manifests: list[Path] = []
+        explained: set[str] = set()  # adapters removed, or adds that never committed
         for digest, mtime in records.manifest_digests():
             if digest in in_catalog:
                 continue
-            if digest in removed:
+            if journal.status(digest) != "live":
+                explained.add(digest)
                 if mtime < cutoff:
                     gone_manifests.append(records.manifests.path(Digest.parse(digest)))
                 continue
-            # On disk, not removed, not in the catalog: an add in flight, or one the
-            # catalog lost. Either way its blob stays.
+            # Recorded, not removed, not in the catalog: a commit the catalog lost. Its
+            # blob stays until `fsck` restores it.
             text = records.manifest_text(digest)
             weights = _weights_of(text) if text else None
             if weights:
                 needed.add(weights)
             if mtime < cutoff:
                 on_disk_only.append(digest)
-        removed_weights = _weights_named_by(records, removed)
+        removed_weights = _weights_named_by(records, explained)
         all_blobs = list(blobs)
         doomed = [b for b in all_blobs if str(b.digest) not in needed and b.mtime < cutoff]
-        unaccounted = [b for b in doomed if str(b.digest) not in removed_weights]
+        unaccounted = [b for b in doomed if str(b.digest) not in removed_weights]  # no record
         total = sum(b.size for b in all_blobs)
         lost_bytes = sum(b.size for b in unaccounted)
         if (
@@ -323,24 +346,45 @@ def sweep_merged(
         elif not (_KEY_RE.match(name) and name not in known):
             continue
         size = _tree_size(Path(entry.path))
+        if m or name.endswith(".lock"):
+            doomed: Path | None = Path(entry.path)
+        else:
+            doomed = _claim_unlisted(engine, merged_dir, Path(entry.path), dry_run=dry_run)
+            if doomed is None:
+                continue
         if not dry_run:
-            _remove(Path(entry.path) if m else _set_aside(Path(entry.path)))
+            _remove(doomed)
         out.append((Path(entry.path), size))
     return out
 
 
-def _set_aside(path: Path) -> Path:
-    """Rename a merged folder out of its key's name before deleting it: a gc killed in the
-    middle then leaves a leftover the next gc collects, never a half-deleted folder under
-    the key's name (which ``merged get`` would refuse to replace)."""
-    if path.is_symlink() or not path.is_dir():
-        return path
-    aside = path.with_name(f".{path.name}.evicted-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+def _claim_unlisted(engine: Engine, merged_dir: Path, path: Path, *, dry_run: bool) -> Path | None:
+    """Take a merged folder the catalog does not list out of its key's name, under the
+    lock ``merged get`` holds from its merge to its catalog row (``.locks/<2 hex>.lock``,
+    tried without waiting): a ``merged get`` in flight that has published the folder and
+    not yet recorded it keeps it, whatever the grace. Renamed before it is deleted, so a
+    gc killed in the middle leaves a leftover the next gc collects, never a half-deleted
+    folder under the key's name. Returns where it now is, or None to keep it."""
+    from .catalog import merged as merged_q
+    from .layout import merged_lock
+
     try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return path
-    return aside
+        with merged_lock(merged_dir, path.name, wait=False) as held:
+            if not held:
+                return None  # a merge of this key space is at work
+            with db.read_session(engine) as s:
+                if any(Path(r.path).name == path.name for r in merged_q.all_rows(s)):
+                    return None  # recorded since the scan
+            if dry_run or path.is_symlink() or not path.is_dir():
+                return path
+            aside = path.with_name(f".{path.name}.evicted-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                return None
+            return aside
+    except StoreError:  # a linked lock: leave the folder alone
+        return None
 
 
 def _alive(pid: int) -> bool:
@@ -427,10 +471,10 @@ def verify_store(
         problems.append(
             VerifyProblem("catalog", str(engine.url), "the weights index disagrees with the rows")
         )
-    removed = removed_digests(records)
+    journal = recorded(records)
     settled = time.time() - 60  # younger ones may be adds in flight
     for digest, mtime in records.manifest_digests():
-        if digest not in in_catalog and digest not in removed and mtime < settled:
+        if digest not in in_catalog and journal.status(digest) == "live" and mtime < settled:
             problems.append(
                 VerifyProblem(
                     "adapter",
@@ -636,7 +680,8 @@ def _replay(records: Records, blobs: BlobStore) -> tuple[Engine, list[str], list
     notes: list[str] = []
     seen: set[str] = set()
     failed: set[str] = set()
-    gone = removed_digests(records)  # removed for good: gc may have taken their files
+    journal = recorded(records)
+    gone = journal.removed  # removed for good: gc may have taken their files
     with Session(engine) as s:
 
         def ensure(
@@ -656,6 +701,8 @@ def _replay(records: Records, blobs: BlobStore) -> tuple[Engine, list[str], list
         for e in records.events():
             digest = str(e.get("digest"))
             seen.add(digest)
+            if not e.committed:
+                continue  # its transaction may have been rolled back
             if e.op == "add":
                 ensure(digest, e.get("origin_kind"), e.get("origin"), e.get("created_at"))
             elif e.op == "rm":
@@ -675,13 +722,20 @@ def _replay(records: Records, blobs: BlobStore) -> tuple[Engine, list[str], list
                 if row is not None:
                     q.remove_ref(s, str(e.get("name")), str(e.get("tag")), row.id)
                     s.expire(row)
-        orphans = 0
+        orphans = abandoned = 0
         for digest, _ in records.manifest_digests():
-            if digest not in seen:
+            if journal.status(digest) == "abandoned" and q.adapter_by_digest(s, digest) is None:
+                abandoned += 1
+            elif digest not in seen:
                 orphans += 1
                 ensure(digest, None, None, None)
         if orphans:
             notes.append(f"{orphans} manifest file(s) had no journal entry; restored without names")
+        if abandoned:
+            notes.append(
+                f"{abandoned} manifest file(s) were left by adds that never committed; "
+                "not restored (gc removes them)"
+            )
         s.commit()
     return engine, unrecovered, notes
 

@@ -304,12 +304,12 @@ def test_gc_removes_links_in_tmp_without_following_them(hub, tmp_path):
 
 
 def test_a_linked_merge_lock_is_an_error_not_a_traceback(tmp_path):
-    from lorahub.hub import _merged_lock
+    from lorahub.layout import merged_lock
 
     merged = tmp_path / "merged"
     (merged / ".locks").mkdir(parents=True)
     (merged / ".locks" / "ab.lock").symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(StoreError, match="is a link"), _merged_lock(merged, "xxh128:ab" + "0" * 30):
+    with pytest.raises(StoreError, match="is a link"), merged_lock(merged, "xxh128:ab" + "0" * 30):
         pass
 
 
@@ -406,3 +406,42 @@ def test_an_older_store_gets_its_records_written_once(hub, tmp_path):
     again = lorahub.Hub(hub.home)
     again.fsck()
     assert {r for i in again.list() for r in i.refs} == {"a0:v1", "a0:prod", "a1:v1"}
+
+
+def _abandon_an_add(hub, src):
+    """What an add killed before its commit leaves: the blob and the manifest, no row."""
+    from lorahub.formats import peft
+
+    adapter = peft.read_peft_dir(src)
+    weights, size = hub.blobs.put_file(lambda p: peft.write_canonical(adapter, p))
+    text = lorahub.manifest.encode(
+        lorahub.manifest.build(adapter, weights, size, lorahub.manifest.claimed_base(adapter))
+    ).decode()
+    digest = str(lorahub.digest.hash_bytes(text.encode()))
+    hub.records.put_manifest(digest, text)
+    old = time.time() - 7200
+    for path in (
+        hub.blobs.path(weights),
+        hub.records.manifests.path(lorahub.digest.Digest.parse(digest)),
+    ):
+        os.utime(path, (old, old))
+    return digest, str(weights)
+
+
+def test_an_add_that_never_committed_is_garbage_not_a_lost_adapter(hub, tmp_path):
+    keep = hub.add(write_peft_adapter(tmp_path / "k", seed=1), name="keep").adapter
+    digest, weights = _abandon_an_add(hub, write_peft_adapter(tmp_path / "x", seed=2))
+    assert hub.verify().ok  # not reported as lost: the journal never confirmed it
+    report = hub.fsck()
+    assert report.adapters_restored == () and any("never committed" in n for n in report.notes)
+    assert hub.gc(grace=60).blobs == (weights,)
+    assert hub.records.manifest_text(digest) is None and hub.get("keep").digest == keep.digest
+    assert hub.verify().ok
+
+
+def test_without_a_journal_every_manifest_counts(hub, tmp_path):
+    hub.add(write_peft_adapter(tmp_path / "k", seed=1), name="keep")
+    digest, _ = _abandon_an_add(hub, write_peft_adapter(tmp_path / "x", seed=2))
+    (hub.home / "journal.log").unlink()
+    assert hub.gc(grace=60).blobs == ()  # nothing says it is garbage: kept
+    assert hub.fsck().adapters_restored == (digest,)

@@ -99,6 +99,10 @@ def main() -> None:
     library.addHandler(handler)
     library.setLevel(logging.WARNING)
     library.propagate = False
+    if not os.environ.get("LORAHUB_DEBUG"):
+        # SQLAlchemy's pool logs a Ctrl-C that lands while it closes a connection as an
+        # error with a traceback; the CLI already says "Interrupted.".
+        logging.getLogger("sqlalchemy.pool").addHandler(logging.NullHandler())
     output.FREEZE_AFTER_IMPORT = True
     try:
         cli(prog_name="lorahub")
