@@ -19,15 +19,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import layout, upkeep
+from . import layout
 from . import manifest as mf
 from .adapter import LoraAdapter
 from .blobs import BlobStore
-from .catalog import bases as bases_q
-from .catalog import db
-from .catalog import health as health_q
-from .catalog import merged as merged_q
-from .catalog import queries as q
+from .catalog import lite, reads
 from .digest import Digest, canonical_json, hash_bytes
 from .errors import (
     AdapterNotFound,
@@ -52,8 +48,9 @@ from .info import (
     MergedInfo,
     VerifyReport,
 )
+from .lazy import lazy_module
 from .manifest import BaseRef
-from .records import Records
+from .records import Records, backfilled
 from .refs import Reference, format_ref, local_path, parse, validate_name
 from .settings import Settings, load
 
@@ -62,10 +59,23 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
     from sqlalchemy.orm import Session
 
+    from . import upkeep
     from .base import BaseModel, TensorInfo
+    from .catalog import bases as bases_q
+    from .catalog import db
+    from .catalog import health as health_q
+    from .catalog import merged as merged_q
+    from .catalog import queries as q
     from .compat import CompatReport
     from .merge import MergeResult
     from .remote import PushResult
+else:  # SQLAlchemy, behind these, takes longer to import than `show` may take in all
+    upkeep = lazy_module("lorahub.upkeep")
+    bases_q = lazy_module("lorahub.catalog.bases")
+    db = lazy_module("lorahub.catalog.db")
+    health_q = lazy_module("lorahub.catalog.health")
+    merged_q = lazy_module("lorahub.catalog.merged")
+    q = lazy_module("lorahub.catalog.queries")
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +110,26 @@ class Hub:
         if self._engine is None:
             self._engine = self._open_catalog(check=True)
         return self._engine
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[reads.Run]:
+        """Plain-SQL reads (:mod:`lorahub.catalog.reads`): through the standard library's
+        sqlite3 when the embedded catalog is there and current, so a command that only
+        reads never imports SQLAlchemy; else through the engine."""
+        if (
+            self._engine is None
+            and self.settings.database_url is None
+            and backfilled(self.records)  # else the engine's open writes the records first
+        ):
+            conn = lite.open_current(self.home / "lorahub.db")
+            if conn is not None:
+                try:
+                    yield lite.runner(conn)
+                    return
+                finally:
+                    conn.close()
+        with db.read_session(self.engine) as s:
+            yield q.runner(s)
 
     def _open_catalog(self, *, check: bool) -> Engine:
         """Open and migrate the catalog. With ``check``, a new, empty catalog over a store
@@ -462,8 +492,8 @@ class Hub:
         if base is not None:
             parse(reference)  # a stored reference only: a path here must not add anything
             return self.resolve(reference, base=base)
-        with db.read_session(self.engine) as s:
-            return q.resolve_info(s, parse(reference))
+        with self._reading() as run:
+            return reads.resolve_info(run, parse(reference))
 
     def list(
         self,
@@ -474,9 +504,9 @@ class Hub:
     ) -> list[AdapterInfo]:
         """Stored adapters, newest first; ``filters`` like ``["rank=16", "target=q_proj"]``;
         ``base`` keeps only those that fit that base model."""
-        parsed = q.parse_filters(filters)
-        with db.read_session(self.engine) as s:
-            infos = q.list_infos(s, parsed, None if base else limit)
+        parsed = reads.parse_filters(filters)
+        with self._reading() as run:
+            infos = reads.list_infos(run, parsed, None if base else limit)
         if base is not None:
             infos = self._fitting(infos, base)[:limit] if limit else self._fitting(infos, base)
         return infos
@@ -584,26 +614,20 @@ class Hub:
         that name (no file access), else read from disk or the Hub and recorded."""
         text = os.fspath(base)
         if not Path(text).expanduser().exists():
-            with db.read_session(self.engine) as s:
-                rows = bases_q.find(s, text)
-                if len(rows) > 1:
-                    hashes = {r.content_hash or r.signature for r in rows}
-                    if len(hashes) > 1:
-                        raise AmbiguousReference(
-                            text,
-                            [f"{r.name} {r.content_hash or r.signature}" for r in rows],
-                            hint="give the base's path or its content hash",
-                        )
-                if rows:
-                    row = rows[-1]
-                    return _BaseContext(
-                        bases_q.tensor_table(row), _base_ref(bases_q.to_info(row)), row.id
+            with self._reading() as run:
+                rows = reads.find_bases(run, text)
+                if len({r.content_hash or r.signature for r in rows}) > 1:
+                    raise AmbiguousReference(
+                        text,
+                        [f"{r.name} {r.content_hash or r.signature}" for r in rows],
+                        hint="give the base's path or its content hash",
                     )
+                if rows:
+                    info = rows[-1]
+                    return _BaseContext(_tensors(run, info.id), _base_ref(info), info.id)
         info = self._record_base(model, text) if model is not None else self.add_base(text)
-        with db.read_session(self.engine) as s:
-            row = bases_q.by_id(s, info.id)
-            assert row is not None
-            return _BaseContext(bases_q.tensor_table(row), _base_ref(info), info.id)
+        with self._reading() as run:
+            return _BaseContext(_tensors(run, info.id), _base_ref(info), info.id)
 
     def check(self, reference: str, *, base: str | os.PathLike[str]) -> CompatReport:
         """How the adapter fits ``base``: ``exact``, ``compatible`` or ``incompatible``,
@@ -648,8 +672,8 @@ class Hub:
 
         ctx = ctx or self._base_context(base)
         ref = parse(self._stored_ref(reference, base))
-        with db.read_session(self.engine) as s:
-            infos, named = q.candidate_infos(s, ref)
+        with self._reading() as run:
+            infos, named = reads.candidate_infos(run, ref)
         if not infos:
             raise AdapterNotFound(ref.text)
         if not named and len(infos) > 1:  # a prefix of several digests, not base variants
@@ -1287,6 +1311,12 @@ def _source_label(origin_kind: str, origin: Mapping[str, Any]) -> str:
     if origin.get("repo_id"):
         return f"{origin['repo_id']}@{origin.get('revision') or origin.get('commit')}"
     return str(origin.get("path") or origin_kind)
+
+
+def _tensors(run: reads.Run, base_id: int) -> dict[str, TensorInfo]:
+    from .base import TensorInfo
+
+    return {n: TensorInfo(n, d, s) for n, d, s in reads.tensor_table(run, base_id)}
 
 
 def _base_ref(info: BaseInfo) -> BaseRef:

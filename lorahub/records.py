@@ -36,6 +36,7 @@ from .fsutil import fsync_dir
 log = logging.getLogger(__name__)
 
 JOURNAL = "journal.log"
+BACKFILLED = ".complete"  # in manifests/: every older adapter's records are written
 OPS = ("add", "tag", "untag", "rm", "abort", "commit")
 
 
@@ -216,3 +217,9 @@ def base_key(record: Mapping[str, Any]) -> str:
     )
     ident = {k: record.get(k) for k in keys}
     return hash_bytes(canonical_json(ident)).hex
+
+
+def backfilled(records: Records) -> bool:
+    """Whether the records of a store made before they existed have been written
+    (:func:`lorahub.upkeep.backfill_records`)."""
+    return (records.manifests.root / BACKFILLED).exists()

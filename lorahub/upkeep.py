@@ -34,7 +34,7 @@ from .catalog import queries as q
 from .digest import Digest, hash_bytes
 from .errors import LorahubError, StoreError
 from .info import GcReport, VerifyProblem, VerifyReport
-from .records import Records, base_key
+from .records import BACKFILLED, Records, base_key
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -86,7 +86,7 @@ def base_record(row: BaseModelRow) -> dict[str, Any]:
 def backfill_records(engine: Engine, records: Records, lock_path: Path) -> None:
     """Write the records of a store made before they existed (once): every manifest, an
     ``add`` and ``tag`` event per adapter and name, every base."""
-    marker = records.manifests.root / ".complete"
+    marker = records.manifests.root / BACKFILLED
     if marker.exists():
         return
     from filelock import FileLock

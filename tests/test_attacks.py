@@ -372,10 +372,14 @@ def test_sigkill_of_every_mutating_command_keeps_the_store_sound(zygote, world, 
         if plan is None:  # nothing to remove or compose: add something first
             cmd, plan = "add", _plan("add", rng, snapshot(home), world, home)
         attempts[cmd] += 1
-        assert attempts[cmd] <= 4 * wanted + 4, f"`{cmd}` keeps finishing before its kill"
+        assert attempts[cmd] <= 8 * wanted + 8, f"`{cmd}` keeps finishing before its kill"
         # Stratified: the k-th kill lands in the k-th slice of the command's duration.
         k = killed[cmd] % wanted
+        before_kills = killed[cmd]
         trial(cmd, plan, (k + rng.random()) * duration[cmd] * 1.1 / wanted)  # type: ignore[arg-type]
+        if killed[cmd] == before_kills:
+            # It ran faster than its first run (a warmer cache, a quieter machine): aim earlier.
+            duration[cmd] *= 0.75
 
     # Nothing is left behind that gc cannot collect: temp files, merge leftovers.
     final = Tally("sigkill-leftovers")

@@ -17,10 +17,7 @@ from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.orm import Session
 
 from ..errors import StoreError
-
-# The newest Alembic revision; a test checks it equals the head of migrations/.
-SCHEMA_HEAD = "0001"
-BUSY_TIMEOUT_S = 60
+from .lite import BUSY_TIMEOUT_S, SCHEMA_HEAD
 
 
 def migrations_dir() -> Path:

@@ -4,22 +4,20 @@ one transaction)."""
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, delete, exists, func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from ..adapter import LoraAdapter
-from ..errors import AdapterNotFound, AmbiguousReference, InvalidReference
+from ..errors import AdapterNotFound, AmbiguousReference
 from ..info import AdapterInfo
 from ..manifest import BaseRef
 from ..refs import Reference, format_ref
+from . import reads
 from .models import Adapter, AdapterModule, Blob, Ref
-
-FILTER_KEYS = ("rank", "alpha", "target", "module", "base", "dora", "rslora", "origin", "name")
 
 
 def utcnow() -> datetime:
@@ -178,228 +176,38 @@ def _not_one(ref: Reference, by_name: bool, found: Sequence[tuple[str, BaseRef]]
     raise AmbiguousReference(ref.text, [d for d, _ in found])
 
 
-def parse_filters(filters: Iterable[str] | Mapping[str, str]) -> list[tuple[str, str]]:
-    items = filters.items() if isinstance(filters, Mapping) else (_split(f) for f in filters)
-    out = []
-    for key, value in items:
-        if key not in FILTER_KEYS:
-            raise InvalidReference(f"unknown filter {key!r}; use one of: {', '.join(FILTER_KEYS)}")
-        if key in ("rank", "alpha"):
-            try:
-                number = float(value)
-            except ValueError:
-                number = math.nan
-            if (
-                not math.isfinite(number)
-                or abs(number) >= 2**63
-                or (key == "rank" and not number.is_integer())
-            ):
-                kind = "a whole number" if key == "rank" else "a finite number"
-                raise InvalidReference(f"filter {key} needs {kind}, got {value!r}")
-        if key in ("dora", "rslora") and value.lower() not in _TRUE + _FALSE:
-            raise InvalidReference(f"filter {key} needs true or false, got {value!r}")
-        out.append((key, value))
-    return out
+# --- the reads behind ls, show and resolve live in .reads, in plain SQL; these run them
+# on a session's connection (any database SQLAlchemy speaks).
+
+parse_filters = reads.parse_filters
+FILTER_KEYS = reads.FILTER_KEYS
 
 
-def _split(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key or not value:
-        raise InvalidReference(f"filter {text!r} must look like key=value (e.g. rank=16)")
-    return key.strip(), value.strip()
+def runner(session: Session) -> reads.Run:
+    """A :data:`reads.Run` over the session's connection, in the driver's own style."""
+    conn = session.connection()
+    style = conn.dialect.paramstyle
 
+    def run(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        if style in ("format", "pyformat"):
+            sql = sql.replace("%", "%%").replace("?", "%s")
+        return [tuple(r) for r in conn.exec_driver_sql(sql, tuple(params)).all()]
 
-_TRUE, _FALSE = ("1", "true", "yes", "y", "on"), ("0", "false", "no", "n", "off")
-
-
-def _bool(value: str) -> bool:
-    return value.lower() in _TRUE
-
-
-def _where(filters: Sequence[tuple[str, str]]) -> list[ColumnElement[bool]]:
-    """The WHERE clauses of parsed filters, on the tables' columns (plain Core: no ORM)."""
-    a, m, r = Adapter.__table__.c, AdapterModule.__table__.c, Ref.__table__.c
-    out: list[ColumnElement[bool]] = []
-    for key, value in filters:
-        if key == "rank":
-            out.append(a.rank == int(float(value)))
-        elif key == "alpha":
-            out.append(a.alpha == float(value))
-        elif key in ("target", "module"):
-            col = m.leaf if key == "target" else m.module
-            out.append(exists().where(m.adapter_id == a.id, col == value))
-        elif key == "base":
-            out.append(
-                (a.base_name == value)
-                | (a.base_signature == value)
-                | (a.base_content_hash == value)
-            )
-        elif key == "dora":
-            out.append(a.use_dora == _bool(value))
-        elif key == "rslora":
-            out.append(a.use_rslora == _bool(value))
-        elif key == "origin":
-            out.append(a.origin_kind == value)
-        elif key == "name":
-            out.append(exists().where(r.adapter_id == a.id, r.name == value))
-    return out
-
-
-def list_adapters(
-    session: Session,
-    filters: Sequence[tuple[str, str]] = (),
-    limit: int | None = None,
-    adapter_ids: Iterable[int] | None = None,
-) -> list[Adapter]:
-    q = select(Adapter).where(*_where(filters))
-    if adapter_ids is not None:
-        q = q.where(Adapter.id.in_(list(adapter_ids)))
-    q = q.order_by(Adapter.created_at.desc(), Adapter.id.desc()).options(selectinload(Adapter.refs))
-    if limit:
-        q = q.limit(limit)
-    return list(session.scalars(q))
-
-
-# --- reads that build AdapterInfo straight from rows (plain Core): listing thousands of
-# adapters, or answering one `show`, needs neither ORM objects nor mapper configuration.
-
-_INFO_COLUMNS = (
-    "id",
-    "digest",
-    "manifest",
-    "weights_digest",
-    "size",
-    "rank",
-    "alpha",
-    "use_rslora",
-    "use_dora",
-    "targets",
-    "module_count",
-    "base_name",
-    "base_revision",
-    "base_signature",
-    "base_content_hash",
-    "origin_kind",
-    "origin",
-    "created_at",
-)
-_IN_BATCH = 500  # ids per IN (...): well under every SQLite build's variable limit
-
-
-def _info_select() -> Select[Any]:
-    a = Adapter.__table__.c
-    return select(*(a[name] for name in _INFO_COLUMNS))
-
-
-def _infos(session: Session, stmt: Select[Any]) -> list[AdapterInfo]:
-    rows = list({row[0]: row for row in session.execute(stmt).all()}.values())
-    refs = _refs_of(session, [row[0] for row in rows])
-    return [_row_info(row, refs.get(row[0], ())) for row in rows]
-
-
-def _refs_of(session: Session, ids: Sequence[int]) -> dict[int, list[str]]:
-    """``name:tag`` of each adapter id, in one query or a few."""
-    r = Ref.__table__.c
-    q = select(r.adapter_id, r.name, r.tag)
-    out: dict[int, list[str]] = {}
-    if len(ids) > 4 * _IN_BATCH:  # most of the catalog: reading every ref beats many INs
-        wanted = set(ids)
-        batches: list[Select[Any]] = [q]
-    else:
-        wanted = None
-        batches = [
-            q.where(r.adapter_id.in_(ids[i : i + _IN_BATCH])) for i in range(0, len(ids), _IN_BATCH)
-        ]
-    for stmt in batches:
-        for adapter_id, name, tag in session.execute(stmt).all():
-            if wanted is None or adapter_id in wanted:
-                out.setdefault(adapter_id, []).append(format_ref(name, tag))
-    return out
-
-
-def _row_info(row: Sequence[Any], refs: Iterable[str]) -> AdapterInfo:
-    """An info from a row of ``_INFO_COLUMNS`` (unpacked by position: by name costs more
-    than the rest of the work when there are 100,000 rows)."""
-    (
-        _id,
-        digest,
-        manifest,
-        weights_digest,
-        size,
-        rank,
-        alpha,
-        use_rslora,
-        use_dora,
-        targets,
-        module_count,
-        base_name,
-        base_revision,
-        base_signature,
-        base_content_hash,
-        origin_kind,
-        origin,
-        created_at,
-    ) = row
-    return AdapterInfo(
-        digest=digest,
-        refs=tuple(sorted(set(refs))),
-        rank=rank,
-        alpha=alpha,
-        use_rslora=use_rslora,
-        use_dora=use_dora,
-        targets=tuple(t for t in targets.split(",") if t),
-        module_count=module_count,
-        size=size,
-        weights_digest=weights_digest,
-        base=BaseRef(base_name, base_revision, base_signature, base_content_hash),
-        origin_kind=origin_kind,
-        origin_text=origin,
-        created_at=created_at,
-        manifest_text=manifest,
-    )
+    return run
 
 
 def list_infos(
     session: Session, filters: Sequence[tuple[str, str]] = (), limit: int | None = None
 ) -> list[AdapterInfo]:
-    """What :func:`list_adapters` finds, newest first, as infos (manifests left unparsed)."""
-    a = Adapter.__table__.c
-    q = _info_select().where(*_where(filters)).order_by(a.created_at.desc(), a.id.desc())
-    if limit:
-        q = q.limit(limit)
-    return _infos(session, q)
+    return reads.list_infos(runner(session), filters, limit)
 
 
 def candidate_infos(session: Session, ref: Reference) -> tuple[list[AdapterInfo], bool]:
-    """What :func:`candidates` finds, as infos, and whether they were found by name (so
-    several are base variants of one ``name:tag``, not a prefix of several digests)."""
-    a, r = Adapter.__table__.c, Ref.__table__.c
-    if ref.name is not None:
-        # In the order of the ref's unique index (by variant), as the ORM join returned them.
-        named = (
-            _info_select()
-            .join(Ref.__table__, r.adapter_id == a.id)
-            .where(r.name == ref.name, r.tag == ref.tag)
-            .order_by(r.variant, a.id)
-        )
-        infos = _infos(session, named)
-        if infos or ref.prefix is None:
-            return infos, True
-    assert ref.prefix is not None
-    lo = f"xxh128:{ref.prefix}"
-    if len(ref.prefix) == 32:
-        return _infos(session, _info_select().where(a.digest == lo)), False
-    # A range scan on the unique digest index instead of LIKE, which SQLite won't index here.
-    prefixed = _info_select().where(a.digest >= lo, a.digest < lo + "g").limit(20)
-    return _infos(session, prefixed), False
+    return reads.candidate_infos(runner(session), ref)
 
 
 def resolve_info(session: Session, ref: Reference) -> AdapterInfo:
-    """What :func:`resolve_one` finds, as an info; the same errors."""
-    infos, by_name = candidate_infos(session, ref)
-    if len(infos) != 1:
-        _not_one(ref, by_name, [(i.digest, i.base) for i in infos])
-    return infos[0]
+    return reads.resolve_info(runner(session), ref)
 
 
 def to_info(row: Adapter) -> AdapterInfo:

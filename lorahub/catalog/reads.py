@@ -1,0 +1,286 @@
+"""The catalog reads that answer ``ls``, ``show``, ``resolve`` and ``check``, in plain SQL.
+
+They run on any DB-API connection: the standard library's ``sqlite3`` for the embedded
+store (``import sqlalchemy`` alone takes longer than these commands' whole budget, so a
+command that only reads does not pay for it), or a SQLAlchemy connection for any other
+database (:func:`lorahub.catalog.queries.runner`). Parameters are written ``?``; a runner
+for a driver with another style translates them. Nothing here imports SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from ..errors import AdapterNotFound, AmbiguousReference, InvalidReference
+from ..info import AdapterInfo, BaseInfo
+from ..manifest import BaseRef
+from ..refs import Reference, format_ref
+
+# Runs one statement with its parameters and returns every row.
+Run = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
+
+FILTER_KEYS = ("rank", "alpha", "target", "module", "base", "dora", "rslora", "origin", "name")
+_TRUE, _FALSE = ("1", "true", "yes", "y", "on"), ("0", "false", "no", "n", "off")
+_IN_BATCH = 500  # ids per IN (...): well under every SQLite build's variable limit
+_INFO = (
+    "a.id, a.digest, a.manifest, a.weights_digest, a.size, a.rank, a.alpha, a.use_rslora, "
+    "a.use_dora, a.targets, a.module_count, a.base_name, a.base_revision, a.base_signature, "
+    "a.base_content_hash, a.origin_kind, a.origin, a.created_at"
+)
+_BASE = (
+    "id, name, path, repo_id, revision, signature, content_hash, tensor_count, total_bytes, "
+    "created_at"
+)
+
+
+# ------------------------------------------------------------------------- filters
+
+
+def parse_filters(filters: Iterable[str] | Mapping[str, str]) -> list[tuple[str, str]]:
+    """``["rank=16", "target=q_proj"]`` (or a mapping) as checked ``(key, value)`` pairs."""
+    items = filters.items() if isinstance(filters, Mapping) else (_split(f) for f in filters)
+    out = []
+    for key, value in items:
+        if key not in FILTER_KEYS:
+            raise InvalidReference(f"unknown filter {key!r}; use one of: {', '.join(FILTER_KEYS)}")
+        if key in ("rank", "alpha"):
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if (
+                not math.isfinite(number)
+                or abs(number) >= 2**63
+                or (key == "rank" and not number.is_integer())
+            ):
+                kind = "a whole number" if key == "rank" else "a finite number"
+                raise InvalidReference(f"filter {key} needs {kind}, got {value!r}")
+        if key in ("dora", "rslora") and value.lower() not in _TRUE + _FALSE:
+            raise InvalidReference(f"filter {key} needs true or false, got {value!r}")
+        out.append((key, value))
+    return out
+
+
+def _split(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise InvalidReference(f"filter {text!r} must look like key=value (e.g. rank=16)")
+    return key.strip(), value.strip()
+
+
+def is_true(value: str) -> bool:
+    return value.lower() in _TRUE
+
+
+def _where(filters: Sequence[tuple[str, str]]) -> tuple[str, list[Any]]:
+    """The WHERE clause (``a`` is the adapters table) and its parameters."""
+    conds: list[str] = []
+    params: list[Any] = []
+    for key, value in filters:
+        if key == "rank":
+            conds.append("a.rank = ?")
+            params.append(int(float(value)))
+        elif key == "alpha":
+            conds.append("a.alpha = ?")
+            params.append(float(value))
+        elif key in ("target", "module"):
+            col = "leaf" if key == "target" else "module"
+            conds.append(
+                f"EXISTS (SELECT 1 FROM adapter_modules m WHERE m.adapter_id = a.id "
+                f"AND m.{col} = ?)"
+            )
+            params.append(value)
+        elif key == "base":
+            conds.append("(a.base_name = ? OR a.base_signature = ? OR a.base_content_hash = ?)")
+            params += [value, value, value]
+        elif key in ("dora", "rslora"):
+            conds.append(f"a.use_{key} = ?")
+            params.append(is_true(value))
+        elif key == "origin":
+            conds.append("a.origin_kind = ?")
+            params.append(value)
+        elif key == "name":
+            conds.append("EXISTS (SELECT 1 FROM refs r WHERE r.adapter_id = a.id AND r.name = ?)")
+            params.append(value)
+    return (" WHERE " + " AND ".join(conds)) if conds else "", params
+
+
+# ------------------------------------------------------------------------- adapters
+
+
+def list_infos(
+    run: Run, filters: Sequence[tuple[str, str]] = (), limit: int | None = None
+) -> list[AdapterInfo]:
+    """Adapters matching ``filters``, newest first, manifests left unparsed."""
+    where, params = _where(filters)
+    sql = f"SELECT {_INFO} FROM adapters a{where} ORDER BY a.created_at DESC, a.id DESC"
+    if limit:
+        sql += f" LIMIT {int(limit)}"
+    return _infos(run, run(sql, params))
+
+
+def candidate_infos(run: Run, ref: Reference) -> tuple[list[AdapterInfo], bool]:
+    """The adapters a reference may mean, and whether they were found by name (so several
+    are base variants of one ``name:tag``, not a prefix of several digests)."""
+    if ref.name is not None:
+        rows = run(
+            f"SELECT {_INFO} FROM adapters a JOIN refs r ON r.adapter_id = a.id "
+            "WHERE r.name = ? AND r.tag = ? ORDER BY r.variant, a.id",
+            [ref.name, ref.tag],
+        )
+        if rows or ref.prefix is None:
+            return _infos(run, rows), True
+    assert ref.prefix is not None
+    lo = f"xxh128:{ref.prefix}"
+    if len(ref.prefix) == 32:
+        return _infos(run, run(f"SELECT {_INFO} FROM adapters a WHERE a.digest = ?", [lo])), False
+    # A range on the unique digest index: SQLite will not use an index for this LIKE.
+    rows = run(
+        f"SELECT {_INFO} FROM adapters a WHERE a.digest >= ? AND a.digest < ? LIMIT 20",
+        [lo, lo + "g"],
+    )
+    return _infos(run, rows), False
+
+
+def resolve_info(run: Run, ref: Reference) -> AdapterInfo:
+    """The single adapter a reference names; errors list what it could mean."""
+    infos, by_name = candidate_infos(run, ref)
+    if not infos:
+        raise AdapterNotFound(ref.text)
+    if len(infos) > 1:
+        if by_name:
+            lines = [f"{i.short}  for base {i.base.name or i.base.variant or '?'}" for i in infos]
+            raise AmbiguousReference(
+                ref.text,
+                lines,
+                hint="it has one variant per base model: name one by digest (@<digest>), or "
+                "pick it for a base (`lorahub resolve NAME --base BASE`; show, export, push "
+                "and rm take --base too)",
+            )
+        raise AmbiguousReference(ref.text, [i.digest for i in infos])
+    return infos[0]
+
+
+def _infos(run: Run, rows: list[tuple[Any, ...]]) -> list[AdapterInfo]:
+    rows = list({row[0]: row for row in rows}.values())
+    refs = _refs_of(run, [row[0] for row in rows])
+    return [_info(row, refs.get(row[0], ())) for row in rows]
+
+
+def _refs_of(run: Run, ids: Sequence[int]) -> dict[int, list[str]]:
+    """``name:tag`` of each adapter id, in one query or a few."""
+    out: dict[int, list[str]] = {}
+    if len(ids) > 4 * _IN_BATCH:  # most of the catalog: reading every ref beats many INs
+        wanted: set[int] | None = set(ids)
+        batches = [run("SELECT adapter_id, name, tag FROM refs", [])]
+    else:
+        wanted = None
+        batches = [
+            run(
+                "SELECT adapter_id, name, tag FROM refs WHERE adapter_id IN "
+                f"({', '.join('?' * len(chunk))})",
+                list(chunk),
+            )
+            for chunk in (ids[i : i + _IN_BATCH] for i in range(0, len(ids), _IN_BATCH))
+        ]
+    for rows in batches:
+        for adapter_id, name, tag in rows:
+            if wanted is None or adapter_id in wanted:
+                out.setdefault(adapter_id, []).append(format_ref(name, tag))
+    return out
+
+
+def _info(row: Sequence[Any], refs: Iterable[str]) -> AdapterInfo:
+    """An info from a row of ``_INFO`` (unpacked by position: by name costs more than the
+    rest of the work when there are 100,000 rows)."""
+    (
+        _id,
+        digest,
+        manifest,
+        weights_digest,
+        size,
+        rank,
+        alpha,
+        use_rslora,
+        use_dora,
+        targets,
+        module_count,
+        base_name,
+        base_revision,
+        base_signature,
+        base_content_hash,
+        origin_kind,
+        origin,
+        created_at,
+    ) = row
+    return AdapterInfo(
+        digest=digest,
+        refs=tuple(sorted(set(refs))),
+        rank=rank,
+        alpha=alpha,
+        use_rslora=bool(use_rslora),
+        use_dora=bool(use_dora),
+        targets=tuple(t for t in targets.split(",") if t),
+        module_count=module_count,
+        size=size,
+        weights_digest=weights_digest,
+        base=BaseRef(base_name, base_revision, base_signature, base_content_hash),
+        origin_kind=origin_kind,
+        origin_text=origin,
+        created_at=_datetime(created_at),
+        manifest_text=manifest,
+    )
+
+
+def _datetime(value: Any) -> datetime:
+    """SQLite keeps SQLAlchemy's DateTime as ISO text; other databases return datetimes."""
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+# ------------------------------------------------------------------------- bases
+
+
+def find_bases(run: Run, text: str) -> list[BaseInfo]:
+    """Bases recorded under a name, repo id, path, or fingerprint (full or 12+ hex prefix),
+    oldest first."""
+    conds = ["name = ?", "repo_id = ?", "path = ?"]
+    params: list[Any] = [text, text, text]
+    hexpart = text.lower().removeprefix("xxh128:")
+    if len(hexpart) >= 12 and all(c in "0123456789abcdef" for c in hexpart):
+        lo = f"xxh128:{hexpart}"
+        for col in ("signature", "content_hash"):
+            conds.append(f"({col} >= ? AND {col} < ?)")
+            params += [lo, lo + "g"]
+    rows = run(f"SELECT {_BASE} FROM base_models WHERE {' OR '.join(conds)} ORDER BY id", params)
+    return [_base(row) for row in rows]
+
+
+def base_by_id(run: Run, ident: int) -> BaseInfo | None:
+    rows = run(f"SELECT {_BASE} FROM base_models WHERE id = ?", [ident])
+    return _base(rows[0]) if rows else None
+
+
+def tensor_table(run: Run, ident: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    """``(name, dtype, shape)`` of every tensor of the base with id ``ident``."""
+    rows = run("SELECT tensor_table FROM base_models WHERE id = ?", [ident])
+    return [(n, d, tuple(s)) for n, d, s in json.loads(rows[0][0])] if rows else []
+
+
+def _base(row: Sequence[Any]) -> BaseInfo:
+    ident, name, path, repo_id, revision, signature, content_hash, count, size, created = row
+    return BaseInfo(
+        id=ident,
+        name=name,
+        path=path,
+        repo_id=repo_id,
+        revision=revision,
+        signature=signature,
+        content_hash=content_hash,
+        tensor_count=count,
+        total_bytes=size,
+        created_at=_datetime(created),
+    )
