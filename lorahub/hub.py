@@ -121,10 +121,11 @@ class Hub:
             and self.settings.database_url is None
             and backfilled(self.records)  # else the engine's open writes the records first
         ):
-            conn = lite.open_current(self.home / "lorahub.db")
+            path = self.home / "lorahub.db"
+            conn = lite.open_current(path)
             if conn is not None:
                 try:
-                    yield lite.runner(conn)
+                    yield lite.runner(conn, path)
                     return
                 finally:
                     conn.close()

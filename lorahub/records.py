@@ -109,10 +109,14 @@ class Records:
         try:
             new = not self.journal_path.exists()
             fd = os.open(
-                self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644
+                self.journal_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644
             )
             try:
-                os.write(fd, data)  # one write: lines of concurrent writers never interleave
+                if _ends_torn(fd):  # a line cut short by a crash: never glue ours onto it
+                    data = b"\n" + data
+                view = memoryview(data)
+                while view:  # one write: lines of concurrent writers never interleave
+                    view = view[os.write(fd, view) :]
                 if sync:
                     os.fsync(fd)
             finally:
@@ -206,6 +210,12 @@ class Records:
             if isinstance(doc, dict) and isinstance(doc.get("signature"), str):
                 out.append(doc)
         return out
+
+
+def _ends_torn(fd: int) -> bool:
+    """Whether the file ends in the middle of a line."""
+    size = os.fstat(fd).st_size
+    return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
 
 
 def base_key(record: Mapping[str, Any]) -> str:

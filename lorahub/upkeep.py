@@ -117,13 +117,13 @@ def backfill_records(engine: Engine, records: Records, lock_path: Path) -> None:
 class Recorded:
     """What the journal says of the adapters whose manifests the store holds."""
 
-    live: frozenset[str]  # a confirmed add, no confirmed removal since
+    live: frozenset[str]  # added (and not aborted), no confirmed removal since
     removed: frozenset[str]  # a confirmed removal last
     journal: bool  # there is a journal at all
 
     def status(self, digest: str) -> str:
-        """``live``, ``removed``, or ``abandoned``: a manifest written by an add that never
-        committed (killed, or rolled back). Without a journal every manifest counts as
+        """``live``, ``removed``, or ``abandoned``: a manifest whose add never reached the
+        journal (killed before its commit). Without a journal every manifest counts as
         live: nothing is dropped on a missing file's word."""
         if digest in self.live or not self.journal:
             return "live"
@@ -131,10 +131,11 @@ class Recorded:
 
 
 def recorded(records: Records) -> Recorded:
-    """Only confirmed events count: an unconfirmed one may have been rolled back."""
+    """An add counts unless its transaction was aborted (its commit confirmation may be
+    what a crash lost); a removal only once confirmed. Doubt keeps data."""
     last: dict[str, str] = {}
     for e in records.events():
-        if e.op in ("add", "rm") and e.committed:
+        if e.op == "add" or (e.op == "rm" and e.committed):
             last[str(e.get("digest"))] = e.op
     return Recorded(
         frozenset(d for d, op in last.items() if op == "add"),
@@ -337,8 +338,8 @@ def sweep_merged(
         name = entry.name
         m = _LEFTOVER_RE.match(name)
         if m:
-            if _alive(int(m.group("pid"))) and ".partial-" in name:
-                continue
+            if ".partial-" in name and (_alive(int(m.group("pid"))) or _merging(merged_dir, name)):
+                continue  # a merge in flight (here, or in another host's pid space)
         elif name.endswith(".lock") and _KEY_RE.match(name[:-5]):
             key = name[:-5]
             if key in known or os.path.lexists(entry.path[:-5]):
@@ -385,6 +386,20 @@ def _claim_unlisted(engine: Engine, merged_dir: Path, path: Path, *, dry_run: bo
             return aside
     except StoreError:  # a linked lock: leave the folder alone
         return None
+
+
+def _merging(merged_dir: Path, leftover: str) -> bool:
+    """Whether a ``merged get`` holds the lock of the key a ``.<key>.partial-*`` is for."""
+    from .layout import merged_lock
+
+    key = leftover[1:33]
+    if not _KEY_RE.match(key):
+        return False
+    try:
+        with merged_lock(merged_dir, key, wait=False) as held:
+            return not held
+    except StoreError:
+        return True  # cannot tell: keep it
 
 
 def _alive(pid: int) -> bool:
@@ -570,7 +585,6 @@ def fsck(
     rewrite missing manifest files from the catalog; re-fetch damaged or missing blobs
     from where they came from (``refetch``), else move damaged ones to ``quarantine``.
     Nothing is removed from the catalog."""
-    scratch, unrecovered, notes = _replay(records, blobs)
     restored: list[str] = []
     names: list[str] = []
     bases: list[str] = []
@@ -580,8 +594,12 @@ def fsck(
 
     from .catalog.models import Adapter, BaseModelRow, Ref
 
-    with scratch_session(scratch) as src, write(engine) as dst:
+    with write(engine) as dst:
+        # The first statement takes the write lock; the records are read after it, so no
+        # commit lands between the two reads.
         live_bases = {base_key(base_record(b)): b for b in dst.scalars(select(BaseModelRow))}
+        scratch, unrecovered, notes = _replay(records, blobs)
+        src = scratch_session(scratch)
         for rec in records.bases():
             if base_key(rec) not in live_bases:
                 bases.append(str(rec.get("name")))
@@ -593,14 +611,23 @@ def fsck(
                 restored.append(row.digest)
                 if not dry_run:
                     live[row.digest] = _copy_adapter(dst, row, live_bases.values())
-        taken = {(r.name, r.tag, r.variant) for r in dst.scalars(select(Ref))}
+        taken = {(r.name, r.tag, r.variant): r.adapter.digest for r in dst.scalars(select(Ref))}
         for ref in src.scalars(select(Ref).order_by(Ref.created_at, Ref.id)):
             key = (ref.name, ref.tag, ref.variant)
             target = live.get(ref.adapter.digest)
+            if key in taken and taken[key] != ref.adapter.digest:
+                # Either the catalog lost the commit that moved the name, or the journal lost
+                # the confirmation of a later move back: a person decides.
+                unrecovered.append(
+                    f"name {ref.name}:{ref.tag} points at {taken[key]} in the catalog, but "
+                    f"the journal last set it to {ref.adapter.digest}; if the journal is "
+                    f"right: `lorahub tag @{ref.adapter.digest} {ref.name}:{ref.tag}`"
+                )
+                continue
             if key in taken or (target is None and not dry_run):
                 continue
             names.append(f"{ref.name}:{ref.tag} -> {ref.adapter.digest}")
-            taken.add(key)
+            taken[key] = ref.adapter.digest
             if not dry_run:
                 dst.add(
                     Ref(
@@ -614,6 +641,7 @@ def fsck(
         if not dry_run:
             dst.flush()
         catalog_rows = [(a.digest, a.manifest) for a in live.values() if a.digest not in restored]
+        src.close()
     for digest, text in catalog_rows:
         if records.manifest_text(digest) is not None:
             continue
@@ -655,12 +683,10 @@ def fsck(
     )
 
 
-@contextlib.contextmanager
-def scratch_session(engine: Engine):
+def scratch_session(engine: Engine) -> Session:
     from sqlalchemy.orm import Session
 
-    with Session(engine) as s:
-        yield s
+    return Session(engine)
 
 
 def _replay(records: Records, blobs: BlobStore) -> tuple[Engine, list[str], list[str]]:
@@ -701,8 +727,8 @@ def _replay(records: Records, blobs: BlobStore) -> tuple[Engine, list[str], list
         for e in records.events():
             digest = str(e.get("digest"))
             seen.add(digest)
-            if not e.committed:
-                continue  # its transaction may have been rolled back
+            if not e.committed and e.op != "add":
+                continue  # maybe rolled back: a name is not moved, nothing removed, on doubt
             if e.op == "add":
                 ensure(digest, e.get("origin_kind"), e.get("origin"), e.get("created_at"))
             elif e.op == "rm":

@@ -12,6 +12,7 @@ import pytest
 from factories import cli_runner, write_peft_adapter
 
 import lorahub
+from lorahub import upkeep
 from lorahub.errors import BlobCollision, IntegrityError, StoreError
 
 
@@ -445,3 +446,105 @@ def test_without_a_journal_every_manifest_counts(hub, tmp_path):
     (hub.home / "journal.log").unlink()
     assert hub.gc(grace=60).blobs == ()  # nothing says it is garbage: kept
     assert hub.fsck().adapters_restored == (digest,)
+
+
+def test_a_torn_journal_line_never_swallows_the_next_event(hub, tmp_path):
+    with open(hub.home / "journal.log", "ab") as f:
+        f.write(b'{"op": "add", "digest": "xxh128:')  # a write cut short by a crash
+    info = hub.add(write_peft_adapter(tmp_path / "a"), name=None).adapter
+    assert upkeep.recorded(hub.records).status(info.digest) == "live"
+    _drop_catalog(hub)
+    fresh = lorahub.Hub(hub.home)
+    assert fresh.fsck().adapters_restored == (info.digest,)
+    assert fresh.gc(grace=0).blobs == ()
+
+
+def test_an_add_whose_confirmation_was_lost_still_counts(hub, tmp_path):
+    """Killed between its commit and the journal's confirmation: the add stands."""
+    info = hub.add(write_peft_adapter(tmp_path / "a"), name="a").adapter
+    journal = hub.home / "journal.log"
+    journal.write_text(
+        "".join(line for line in journal.read_text().splitlines(True) if '"commit"' not in line)
+    )
+    _drop_catalog(hub)
+    fresh = lorahub.Hub(hub.home)
+    assert fresh.fsck().adapters_restored == (info.digest,)
+    assert fresh.list()[0].refs == ()  # its name's commit is unconfirmed: not moved on doubt
+
+
+def test_fsck_holds_the_write_lock_so_a_racing_rm_is_not_undone(hub, tmp_path, monkeypatch):
+    _fill(hub, tmp_path, n=2)
+    other = lorahub.Hub(hub.home)
+    real = upkeep._replay
+    racer: list[threading.Thread] = []
+
+    def replay_then_race(records, blobs):
+        out = real(records, blobs)
+        t = threading.Thread(target=lambda: other.remove("a1:v1"))
+        t.start()  # waits for fsck's write lock, then removes
+        racer.append(t)
+        time.sleep(0.3)
+        return out
+
+    monkeypatch.setattr(upkeep, "_replay", replay_then_race)
+    report = hub.fsck()
+    racer[0].join(30)
+    assert report.adapters_restored == ()
+    with pytest.raises(lorahub.errors.AdapterNotFound):
+        hub.get("a1:v1")
+    other.close()
+
+
+def test_a_name_the_catalog_lost_a_move_of_is_left_to_a_person(hub, tmp_path):
+    x = hub.add(write_peft_adapter(tmp_path / "x", seed=1), name="a:v1").adapter
+    hub.close()
+    db = hub.home / "lorahub.db"
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    before = db.read_bytes()
+    y = hub.add(write_peft_adapter(tmp_path / "y", seed=2), name="a:v1").adapter
+    hub.close()
+    for suffix in ("-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    db.write_bytes(before)  # the commit that moved a:v1 to y is lost
+    report = hub.fsck()
+    assert report.adapters_restored == (y.digest,)
+    assert not report.ok and f"lorahub tag @{y.digest} a:v1" in report.unrecovered[0]
+    assert hub.get("a:v1").digest == x.digest  # nothing moved without a person
+
+
+def _damage_table(db: Path, table: str) -> None:
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page_size = con.execute("PRAGMA page_size").fetchone()[0]
+    (root,) = con.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+    con.close()
+    data = bytearray(db.read_bytes())
+    data[(root - 1) * page_size : (root - 1) * page_size + 8] = b"\xff" * 8
+    db.write_bytes(bytes(data))
+
+
+def test_a_damaged_catalog_page_is_an_error_naming_fsck_for_every_command(hub, tmp_path):
+    _fill(hub, tmp_path, n=2)
+    hub.close()
+    _damage_table(hub.home / "lorahub.db", "adapters")
+    run = cli_runner(hub.home)
+    for args in (["ls"], ["ls", "--json"], ["show", "a0:v1"], ["gc"], ["verify"]):
+        res = run(*args, code=1)
+        assert "Traceback" not in res.output + res.stderr, args
+        assert "Error:" in res.stderr or "BAD catalog" in res.stderr, (args, res.stderr)
+
+
+def test_a_lone_surrogate_in_lorahub_json_is_refused(hub, tmp_path):
+    folder = write_peft_adapter(tmp_path / "a")
+    (folder / "lorahub.json").write_text('{"digest": "xxh128:00", "manifest": {"a": "\\ud800"}}')
+    with pytest.raises(lorahub.errors.InvalidAdapter, match=r"lorahub\.json"):
+        hub.add(folder)
+
+
+def test_a_linked_writers_lock_is_an_error_not_a_traceback(hub, tmp_path):
+    (hub.home / ".tmp.lock").unlink(missing_ok=True)
+    (hub.home / ".tmp.lock").symlink_to(tmp_path / "elsewhere")
+    res = cli_runner(hub.home)("gc", code=1)
+    assert "remove it" in res.stderr and "Traceback" not in res.output

@@ -39,7 +39,12 @@ def integrity_problems(engine: Engine, *, quick: bool = False) -> list[str]:
     or when the database has no such check."""
     if engine.dialect.name != "sqlite":
         return []
+    from sqlalchemy.exc import DBAPIError
+
     pragma = "quick_check" if quick else "integrity_check"
-    with engine.connect() as conn:
-        lines = [r[0] for r in conn.execute(text(f"PRAGMA {pragma}"))]
+    try:
+        with engine.connect() as conn:
+            lines = [r[0] for r in conn.execute(text(f"PRAGMA {pragma}"))]
+    except DBAPIError as exc:  # too damaged to check: that is the answer
+        return [str(exc.orig or exc).splitlines()[0]]
     return [] if lines == ["ok"] else lines

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import StoreError
 from .reads import Run
 
 # The newest Alembic revision; a test checks it equals the head of migrations/.
@@ -37,8 +38,16 @@ def open_current(path: Path) -> sqlite3.Connection | None:
     return conn
 
 
-def runner(conn: sqlite3.Connection) -> Run:
+def runner(conn: sqlite3.Connection, path: Path) -> Run:
+    """Runs statements on ``conn``; the database's own failures are ``StoreError``s."""
+
     def run(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        return conn.execute(sql, tuple(params)).fetchall()
+        try:
+            return conn.execute(sql, tuple(params)).fetchall()
+        except sqlite3.Error as exc:
+            why = str(exc)
+            if "malformed" in why or "not a database" in why:
+                why += "; run `lorahub fsck` to rebuild the catalog from the store's files"
+            raise StoreError(f"the catalog at {path} failed: {why}") from None
 
     return run

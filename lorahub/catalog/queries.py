@@ -12,7 +12,6 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from ..adapter import LoraAdapter
-from ..errors import AdapterNotFound, AmbiguousReference
 from ..info import AdapterInfo
 from ..manifest import BaseRef
 from ..refs import Reference, format_ref
@@ -156,24 +155,8 @@ def resolve_one(session: Session, ref: Reference) -> Adapter:
     """The single adapter a reference names; errors list what it could mean."""
     rows = candidates(session, ref)
     if len(rows) != 1:
-        _not_one(ref, ref.name is not None, [(r.digest, base_of(r)) for r in rows])
+        reads.not_one(ref, ref.name is not None, [(r.digest, base_of(r)) for r in rows])
     return rows[0]
-
-
-def _not_one(ref: Reference, by_name: bool, found: Sequence[tuple[str, BaseRef]]) -> None:
-    """Raise for a reference that matched nothing, or several (digest, base) pairs."""
-    if not found:
-        raise AdapterNotFound(ref.text)
-    if by_name:
-        lines = [f"{d[7:19]}  for base {b.name or b.variant or '?'}" for d, b in found]
-        raise AmbiguousReference(
-            ref.text,
-            lines,
-            hint="it has one variant per base model: name one by digest (@<digest>), or "
-            "pick it for a base (`lorahub resolve NAME --base BASE`; show, export, push "
-            "and rm take --base too)",
-        )
-    raise AmbiguousReference(ref.text, [d for d, _ in found])
 
 
 # --- the reads behind ls, show and resolve live in .reads, in plain SQL; these run them

@@ -149,20 +149,26 @@ def candidate_infos(run: Run, ref: Reference) -> tuple[list[AdapterInfo], bool]:
 def resolve_info(run: Run, ref: Reference) -> AdapterInfo:
     """The single adapter a reference names; errors list what it could mean."""
     infos, by_name = candidate_infos(run, ref)
-    if not infos:
-        raise AdapterNotFound(ref.text)
-    if len(infos) > 1:
-        if by_name:
-            lines = [f"{i.short}  for base {i.base.name or i.base.variant or '?'}" for i in infos]
-            raise AmbiguousReference(
-                ref.text,
-                lines,
-                hint="it has one variant per base model: name one by digest (@<digest>), or "
-                "pick it for a base (`lorahub resolve NAME --base BASE`; show, export, push "
-                "and rm take --base too)",
-            )
-        raise AmbiguousReference(ref.text, [i.digest for i in infos])
+    if len(infos) != 1:
+        not_one(ref, by_name, [(i.digest, i.base) for i in infos])
     return infos[0]
+
+
+def not_one(ref: Reference, by_name: bool, found: Sequence[tuple[str, BaseRef]]) -> None:
+    """Raise for a reference that matched nothing, or several ``(digest, base)``: by name,
+    they are variants of one ``name:tag``; else a prefix of several digests."""
+    if not found:
+        raise AdapterNotFound(ref.text)
+    if by_name:
+        lines = [f"{d[7:19]}  for base {b.name or b.variant or '?'}" for d, b in found]
+        raise AmbiguousReference(
+            ref.text,
+            lines,
+            hint="it has one variant per base model: name one by digest (@<digest>), or "
+            "pick it for a base (`lorahub resolve NAME --base BASE`; show, export, push "
+            "and rm take --base too)",
+        )
+    raise AmbiguousReference(ref.text, [d for d, _ in found])
 
 
 def _infos(run: Run, rows: list[tuple[Any, ...]]) -> list[AdapterInfo]:

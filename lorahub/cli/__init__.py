@@ -63,6 +63,24 @@ class LorahubGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
+        except Exception as exc:
+            # A Ctrl-C that lands inside a library's cleanup (SQLAlchemy's commit) can come
+            # out as that library's own error; it is still the user's interrupt.
+            if not _interrupted(exc) or os.environ.get("LORAHUB_DEBUG"):
+                raise
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
+
+
+def _interrupted(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__context__
+    return False
 
 
 @click.group(cls=LorahubGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -77,7 +77,13 @@ def read(path: Path, label: str) -> tuple[str, dict[str, Any]]:
             f"schema {schema}); upgrade lorahub to import it"
         )
     digest, manifest = doc["digest"], doc["manifest"]
-    actual = str(mf.digest_of(manifest))
+    try:
+        actual = str(mf.digest_of(manifest))
+    except (UnicodeEncodeError, ValueError, RecursionError):  # lone surrogates, NaN, depth
+        raise InvalidAdapter(
+            f"{label}: lorahub.json holds text or numbers no manifest lorahub writes can hold; "
+            "nothing was stored"
+        ) from None
     if actual != digest:
         raise IntegrityError(
             f"{label}: lorahub.json states digest {digest} but its manifest hashes to {actual}: "
