@@ -154,12 +154,13 @@ class BlobStore:
         final = self.path(digest)
         try:
             st = final.lstat()
-        except FileNotFoundError:
+            if stat.S_ISREG(st.st_mode) and _same_bytes(tmp, final):
+                os.utime(final)
+                return True
+            damaged = not stat.S_ISREG(st.st_mode) or hash_file(final)[0] != digest
+        except FileNotFoundError:  # not there, or a gc deleted it meanwhile: publish ours
             return False
-        if stat.S_ISREG(st.st_mode) and _same_bytes(tmp, final):
-            os.utime(final)
-            return True
-        if stat.S_ISREG(st.st_mode) and hash_file(final)[0] == digest:
+        if not damaged:
             raise BlobCollision(
                 f"the bytes of {source or 'the new adapter'} hash to {digest}, like the blob "
                 f"already stored under that name, but differ from it: an xxh3 collision, "

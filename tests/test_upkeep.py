@@ -548,3 +548,22 @@ def test_a_linked_writers_lock_is_an_error_not_a_traceback(hub, tmp_path):
     (hub.home / ".tmp.lock").symlink_to(tmp_path / "elsewhere")
     res = cli_runner(hub.home)("gc", code=1)
     assert "remove it" in res.stderr and "Traceback" not in res.output
+
+
+def test_a_blob_gc_deletes_while_an_add_compares_it_is_published_again(hub, tmp_path, monkeypatch):
+    from lorahub import blobs as blobs_mod
+
+    src = write_peft_adapter(tmp_path / "a")
+    first = hub.add(src, name="a").adapter
+    hub.remove("a")
+    real = blobs_mod._same_bytes
+
+    def gc_strikes_first(a, b, *args):
+        Path(b).unlink()  # gc's unlink lands between the add's lstat and its read
+        return real(a, b, *args)
+
+    monkeypatch.setattr(blobs_mod, "_same_bytes", gc_strikes_first)
+    again = hub.add(src, name="a").adapter
+    monkeypatch.setattr(blobs_mod, "_same_bytes", real)
+    assert again.weights_digest == first.weights_digest
+    assert hub.verify().ok and hub.load("a") is not None
