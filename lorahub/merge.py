@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from . import compat
 from .base import DTYPE_BITS, FLOAT_DTYPES
 from .errors import LorahubError, MergeError
-from .fsutil import fsync_dir, publish_dir
+from .fsutil import fsync_dir, process_alive, publish_dir
 from .outputs import FILES_KEY, Input, check_output
 from .units import human_size
 
@@ -1293,16 +1293,6 @@ def _remove_stale(out: Path) -> None:
     with contextlib.suppress(OSError):
         for entry in os.scandir(out.parent):
             m = _STALE_RE.match(entry.name)
-            if m and m.group("name") == out.name and not _alive(int(m.group("pid"))):
+            if m and m.group("name") == out.name and not process_alive(int(m.group("pid"))):
                 log.info("removing %s, left by an interrupted merge", entry.path)
                 shutil.rmtree(entry.path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        pass
-    return True

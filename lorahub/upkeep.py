@@ -33,6 +33,7 @@ from .catalog import health as health_q
 from .catalog import queries as q
 from .digest import Digest, hash_bytes
 from .errors import LorahubError, StoreError
+from .fsutil import process_alive
 from .info import GcReport, VerifyProblem, VerifyReport
 from .records import BACKFILLED, Records, base_key
 
@@ -338,7 +339,9 @@ def sweep_merged(
         name = entry.name
         m = _LEFTOVER_RE.match(name)
         if m:
-            if ".partial-" in name and (_alive(int(m.group("pid"))) or _merging(merged_dir, name)):
+            if ".partial-" in name and (
+                process_alive(int(m.group("pid"))) or _merging(merged_dir, name)
+            ):
                 continue  # a merge in flight (here, or in another host's pid space)
         elif name.endswith(".lock") and _KEY_RE.match(name[:-5]):
             key = name[:-5]
@@ -400,16 +403,6 @@ def _merging(merged_dir: Path, leftover: str) -> bool:
             return not held
     except StoreError:
         return True  # cannot tell: keep it
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _tree_size(path: Path) -> int:
@@ -591,6 +584,7 @@ def fsck(
     rewritten: list[str] = []
     write = db.read_session if dry_run else db.write_session
     from sqlalchemy import select
+    from sqlalchemy.orm import Session
 
     from .catalog.models import Adapter, BaseModelRow, Ref
 
@@ -599,7 +593,7 @@ def fsck(
         # commit lands between the two reads.
         live_bases = {base_key(base_record(b)): b for b in dst.scalars(select(BaseModelRow))}
         scratch, unrecovered, notes = _replay(records, blobs)
-        src = scratch_session(scratch)
+        src = Session(scratch)
         for rec in records.bases():
             if base_key(rec) not in live_bases:
                 bases.append(str(rec.get("name")))
@@ -681,12 +675,6 @@ def fsck(
         notes=tuple(notes),
         dry_run=dry_run,
     )
-
-
-def scratch_session(engine: Engine) -> Session:
-    from sqlalchemy.orm import Session
-
-    return Session(engine)
 
 
 def _replay(records: Records, blobs: BlobStore) -> tuple[Engine, list[str], list[str]]:
@@ -808,51 +796,21 @@ def _insert_from_manifest(
 
 
 def _copy_adapter(dst: Session, row: Adapter, bases: Iterable[BaseModelRow]) -> Adapter:
+    """``row`` of the scratch catalog as a new row of ``dst``, linked to its recorded base."""
     from .catalog.models import Adapter as AdapterRow
     from .catalog.models import AdapterModule
 
+    def columns(obj: Any, model: Any, skip: tuple[str, ...]) -> dict[str, Any]:
+        return {c.key: getattr(obj, c.key) for c in model.__table__.columns if c.key not in skip}
+
     q.ensure_blob(dst, row.weights_digest, row.size)
-    base_id = None
-    for b in bases:
-        if row.base_content_hash and b.content_hash == row.base_content_hash:
-            base_id = b.id
-            break
-    copy = AdapterRow(
-        **{
-            c: getattr(row, c)
-            for c in (
-                "digest",
-                "manifest",
-                "weights_digest",
-                "size",
-                "rank",
-                "alpha",
-                "use_rslora",
-                "use_dora",
-                "targets",
-                "module_count",
-                "base_name",
-                "base_revision",
-                "base_signature",
-                "base_content_hash",
-                "origin_kind",
-                "origin",
-                "created_at",
-            )
-        },
-        base_id=base_id,
+    copy = AdapterRow(**columns(row, AdapterRow, ("id", "base_id")))
+    copy.base_id = next(
+        (b.id for b in bases if row.base_content_hash and b.content_hash == row.base_content_hash),
+        None,
     )
     copy.modules = [
-        AdapterModule(
-            module=m.module,
-            leaf=m.leaf,
-            kind=m.kind,
-            in_features=m.in_features,
-            out_features=m.out_features,
-            rank=m.rank,
-            alpha=m.alpha,
-        )
-        for m in row.modules
+        AdapterModule(**columns(m, AdapterModule, ("id", "adapter_id"))) for m in row.modules
     ]
     dst.add(copy)
     dst.flush()
