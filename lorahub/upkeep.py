@@ -606,9 +606,12 @@ def fsck(
                 if not dry_run:
                     live[row.digest] = _copy_adapter(dst, row, live_bases.values())
         taken = {(r.name, r.tag, r.variant): r.adapter.digest for r in dst.scalars(select(Ref))}
+        unconfirmed = _unconfirmed_moves(records)
         for ref in src.scalars(select(Ref).order_by(Ref.created_at, Ref.id)):
             key = (ref.name, ref.tag, ref.variant)
             target = live.get(ref.adapter.digest)
+            if key in taken and taken[key] in unconfirmed.get((ref.name, ref.tag), ()):
+                continue  # a later move committed; only its confirmation was lost
             if key in taken and taken[key] != ref.adapter.digest:
                 # Either the catalog lost the commit that moved the name, or the journal lost
                 # the confirmation of a later move back: a person decides.
@@ -675,6 +678,22 @@ def fsck(
         notes=tuple(notes),
         dry_run=dry_run,
     )
+
+
+def _unconfirmed_moves(records: Records) -> dict[tuple[str, str], set[str]]:
+    """For each name, the digests that moves after its last confirmed event set it to.
+    A writer killed between its commit and the confirmation leaves such a move: the
+    catalog pointing there is the catalog being right, not a conflict."""
+    moves: dict[tuple[str, str], set[str]] = {}
+    for e in records.events():
+        if e.op not in ("tag", "untag"):
+            continue
+        key = (str(e.get("name")), str(e.get("tag")))
+        if e.committed:
+            moves.pop(key, None)
+        elif e.op == "tag":
+            moves.setdefault(key, set()).add(str(e.get("digest")))
+    return moves
 
 
 def _replay(records: Records, blobs: BlobStore) -> tuple[Engine, list[str], list[str]]:
