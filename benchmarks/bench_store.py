@@ -53,7 +53,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lorahub
-from lorahub.digest import canonical_json, hash_bytes
+from lorahub.digest import canonical_json, hash_bytes, short
 
 MB = 1e6
 
@@ -316,13 +316,15 @@ def lookups_for(hub: lorahub.Hub, count: int, n: int) -> dict[str, list[Callable
     names = [f"name-{rng.randrange(count)}:v1" for _ in range(n)]
     with hub.engine.connect() as conn:
         digests = list(conn.execute(text("SELECT digest FROM adapters")).scalars())
-    prefixes = [d[7:19] for d in rng.sample(digests, n)]
+    prefixes = [short(d) for d in rng.sample(digests, n)]
     return {
         "get name:tag": [lambda x=x: hub.get(x) for x in names],
         "get 12-hex prefix": [lambda x=x: hub.get(x) for x in prefixes],
-        "list rank=16 target=q_proj": [lambda: hub.list(["rank=16", "target=q_proj"], limit=50)]
+        "list rank=16 target=q_proj": [
+            lambda: hub.list_adapters(["rank=16", "target=q_proj"], limit=50)
+        ]
         * n,
-        "list limit=50": [lambda: hub.list(limit=50)] * n,
+        "list limit=50": [lambda: hub.list_adapters(limit=50)] * n,
     }
 
 
@@ -342,7 +344,7 @@ def measure_catalog(hub: lorahub.Hub, count: int, n: int, show_plans: bool) -> N
             for sql, plan in explain(hub, calls[0]):
                 print(f"    SQL  {sql[:150]}{'...' if len(sql) > 150 else ''}")
                 print(f"    PLAN {plan}")
-    assert len(hub.list(["rank=16", "target=q_proj"], limit=50)) == 50
+    assert len(hub.list_adapters(["rank=16", "target=q_proj"], limit=50)) == 50
     measure_cli(hub, count)
 
 

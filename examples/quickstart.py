@@ -111,12 +111,14 @@ def main() -> None:
         print(f"{res.status:<8} {name:<16} {res.adapter.digest}")
     hub.tag("sql-expert:v1", "sql-expert:prod")
 
-    for info in hub.list():
+    for info in hub.list_adapters():
         print(
             f"  {', '.join(info.refs):<32} rank={info.rank:<3} alpha={info.alpha:<5g} "
             f"targets={','.join(info.targets)}"
         )
-    print("only rank 8 on q_proj:", [i.refs for i in hub.list(["rank=8", "target=q_proj"])])
+    print(
+        "only rank 8 on q_proj:", [i.refs for i in hub.list_adapters(["rank=8", "target=q_proj"])]
+    )
 
     base_info = hub.add_base(base)
     print(f"base {base_info.name}: {base_info.tensor_count} tensors, {base_info.content_hash}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
 from .errors import (
     AdapterNotFound,
     AmbiguousReference,
@@ -20,8 +21,6 @@ from .errors import (
     InvalidReference,
     LorahubError,
 )
-
-__version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .hub import Hub, open

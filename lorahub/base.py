@@ -13,7 +13,6 @@ is reachable, from the remote headers alone (no weights are downloaded).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
@@ -21,49 +20,24 @@ import math
 import mmap
 import os
 import struct
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeGuard
 
 import xxhash
 
+from . import hfenv
 from .digest import Digest, Hasher, canonical_json, hash_bytes
-from .errors import BaseModelError
+from .dtypes import DTYPE_BITS
+from .errors import BaseModelError, BaseNotFound
+from .fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
-# Bits per element of every dtype the safetensors format defines.
-DTYPE_BITS: Mapping[str, int] = MappingProxyType(
-    {
-        "BOOL": 8,
-        "U8": 8,
-        "I8": 8,
-        "F8_E5M2": 8,
-        "F8_E4M3": 8,
-        "F8_E8M0": 8,
-        "F4": 4,
-        "F6_E2M3": 6,
-        "F6_E3M2": 6,
-        "I16": 16,
-        "U16": 16,
-        "F16": 16,
-        "BF16": 16,
-        "I32": 32,
-        "U32": 32,
-        "F32": 32,
-        "F64": 64,
-        "I64": 64,
-        "U64": 64,
-        "C64": 64,
-    }
-)
-# Dtypes a LoRA delta can be added to without dequantising first.
-FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 
 INDEX_SUFFIX = ".safetensors.index.json"
 MAX_HEADER = 100 << 20  # safetensors itself refuses headers over 100 MB
@@ -231,11 +205,11 @@ MAX_DIM = 2**64 - 1
 MAX_DIMS = 64
 
 
-def _dtype_ok(dtype: Any) -> bool:
+def _dtype_ok(dtype: object) -> TypeGuard[str]:
     return isinstance(dtype, str) and dtype in DTYPE_BITS
 
 
-def _shape_ok(shape: Any) -> bool:
+def _shape_ok(shape: object) -> TypeGuard[list[int]]:
     return (
         isinstance(shape, list)
         and len(shape) <= MAX_DIMS
@@ -261,7 +235,10 @@ def _bad(path: Path, why: str) -> BaseModelError:
 
 
 def open_base(
-    source: str | Path, *, revision: str | None = None, local_only: bool | None = None
+    source: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    local_only: bool | None = None,
 ) -> BaseModel:
     """Read a base model's tensor table from safetensors headers (no tensor data).
 
@@ -276,8 +253,10 @@ def open_base(
         A ``BaseModel``; for a Hub repo not in the local cache, one with ``root=None``.
 
     Raises:
-        BaseModelError: missing path, pickle-only checkpoint, broken index or header, a repo or
-            revision that is neither cached nor reachable.
+        BaseNotFound: no such path, or a repo or revision that is neither cached nor on the
+            Hub (a ``BaseModelError`` too).
+        BaseModelError: pickle-only checkpoint, broken index or header, a Hub that cannot be
+            reached.
 
     Example:
         >>> base = open_base("meta-llama/Llama-3.2-1B")  # doctest: +SKIP
@@ -290,7 +269,7 @@ def open_base(
             raise BaseModelError(f"--revision applies to Hub repos, but {text!r} is a local path")
         return _open_local(text, path)
     if isinstance(source, Path) or not _looks_like_repo_id(text):
-        raise BaseModelError(
+        raise BaseNotFound(
             f"base model {text!r} not found: no such file or directory (and it is not a "
             "Hub repo id like 'org/name')"
         )
@@ -323,7 +302,7 @@ def _open_local(source: str, path: Path) -> BaseModel:
         files = [n for n in names if n.endswith(".safetensors")]
     if not files:
         raise _no_safetensors(path, names)
-    tensors: dict[str, TensorInfo] = {}
+    tensors = {}
     for name in files:
         for tname, info in read_header(path / name)[0].items():
             if tname in tensors:
@@ -431,37 +410,18 @@ def _looks_like_repo_id(text: str) -> bool:
 # Hub
 
 
-def _offline() -> bool:
-    # huggingface_hub reads HF_HUB_OFFLINE once at import; honour a later change too.
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE")
-    if env is not None:
-        return env.strip().upper() in {"1", "ON", "YES", "TRUE"}
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _hf_cache_dir() -> str | None:
-    # Same reason: HF_HOME / HF_HUB_CACHE set after import must still count.
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    return None
-
-
 def _open_hub(repo_id: str, revision: str | None, local_only: bool | None) -> BaseModel:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError
 
-    offline = _offline() if local_only is None else local_only or _offline()
+    offline = hfenv.offline() if local_only is None else local_only or hfenv.offline()
     cached: str | None = None
     why = ""
     try:
         cached = snapshot_download(
             repo_id,
             revision=revision,
-            cache_dir=_hf_cache_dir(),
+            cache_dir=hfenv.hub_cache(),
             allow_patterns=["*.safetensors", "*.json"],
             local_files_only=True,
         )
@@ -484,7 +444,7 @@ def _open_hub(repo_id: str, revision: str | None, local_only: bool | None) -> Ba
             return BaseModel(repo_id, base.root, base.files, base.tensors, repo_id, root.name)
     rev = f" at revision {revision!r}" if revision else ""
     if offline:
-        raise BaseModelError(
+        raise BaseNotFound(
             f"{repo_id!r} is not a local path, and {repo_id}{rev} is not in the local Hugging "
             "Face cache"
             + (f" ({why})" if why else "")
@@ -513,13 +473,13 @@ def _open_remote(repo_id: str, revision: str | None) -> BaseModel:
         sha = api.model_info(repo_id, revision=revision).sha
         meta = api.get_safetensors_metadata(repo_id, revision=sha or revision)
     except RevisionNotFoundError as e:
-        raise BaseModelError(f"revision {revision!r} of {repo_id} does not exist on the Hub") from e
+        raise BaseNotFound(f"revision {revision!r} of {repo_id} does not exist on the Hub") from e
     except GatedRepoError as e:
         raise BaseModelError(
             f"{repo_id} is gated: accept its terms on the Hub and log in (`hf auth login`)"
         ) from e
     except RepositoryNotFoundError as e:
-        raise BaseModelError(
+        raise BaseNotFound(
             f"{repo_id!r} is not a local path, and no such model repo is visible on the Hub "
             "(check the name, or log in for a private repo)"
         ) from e
@@ -743,25 +703,9 @@ def _cache_put(
             if len(entries) > CACHE_MAX_ENTRIES:
                 keep = sorted(entries, key=lambda k: entries[k].get("time", 0))[-CACHE_MAX_ENTRIES:]
                 entries = {k: entries[k] for k in keep}
-            _write_atomic(
-                _cache_path(cache_dir), canonical_json({"version": 1, "entries": entries})
-            )
+            write_atomic(_cache_path(cache_dir), canonical_json({"version": 1, "entries": entries}))
     except Exception as e:  # a cache that cannot be written only costs a rehash next time
         log.warning("could not update the base hash cache in %s: %s", cache_dir, e)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def state_dict_hash(tensors: Mapping[str, Any]) -> Digest:

@@ -27,9 +27,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from .digest import ALGO, Digest, hash_bytes, hash_file, hash_stream
-from .errors import BlobCollision, IntegrityError, StoreError
+from .errors import BlobCollision, CorruptData, IntegrityError, StoreError
 from .fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,11 @@ class BlobStore:
         skips the fsyncs, for a caller that syncs the filesystem once after many writes."""
         actual = hash_bytes(data)
         if digest is not None and actual != digest:
-            raise IntegrityError(f"bytes hash to {actual}, not the expected {digest}")
+            raise CorruptData(
+                f"bytes hash to {actual}, not the expected {digest}",
+                expected=str(digest),
+                actual=str(actual),
+            )
         tmp = self.tmp / f"blob-{uuid.uuid4().hex}"
         try:
             with self.writing():
@@ -128,7 +133,11 @@ class BlobStore:
                     digest, size = hash_stream(f)
                     synced.result()
                 if expect is not None and digest != expect:
-                    raise IntegrityError(f"bytes hash to {digest}, not the expected {expect}")
+                    raise CorruptData(
+                        f"bytes hash to {digest}, not the expected {expect}",
+                        expected=str(expect),
+                        actual=str(digest),
+                    )
                 # Published by another writer between the check and the link: compare again.
                 if not self._reuse(tmp, digest, source) and not self._publish(tmp, digest):
                     self._reuse(tmp, digest, source)
@@ -191,12 +200,14 @@ class BlobStore:
             fsync_dir(final.parent)
         return True
 
-    def open(self, digest: Digest):
+    def open(self, digest: Digest) -> BinaryIO:
         try:
             return open(self.path(digest), "rb")
         except FileNotFoundError:
-            raise IntegrityError(
-                f"blob {digest} is missing from the store; run `lorahub verify`"
+            raise CorruptData(
+                f"blob {digest} is missing from the store; run `lorahub verify`",
+                expected=str(digest),
+                path=self.path(digest),
             ) from None
 
     def read(self, digest: Digest) -> bytes:
@@ -211,14 +222,19 @@ class BlobStore:
         try:
             actual, _ = hash_file(path)
         except FileNotFoundError:
-            raise IntegrityError(
-                f"blob {digest} is missing from the store; run `lorahub fsck`"
+            raise CorruptData(
+                f"blob {digest} is missing from the store; run `lorahub fsck`",
+                expected=str(digest),
+                path=path,
             ) from None
         if actual != digest:
-            raise IntegrityError(
+            raise CorruptData(
                 f"blob {digest} is corrupt (its content hashes to {actual}); run `lorahub "
                 "fsck` to fetch it again from its source, or add the adapter again from its "
-                "files (that replaces the damaged blob)"
+                "files (that replaces the damaged blob)",
+                expected=str(digest),
+                actual=str(actual),
+                path=path,
             )
         return path
 

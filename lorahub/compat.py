@@ -18,8 +18,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from .adapter import CONV2D, EMBEDDING
-from .base import FLOAT_DTYPES
 from .digest import Digest
+from .dtypes import FLOAT_DTYPES
 from .errors import IncompatibleAdapter
 
 if TYPE_CHECKING:

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 
 from .adapter import CONV2D, EMBEDDING, LoraAdapter, LoraModule
-from .errors import ComposeError
+from .digest import PREFIX, SHORT_LEN
+from .errors import ComposeError, IncompatibleParents
 from .manifest import BaseRef
 
 if TYPE_CHECKING:
@@ -319,13 +320,13 @@ def parents_base(parents: Sequence[ParentBase], *, allow_mixed: bool = False) ->
     the name they give.
 
     Raises:
-        ComposeError: the parents were made for different bases (each parent and its base
+        IncompatibleParents: the parents were made for different bases (each parent and its base
             named), unless ``allow_mixed``: then the result keeps a base name only if every
             parent gives it, and no signature unless all were verified for one architecture.
     """
     reasons = _base_conflicts(parents)
     if reasons and not allow_mixed:
-        raise ComposeError(
+        raise IncompatibleParents(
             "cannot compose adapters made for different base models: "
             + "; ".join(reasons)
             + ".\n  "
@@ -385,7 +386,7 @@ def _only(values: Iterable[str | None]) -> str | None:
 
 
 def _short(digest: str | None) -> str:
-    return (digest or "?").removeprefix("xxh128:")[:12]
+    return (digest or "?").removeprefix(PREFIX)[:SHORT_LEN]
 
 
 # --- validation and gathering -------------------------------------------------------------
@@ -799,8 +800,8 @@ def _full_tensors(adapters: Sequence[LoraAdapter]) -> dict[str, torch.Tensor]:
 
 
 def _device(device: str) -> torch.device:
+    from .device import resolve_device
     from .errors import MergeError
-    from .merge import resolve_device
 
     try:
         return resolve_device(device)

@@ -18,9 +18,11 @@ import xxhash
 from .errors import InvalidReference
 
 ALGO = "xxh128"
+PREFIX = f"{ALGO}:"
 HEX_LEN = 32
+SHORT_LEN = 12
 CHUNK = 4 << 20
-_DIGEST_RE = re.compile(r"^xxh128:([0-9a-f]{32})$")
+_DIGEST_RE = re.compile(rf"^{PREFIX}([0-9a-f]{{32}})$")
 
 
 @dataclass(frozen=True, order=True)
@@ -95,6 +97,35 @@ def hash_chunks(chunks: Iterable[bytes | memoryview]) -> Digest:
     for c in chunks:
         h.update(c)
     return h.digest()
+
+
+def short(digest: str) -> str:
+    """The 12-hex form of a full ``xxh128:<hex>`` string shown in listings (a digest
+    without the prefix, or a placeholder like ``"-"``, gives an empty or cut string)."""
+    return digest[len(PREFIX) : len(PREFIX) + SHORT_LEN]
+
+
+def hex_prefix(text: str, min_len: int) -> str | None:
+    """The hex digits of ``text`` (with or without ``xxh128:``, any case) when it can be the
+    start of a digest at least ``min_len`` digits long; None for a name, path or short text."""
+    hexpart = text.lower().removeprefix(PREFIX)
+    if len(hexpart) >= min_len and all(c in "0123456789abcdef" for c in hexpart):
+        return hexpart
+    return None
+
+
+def prefix_range(prefix: str) -> tuple[str, str]:
+    """Bounds ``(lo, hi)`` such that ``lo <= d < hi`` holds exactly for the digests starting
+    with ``prefix`` (hex, with or without ``xxh128:``).
+
+    A range on a digest's unique index instead of ``LIKE``, which SQLite will not index here;
+    the same bounds serve the plain-SQL reads (``col >= ? AND col < ?``) and ORM queries.
+    ``"g"`` sorts right after every hex digit.
+
+    Example: ``prefix_range("ab12")`` -> ``("xxh128:ab12", "xxh128:ab12g")``.
+    """
+    lo = prefix if prefix.startswith(PREFIX) else PREFIX + prefix
+    return lo, lo + "g"
 
 
 def canonical_json(obj: Any) -> bytes:

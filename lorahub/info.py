@@ -9,6 +9,7 @@ from datetime import datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from .digest import PREFIX
 from .manifest import BaseRef
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ class AdapterInfo:
 # The end of every manifest ``manifest.build`` writes, in canonical JSON (sorted keys, no
 # whitespace): nothing after ``provenance`` but these two top-level keys.
 _MANIFEST_TAIL = re.compile(
-    r',"schema":\d+,"weights":\{"digest":"xxh128:[0-9a-f]{32}","size":\d+\}\}'
+    r',"schema":\d+,"weights":\{"digest":"' + PREFIX + r'[0-9a-f]{32}","size":\d+\}\}'
 )
 _PROVENANCE_KEY = ',"provenance":'
 _DECODER = json.JSONDecoder()

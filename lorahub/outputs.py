@@ -25,7 +25,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import LorahubError, MergeError, StoreError
+from .errors import (
+    Conflict,
+    LorahubError,
+    MergeIOError,
+    MergeOutputConflict,
+    OutputConflict,
+    StoreError,
+)
 
 Kind = Literal["merge", "export"]
 Input = tuple[str, str | os.PathLike[str]]
@@ -33,9 +40,33 @@ Input = tuple[str, str | os.PathLike[str]]
 MARKER = "lorahub.json"
 FILES_KEY = "files"
 EXPORT_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", MARKER)
+# A merge writes its shards, their index when there are several, and these files of the base
+# (a loader needs them next to the weights) when the base has them.
+MERGE_INDEX = "model.safetensors.index.json"
+MERGE_AUX_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
 MAX_MARKER_BYTES = 64 << 20  # as lorahub.formats.lorahub_json: larger is none of ours
 _SHARD_RE = re.compile(r"^model(?:-\d{5}-of-\d{5})?\.safetensors$")
-_ERRORS: dict[str, type[LorahubError]] = {"merge": MergeError, "export": StoreError}
+# What a refused destination raises (a Conflict, and the older name each command raised), and
+# what a destination that cannot be read raises (a disk error, under the same older name).
+_ERRORS: dict[str, type[Conflict]] = {"merge": MergeOutputConflict, "export": OutputConflict}
+_IO_ERRORS: dict[str, type[LorahubError]] = {"merge": MergeIOError, "export": StoreError}
 _EXAMPLE = {"merge": "merged", "export": "exported"}
 
 
@@ -55,13 +86,16 @@ def check_output(
         inputs: ``(what, path)`` of each input of the command (``("the base model", path)``);
             ``dest`` may be neither one of them nor a folder holding one.
         store_home: the store, which ``dest`` may not be, lie in or hold.
-        kind: ``"merge"`` (errors are ``MergeError``) or ``"export"`` (``StoreError``).
+        kind: ``"merge"`` (a refusal is ``MergeOutputConflict``, a ``MergeError``) or
+            ``"export"`` (``OutputConflict``, a ``StoreError``).
 
     Returns:
         True when ``dest`` exists (an empty folder or an earlier output) and is to be replaced.
 
     Raises:
-        MergeError, StoreError: the message says what is at ``dest`` and what to do instead.
+        MergeOutputConflict, OutputConflict: ``.target`` is ``dest``; the message says what
+            is there and what to do instead.
+        MergeIOError, StoreError: ``dest`` exists but cannot be read.
     """
     error = _ERRORS[kind]
     dest = Path(dest).expanduser().absolute()
@@ -69,7 +103,8 @@ def check_output(
         target = os.readlink(dest)
         raise error(
             f"{dest} is a symbolic link to {target}; lorahub does not write through links: "
-            f"give the target path ({(dest.parent / target).resolve()}) or remove the link"
+            f"give the target path ({(dest.parent / target).resolve()}) or remove the link",
+            target=dest,
         )
     real = dest.resolve()
     if store_home is not None:
@@ -77,50 +112,61 @@ def check_output(
     if not os.path.lexists(dest):
         return False
     if not dest.is_dir():
-        raise error(f"{dest} exists and is not a folder; remove it yourself or pick another path")
+        raise error(
+            f"{dest} exists and is not a folder; remove it yourself or pick another path",
+            target=dest,
+        )
     cwd = _cwd()
     if real == cwd:
         raise error(
             f"{dest} is the current directory; lorahub will not replace it. "
-            f"Write the output to a new folder (e.g. {dest / _EXAMPLE[kind]})"
+            f"Write the output to a new folder (e.g. {dest / _EXAMPLE[kind]})",
+            target=dest,
         )
     if cwd is not None and cwd.is_relative_to(real):
         raise error(
             f"{dest} holds the current directory ({cwd}); lorahub will not replace it. "
-            "Write the output to a new folder"
+            "Write the output to a new folder",
+            target=dest,
         )
     for what, path in inputs:
         p = Path(path).expanduser().resolve()
         if p == real:
-            raise error(f"{dest} is {what} of this {kind}; write the output somewhere else")
+            raise error(
+                f"{dest} is {what} of this {kind}; write the output somewhere else", target=dest
+            )
         if p.is_relative_to(real):
             raise error(
-                f"{dest} holds {what} of this {kind} ({p}); write the output somewhere else"
+                f"{dest} holds {what} of this {kind} ({p}); write the output somewhere else",
+                target=dest,
             )
-    entries = _entries(dest, error)
+    entries = _entries(dest, _IO_ERRORS[kind])
     if not entries:
         return True
     problem = foreign_files(dest, entries)
     if problem is None:
         if not force:
             raise error(
-                f"{dest} already exists (an earlier lorahub output); pass --force to replace it"
+                f"{dest} already exists (an earlier lorahub output); pass --force to replace it",
+                target=dest,
             )
         return True
     advice = "" if force else " (--force does not change that)"
     raise error(
         f"{dest} already exists and {problem}; lorahub replaces only its own earlier output "
-        f"or an empty folder{advice}. Remove it yourself or pick another path"
+        f"or an empty folder{advice}. Remove it yourself or pick another path",
+        target=dest,
     )
 
 
 def check_outside(dest: str | os.PathLike[str], store_home: str | os.PathLike[str]) -> None:
-    """Raise ``StoreError`` when ``dest`` is the store, lies in it or holds it: an output
-    written there would replace what the store keeps."""
+    """Raise ``OutputConflict`` (a ``StoreError``) when ``dest`` is the store, lies in it or
+    holds it: an output written there would replace what the store keeps."""
     real, home = Path(dest).expanduser().resolve(), Path(store_home).expanduser().resolve()
     if real == home or real.is_relative_to(home) or home.is_relative_to(real):
-        raise StoreError(
-            f"{dest} overlaps the lorahub store at {home}; write the output somewhere else"
+        raise OutputConflict(
+            f"{dest} overlaps the lorahub store at {home}; write the output somewhere else",
+            target=dest,
         )
 
 
@@ -159,9 +205,7 @@ def legacy_files(doc: dict[str, Any], names: set[str]) -> set[str] | None:
     if isinstance(doc.get("digest"), str) and isinstance(doc.get("manifest"), dict):
         return set(EXPORT_FILES)
     if isinstance(doc.get("base"), dict) and isinstance(doc.get("tensors"), int):
-        from .merge import AUX_FILES, INDEX_NAME
-
-        fixed = {MARKER, INDEX_NAME, *AUX_FILES}
+        fixed = {MARKER, MERGE_INDEX, *MERGE_AUX_FILES}
         return fixed | {n for n in names if _SHARD_RE.match(n)}
     return None
 

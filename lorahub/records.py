@@ -31,7 +31,7 @@ from typing import Any
 from .blobs import BlobStore
 from .digest import Digest, canonical_json, hash_bytes
 from .errors import StoreError
-from .fsutil import fsync_dir
+from .fsutil import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -182,13 +182,7 @@ class Records:
                 return
         try:
             self.bases_dir.mkdir(exist_ok=True)
-            tmp = self.bases_dir / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fsync_dir(self.bases_dir)
+            write_atomic(path, data)
         except OSError as exc:
             raise StoreError(f"cannot write the base record {path}: {exc}") from exc
 

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .digest import PREFIX
 from .errors import InvalidReference
 
 DEFAULT_TAG = "latest"
@@ -67,10 +68,12 @@ def parse(text: str) -> Reference:
         )
     body = raw[1:] if raw.startswith("@") else raw
     lowered = body.lower()
-    if lowered.startswith("xxh128:"):
-        hexpart = lowered[len("xxh128:") :]
+    if lowered.startswith(PREFIX):
+        hexpart = lowered[len(PREFIX) :]
         if not _HEX.match(hexpart) or not MIN_PREFIX <= len(hexpart) <= 32:
-            raise InvalidReference(f"invalid digest {raw!r}: expected xxh128:<8 to 32 hex>")
+            raise InvalidReference(
+                f"invalid digest {raw!r}: expected xxh128:<{MIN_PREFIX} to 32 hex digits>"
+            )
         return Reference(raw, prefix=hexpart)
     if raw.startswith("@"):
         if not _HEX.match(lowered) or not MIN_PREFIX <= len(lowered) <= 32:

@@ -46,10 +46,10 @@ def load(home: str | os.PathLike[str] | None = None) -> Settings:
 
 
 def _size(text: str) -> int:
-    from .errors import LorahubError
-    from .merge import parse_size
+    from .errors import InvalidArgument, LorahubError
+    from .units import parse_size
 
     try:
         return parse_size(text)
     except LorahubError as exc:
-        raise LorahubError(f"LORAHUB_MERGED_MAX_BYTES: {exc}") from None
+        raise InvalidArgument(f"LORAHUB_MERGED_MAX_BYTES: {exc}") from None

@@ -1,18 +1,19 @@
-"""Tools for the attack tests (``tests/test_attacks.py``): run the real CLI in processes that
-can be signalled at chosen moments, and check a store with code that shares nothing with
-lorahub's own ``verify``.
+"""Tools for the attack tests (``tests/test_attacks.py``, and ``tests/test_crash.py``'s
+kills): run the real CLI in processes that can be signalled at chosen moments, and check a
+store with code that shares nothing with lorahub's own ``verify``.
 
 Starting Python and importing torch costs ~2 s here, more than most commands take, so every
-command runs in a child forked from one "zygote" that has imported everything (as in
-``test_crash.py``). Each child runs ``lorahub.cli.main`` in its own process and opens its own
-store; the zygote never opens one, so no database connection crosses a fork. A child is
-reaped only when the test asks (``wait``), so its pid cannot be reused before a signal lands.
+command runs in a child forked from one "zygote" that has imported everything. Each child runs
+``lorahub.cli.main`` in its own process and opens its own store; the zygote never opens one, so
+no database connection crosses a fork. A child is reaped only when the test asks (``wait``), so
+its pid cannot be reused before a signal lands.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import select
 import signal
@@ -327,24 +328,44 @@ def flip_bytes(path: Path, rng, count: int = 1) -> None:
     path.write_bytes(bytes(data))
 
 
-def corrupt_index(db: Path, index: str, rng) -> str:
-    """Change one hex digit of one digest stored in ``index``'s root page (after moving the
-    WAL into the file), as a bad sector or a stray write would. Returns what changed."""
+def root_page(db: Path, name: str) -> tuple[int, int]:
+    """Where the root page of table or index ``name`` starts in the database file, and the
+    page size, after moving the WAL into the file (so the file is what a reader sees)."""
     con = sqlite3.connect(db)
     try:
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         page_size = con.execute("PRAGMA page_size").fetchone()[0]
         (root,) = con.execute(
-            "SELECT rootpage FROM sqlite_master WHERE name = ?", (index,)
+            "SELECT rootpage FROM sqlite_master WHERE name = ?", (name,)
         ).fetchone()
     finally:
         con.close()
+    return (root - 1) * page_size, page_size
+
+
+def corrupt_index(db: Path, index: str, rng: random.Random | None = None) -> str:
+    """Change one hex digit of one digest stored in ``index``'s root page, as a bad sector or
+    a stray write would: a random one (``rng``), or else the first digit of the first digest,
+    to 0 (1 if it was 0). Returns what changed."""
+    start, page_size = root_page(db, index)
     data = bytearray(db.read_bytes())
-    start = (root - 1) * page_size
     page = bytes(data[start : start + page_size])
     hits = [m.start() for m in re.finditer(rb"xxh128:[0-9a-f]{32}", page)]
-    at = start + rng.choice(hits) + 7 + rng.randrange(32)
-    old = chr(data[at])
-    data[at] = ord(rng.choice([c for c in "0123456789abcdef" if c != old]))
+    if rng is None:
+        at = start + hits[0] + 7
+        old = chr(data[at])
+        data[at] = ord("0" if old != "0" else "1")
+    else:
+        at = start + rng.choice(hits) + 7 + rng.randrange(32)
+        old = chr(data[at])
+        data[at] = ord(rng.choice([c for c in "0123456789abcdef" if c != old]))
     db.write_bytes(bytes(data))
     return f"byte {at} of {db.name} ({index}): {old!r} -> {chr(data[at])!r}"
+
+
+def damage_page(db: Path, name: str) -> None:
+    """Overwrite the header of table or index ``name``'s root page, so reading it fails."""
+    start, _ = root_page(db, name)
+    data = bytearray(db.read_bytes())
+    data[start : start + 8] = b"\xff" * 8
+    db.write_bytes(bytes(data))

@@ -26,7 +26,21 @@ os.environ.update(
 for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "LORAHUB_DATABASE_URL"):
     os.environ.pop(_var, None)
 
+import socket  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
 import pytest  # noqa: E402
+from factories import CliRun, cli_runner, peft_adapter, tiny_llama  # noqa: E402
+
+if TYPE_CHECKING:
+    from hubserver import HubServer
+
+    import lorahub
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 @pytest.fixture(autouse=True)
@@ -37,6 +51,117 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("LORAHUB_DEBUG", raising=False)
     yield
+
+
+# ------------------------------------------------------------------ a store
+
+
+@pytest.fixture
+def store_home(tmp_path: Path) -> Path:
+    """Where this test's store lives (created when first opened): ``hub`` and ``run`` use it."""
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def hub(store_home: Path) -> Iterator[lorahub.Hub]:
+    """An empty store at ``store_home``, closed after the test."""
+    import lorahub
+
+    with lorahub.open(store_home) as h:
+        yield h
+
+
+@pytest.fixture
+def run(store_home: Path) -> CliRun:
+    """The CLI on the store at ``store_home``: ``run(*args, code=0, input=None)``
+    (see :func:`factories.cli_runner`)."""
+    return cli_runner(store_home)
+
+
+# ------------------------------------------------------------------ models and adapters
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny seeded Llamas and PEFT adapters of them, made once and never written to again:
+
+    - ``llama``: the base (seed 0); ``llama-instruct``: same shapes, other weights (seed 7);
+      ``wide``: hidden size 48 instead of 32;
+    - ``a``: q_proj, rank 4, alpha 8 (seed 1); ``ad2``: q_proj, rank 2, alpha 2 (seed 2);
+      ``b``: o_proj, rank 2, alpha 2 (seed 2); ``wide-ad``: q_proj of ``wide``, rank 4, alpha 8;
+      ``dora-ad``: DoRA on q_proj, v_proj and embed_tokens, rank 4, alpha 8.
+    """
+    d = tmp_path_factory.mktemp("world")
+    tiny_llama(seed=0).save_pretrained(d / "llama")
+    tiny_llama(seed=7).save_pretrained(d / "llama-instruct")
+    tiny_llama(hidden_size=48).save_pretrained(d / "wide")
+    peft_adapter(tiny_llama(), d / "a", seed=1, r=4, lora_alpha=8, target_modules=["q_proj"])
+    peft_adapter(tiny_llama(), d / "ad2", seed=2, r=2, lora_alpha=2, target_modules=["q_proj"])
+    peft_adapter(tiny_llama(), d / "b", seed=2, r=2, lora_alpha=2, target_modules=["o_proj"])
+    peft_adapter(
+        tiny_llama(hidden_size=48), d / "wide-ad", r=4, lora_alpha=8, target_modules=["q_proj"]
+    )
+    peft_adapter(
+        tiny_llama(),
+        d / "dora-ad",
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "embed_tokens"],
+        use_dora=True,
+    )
+    return d
+
+
+@pytest.fixture(scope="session")
+def peft_save(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real PEFT save of a tiny Llama adapter (q_proj, v_proj of both layers, rank 4, alpha
+    8), the seed that the hostile-input tests vary; copy it before changing it."""
+    out = tmp_path_factory.mktemp("peft-save") / "adapter"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_adapter(tiny_llama(), out, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    return out
+
+
+# ------------------------------------------------------------------ the network
+
+
+@pytest.fixture
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Refuse to resolve any name but loopback, and fail the test if it tried: name
+    resolution is the choke point of every outgoing connection."""
+    escapes: list[object] = []
+    real = socket.getaddrinfo
+
+    def guarded(host, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name not in LOOPBACK:
+            escapes.append(host)
+            raise OSError(f"tests may only reach loopback, not {host!r}")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", guarded)
+    yield
+    assert escapes == [], f"a test tried to leave 127.0.0.1: {escapes}"
+
+
+@pytest.fixture
+def hub_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
+    """The in-process Hub look-alike (``tests/hubserver.py``), as the endpoint
+    huggingface_hub talks to; a bug it hit fails the test."""
+    from hubserver import HubServer
+    from huggingface_hub import constants
+
+    with HubServer() as s:
+        # Both are fixed at import from HF_ENDPOINT; a user's HF_ENDPOINT sets both alike.
+        monkeypatch.setattr(constants, "ENDPOINT", s.url)
+        monkeypatch.setattr(
+            constants,
+            "HUGGINGFACE_CO_URL_TEMPLATE",
+            s.url + "/{repo_id}/resolve/{revision}/{filename}",
+        )
+        yield s
+        assert s.errors == [], "the test server hit a bug:\n" + "\n".join(s.errors)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from click.testing import Result
+
+    from lorahub.adapter import LoraAdapter
+    from lorahub.base import TensorInfo
 
 LLAMA_MODULES = {
     f"model.layers.{i}.self_attn.{p}": (32, 32) for i in range(2) for p in ("q_proj", "v_proj")
 }
+
+# What safetensors calls the torch dtypes the tiny models use (tensor tables are written by hand
+# here, so the tests do not read them back through lorahub's own dtype table).
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
 def write_peft_adapter(
@@ -56,23 +66,37 @@ def write_peft_adapter(
     return path
 
 
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, hidden_size: int = 32):
-    """A 2-layer Llama (hidden size 32 unless told) made by transformers (test-only)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama(
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    hidden_size: int = 32,
+    *,
+    layers: int = 2,
+    vocab: int = 128,
+    intermediate: int = 64,
+    bare: bool = False,
+    **config: Any,
+):
+    """A Llama made by transformers (test-only): 2 layers, hidden size 32, vocabulary 128
+    unless told. ``bare`` gives the ``LlamaModel`` without its head; ``config`` goes to
+    ``LlamaConfig`` as is (``attention_bias=True``, ``max_position_embeddings=64``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=128,
+        vocab_size=vocab,
         hidden_size=hidden_size,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
+        **config,
     )
-    return LlamaForCausalLM(cfg).to(dtype).eval()
+    return (LlamaModel if bare else LlamaForCausalLM)(cfg).to(dtype).eval()
 
 
 def tiny_gpt2(seed: int = 0):
+    """A 2-layer GPT-2: its Conv1D layers store [in, out], so its adapters are fan_in_fan_out."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -80,29 +104,99 @@ def tiny_gpt2(seed: int = 0):
     return GPT2LMHeadModel(cfg).eval()
 
 
+def tiny_clip(seed: int = 0):
+    """A 2-layer CLIP text encoder, the base of Stable Diffusion's text-encoder LoRAs."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        projection_dim=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return CLIPTextModel(cfg).eval()
+
+
+def tensor_table(tensors: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, TensorInfo]:
+    """A state dict as the tensor table ``open_base`` reads from headers, names under ``prefix``."""
+    from lorahub.base import TensorInfo
+
+    return {
+        prefix + n: TensorInfo(prefix + n, _SAFETENSORS_DTYPES[t.dtype], tuple(t.shape))
+        for n, t in tensors.items()
+    }
+
+
 def peft_adapter(model, out: Path, seed: int = 1, adapter_name: str = "default", **lora_kwargs):
-    """Wrap ``model`` with a randomly initialised (non-zero) LoRA and save it to ``out``."""
+    """Wrap ``model`` with a LoRA and save it to ``out``; its weights are random (non-zero)
+    unless ``init_lora_weights`` says otherwise."""
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(init_lora_weights=False, **lora_kwargs)
+    cfg = LoraConfig(**{"init_lora_weights": False, **lora_kwargs})
     torch.manual_seed(seed)
     pm = get_peft_model(model, cfg, adapter_name=adapter_name)
     pm.save_pretrained(str(out))
     return pm
 
 
-def cli_runner(home: Path):
-    """``run(*args, code=0)``: ``lorahub --home HOME ARGS`` in this process, asserting the
-    exit code and returning click's result (``.stdout``, ``.stderr``)."""
+def load_model(path: Path):
+    """A saved transformers model, in the dtype it was saved in."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
+
+
+def random_peft_adapter(base: Path, dest: Path, seed: int = 1, **lora_kwargs) -> Path:
+    """A PEFT adapter of the model saved at ``base`` with every trainable tensor random (DoRA
+    magnitudes, modules to save and LoRA biases too), so each part of a merge shows."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    pm = get_peft_model(load_model(base), LoraConfig(init_lora_weights=False, **lora_kwargs))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_magnitude_vector" in name:  # else m == ||W + sBA|| and DoRA is plain LoRA
+                p.mul_(1 + 0.5 * torch.rand_like(p))
+            elif "modules_to_save" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            elif "lora_B" in name and name.endswith("bias"):
+                p.normal_(0, 0.5)
+    pm.save_pretrained(dest)
+    return dest
+
+
+def read_adapter(path: Path) -> LoraAdapter:
+    """A PEFT safetensors folder read back the way lorahub reads one."""
+    from lorahub.adapter import LoraAdapter
+
+    config = json.loads((path / "adapter_config.json").read_text())
+    return LoraAdapter.from_state_dict(config, load_file(path / "adapter_model.safetensors"))
+
+
+CliRun = Callable[..., "Result"]
+
+
+def cli_runner(home: Path) -> CliRun:
+    """``run(*args, code=0, input=None)``: ``lorahub --home HOME ARGS`` in this process, with
+    ``input`` on stdin, asserting the exit code (unless ``code`` is None) and returning click's
+    result (``.stdout``, ``.stderr``, ``.exit_code``)."""
     from click.testing import CliRunner
 
     from lorahub.cli import cli
 
     runner = CliRunner()
 
-    def run(*args: Any, code: int = 0):
-        res = runner.invoke(cli, ["--home", str(home), *map(str, args)])
-        assert res.exit_code == code, res.output + res.stderr
+    def run(*args: Any, code: int | None = 0, input: str | None = None) -> Result:
+        res = runner.invoke(cli, ["--home", str(home), *map(str, args)], input=input)
+        if code is not None:
+            assert res.exit_code == code, res.output + res.stderr
         return res
 
     return run

@@ -21,15 +21,11 @@ from lorahub.digest import Digest
 from lorahub.errors import BaseModelError, LorahubError
 
 
-def _tiny_llama(seed: int = 0, hidden: int = 32):
-    return tiny_llama(seed, hidden_size=hidden)
-
-
 @pytest.fixture(scope="module")
 def llama_dirs(tmp_path_factory) -> tuple[Path, Path]:
     """The same tiny Llama saved unsharded and in 20 KB shards."""
     root = tmp_path_factory.mktemp("llama")
-    model = _tiny_llama()
+    model = tiny_llama()
     model.save_pretrained(root / "single")
     model.save_pretrained(root / "sharded", max_shard_size="20KB")
     return root / "single", root / "sharded"
@@ -87,7 +83,7 @@ def test_signature_is_digest_of_sorted_name_dtype_shape(llama_dirs):
         json.dumps(rows, separators=(",", ":"), sort_keys=True).encode()
     )
     assert base.signature.hex == expected
-    other = open_base_from_model(_tiny_llama(hidden=48), llama_dirs[0].parent / "wide")
+    other = open_base_from_model(tiny_llama(hidden_size=48), llama_dirs[0].parent / "wide")
     assert other.signature != base.signature
 
 

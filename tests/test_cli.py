@@ -8,25 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 from factories import write_peft_adapter
 
 import lorahub
-from lorahub.cli import cli
-
-
-@pytest.fixture
-def run(tmp_path):
-    runner = CliRunner()
-    home = str(tmp_path / "home")
-
-    def _run(*args, input=None, ok=True):
-        result = runner.invoke(cli, ["--home", home, *map(str, args)], input=input)
-        if ok:
-            assert result.exit_code == 0, result.output + result.stderr
-        return result
-
-    return _run
 
 
 def test_add_ls_show_tag_rm_export(run, tmp_path):
@@ -67,13 +51,13 @@ def test_add_ls_show_tag_rm_export(run, tmp_path):
 
 def test_rm_asks_and_never_blocks_without_tty(run, tmp_path):
     run("add", write_peft_adapter(tmp_path / "a"), "-n", "x")
-    res = run("rm", "x", ok=False)  # the runner's stdin is not a TTY
+    res = run("rm", "x", code=None)  # the runner's stdin is not a TTY
     assert res.exit_code != 0 and "pass -y" in res.output
     assert json.loads(run("ls", "--json").output)[0]["refs"] == ["x:latest"]
 
 
 def test_errors_are_one_line_without_traceback(run, tmp_path):
-    res = run("show", "missing:v1", ok=False)
+    res = run("show", "missing:v1", code=None)
     assert res.exit_code == 1
     assert res.stderr.startswith("Error: no adapter matches 'missing:v1'")
     assert "Traceback" not in res.output + res.stderr
@@ -82,36 +66,36 @@ def test_errors_are_one_line_without_traceback(run, tmp_path):
     bad.mkdir()
     (bad / "adapter_config.json").write_text("{")
     good = write_peft_adapter(tmp_path / "good")
-    res = run("add", bad, good, ok=False)
+    res = run("add", bad, good, code=None)
     assert res.exit_code == 1  # one refused: non-zero, but the good one was added
     assert "refused" in res.stderr and "not valid JSON" in res.stderr
     assert "added" in res.stdout
-    res = run("ls", "--filter", "colour=red", ok=False)
+    res = run("ls", "--filter", "colour=red", code=None)
     assert res.exit_code == 1 and "unknown filter" in res.stderr
 
 
-def test_verify_exits_nonzero_and_names_bad_blob(run, tmp_path):
+def test_verify_exits_nonzero_and_names_bad_blob(run, store_home, tmp_path):
     run("add", write_peft_adapter(tmp_path / "a"), "-n", "x")
     weights = json.loads(run("show", "x", "--json").output)["weights_digest"]
     hexd = weights.split(":")[1]
-    blob = tmp_path / "home" / "blobs" / "xxh128" / hexd[:2] / hexd[2:]
+    blob = store_home / "blobs" / "xxh128" / hexd[:2] / hexd[2:]
     blob.write_bytes(b"garbage")
-    res = run("verify", ok=False)
+    res = run("verify", code=None)
     assert res.exit_code == 1 and weights in res.stderr
-    res = run("verify", "--json", ok=False)
+    res = run("verify", "--json", code=None)
     assert json.loads(res.stdout)["ok"] is False
 
 
-def test_debug_shows_traceback(tmp_path):
-    env = {**os.environ, "LORAHUB_DEBUG": "1", "LORAHUB_HOME": str(tmp_path / "h")}
+def test_debug_shows_traceback(store_home):
+    env = {**os.environ, "LORAHUB_DEBUG": "1", "LORAHUB_HOME": str(store_home)}
     cmd = [sys.executable, "-c", "from lorahub.cli import main; main()", "show", "nope"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert res.returncode != 0 and "Traceback" in res.stderr
 
 
-def test_console_script_runs_as_a_subprocess(tmp_path):
+def test_console_script_runs_as_a_subprocess(store_home, tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "lorahub")
-    env = {**os.environ, "LORAHUB_HOME": str(tmp_path / "h")}
+    env = {**os.environ, "LORAHUB_HOME": str(store_home)}
     src = write_peft_adapter(tmp_path / "a")
     cmd = [exe, "add", str(src), "-n", "a:v1"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -140,7 +124,7 @@ def _write_config(src, **changes):
 def test_bad_config_values_are_errors_not_tracebacks(run, tmp_path, changes):
     src = write_peft_adapter(tmp_path / "a")
     _write_config(src, **changes)
-    res = run("add", src, ok=False)
+    res = run("add", src, code=None)
     assert res.exit_code == 1 and "adapter_config.json" in res.stderr
     assert res.exception is None or isinstance(res.exception, SystemExit)
     assert json.loads(run("ls", "--json").output) == []
@@ -150,7 +134,7 @@ def test_garbage_bin_is_refused_without_unsafe_advice(run, tmp_path):
     src = write_peft_adapter(tmp_path / "a")
     (src / "adapter_model.safetensors").unlink()
     (src / "adapter_model.bin").write_text("hello")
-    res = run("add", src, ok=False)
+    res = run("add", src, code=None)
     assert res.exit_code == 1 and "weights_only=True" in res.stderr
     assert "weights_only set to False" not in res.stderr
     assert isinstance(res.exception, SystemExit)
@@ -166,11 +150,11 @@ def test_odd_arguments_get_clear_errors(run, tmp_path):
         ("gc", "--grace", "-5m"),
         ("ls", "--limit", "0"),
     ):
-        res = run(*args, ok=False)
+        res = run(*args, code=None)
         assert res.exit_code in (1, 2), args
         assert isinstance(res.exception, SystemExit), (args, res.exception)
     (tmp_path / "afile").write_text("x")
-    res = run("export", "a", tmp_path / "afile" / "sub", ok=False)
+    res = run("export", "a", tmp_path / "afile" / "sub", code=None)
     assert res.exit_code == 1 and res.stderr.startswith("Error: cannot write")
     assert run("tag", "a", "b").output.startswith("b:latest -> ")
 
@@ -185,14 +169,12 @@ def test_size_style_merged_cap_is_understood(tmp_path, monkeypatch):
         load(tmp_path)
 
 
-def test_rm_twice_or_by_digest_and_name_in_one_go(tmp_path):
-    runner = CliRunner()
-    home = ["--home", str(tmp_path / "h")]
+def test_rm_twice_or_by_digest_and_name_in_one_go(run, tmp_path):
     src = write_peft_adapter(tmp_path / "a")
-    assert runner.invoke(cli, [*home, "add", str(src), "-n", "one:v1"]).exit_code == 0
-    res = runner.invoke(cli, [*home, "rm", "one:v1", "one:v1", "-y"])
-    assert res.exit_code == 0 and res.output.count("removed one:v1") == 1
-    runner.invoke(cli, [*home, "add", str(src), "-n", "one:v1"])
-    digest = json.loads(runner.invoke(cli, [*home, "show", "one:v1", "--json"]).output)["digest"]
-    res = runner.invoke(cli, [*home, "rm", "@" + digest, "one:v1", "-y"])
-    assert res.exit_code == 0 and "one:v1 was already removed" in res.output
+    run("add", src, "-n", "one:v1")
+    res = run("rm", "one:v1", "one:v1", "-y")
+    assert res.output.count("removed one:v1") == 1
+    run("add", src, "-n", "one:v1", code=None)
+    digest = json.loads(run("show", "one:v1", "--json", code=None).output)["digest"]
+    res = run("rm", "@" + digest, "one:v1", "-y")
+    assert "one:v1 was already removed" in res.output

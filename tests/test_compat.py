@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from factories import peft_adapter, read_adapter, tensor_table, tiny_gpt2, tiny_llama
 
 from lorahub.adapter import LoraAdapter
 from lorahub.base import TensorInfo, open_base
@@ -17,59 +16,22 @@ from lorahub.errors import IncompatibleAdapter
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _llama(hidden: int = 32, layers: int = 2, vocab: int = 128, bare: bool = False, **kw):
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        **kw,
-    )
-    return (LlamaModel if bare else LlamaForCausalLM)(cfg).eval()
-
-
-def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(
-        GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
-    )
-
-
-def _table(model) -> dict[str, TensorInfo]:
-    """The model's state dict as a tensor table (what open_base reads from headers)."""
-    dt = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-    return {n: TensorInfo(n, dt[t.dtype], tuple(t.shape)) for n, t in model.state_dict().items()}
-
-
 def _peft_adapter(model, tmp: Path, **lora_kw) -> LoraAdapter:
-    """Save a PEFT LoRA of ``model`` and read it back the way lorahub does."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(1)
-    peft_model = get_peft_model(model, LoraConfig(**lora_kw))
-    peft_model.save_pretrained(tmp)
-    config = json.loads((tmp / "adapter_config.json").read_text())
-    tensors = load_file(str(tmp / "adapter_model.safetensors"))
-    return LoraAdapter.from_state_dict(config, tensors)
+    """Save a PEFT LoRA of ``model`` as PEFT initialises one and read it back as lorahub does."""
+    peft_adapter(model, tmp, init_lora_weights=True, **lora_kw)
+    return read_adapter(tmp)
 
 
 @pytest.fixture(scope="module")
 def llama_adapter(tmp_path_factory) -> LoraAdapter:
     return _peft_adapter(
-        _llama(), tmp_path_factory.mktemp("a"), r=4, lora_alpha=8, target_modules=LLAMA_TARGETS
+        tiny_llama(), tmp_path_factory.mktemp("a"), r=4, lora_alpha=8, target_modules=LLAMA_TARGETS
     )
 
 
 @pytest.fixture(scope="module")
 def llama_table() -> dict[str, TensorInfo]:
-    return _table(_llama())
+    return tensor_table(tiny_llama().state_dict())
 
 
 def test_llama_adapter_fits_its_base(llama_adapter, llama_table):
@@ -84,7 +46,7 @@ def test_llama_adapter_fits_its_base(llama_adapter, llama_table):
 
 
 def test_base_read_from_disk(llama_adapter, tmp_path):
-    model = _llama()
+    model = tiny_llama()
     model.save_pretrained(tmp_path / "base", max_shard_size="20KB")
     report = check(llama_adapter, open_base(tmp_path / "base").tensors)
     assert report.status == COMPATIBLE and report.matched == 14
@@ -106,7 +68,7 @@ def test_exact_needs_both_hashes_equal(llama_adapter, llama_table):
 
 
 def test_other_hidden_size_lists_every_module(llama_adapter):
-    wide = _table(_llama(hidden=48))
+    wide = tensor_table(tiny_llama(hidden_size=48).state_dict())
     report = check(llama_adapter, wide)
     assert report.status == INCOMPATIBLE
     assert report.matched == 0
@@ -131,7 +93,7 @@ def test_other_hidden_size_lists_every_module(llama_adapter):
 
 
 def test_missing_layers_are_reported_with_found_none(llama_adapter):
-    report = check(llama_adapter, _table(_llama(layers=1)))
+    report = check(llama_adapter, tensor_table(tiny_llama(layers=1).state_dict()))
     assert report.status == INCOMPATIBLE
     assert report.matched == 7 and report.missing == 7 and report.mismatched == 0
     for p in report.problems:
@@ -142,8 +104,8 @@ def test_missing_layers_are_reported_with_found_none(llama_adapter):
 
 
 def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
-    model = _gpt2()
-    table = _table(model)
+    model = tiny_gpt2()
+    table = tensor_table(model.state_dict())
     adapter = _peft_adapter(
         model,
         tmp_path,
@@ -166,8 +128,8 @@ def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
 
 
 def test_embedding_modules_to_save_and_dora(tmp_path):
-    model = _llama()
-    table = _table(model)
+    model = tiny_llama()
+    table = tensor_table(model.state_dict())
     adapter = _peft_adapter(
         model,
         tmp_path,
@@ -189,7 +151,7 @@ def test_embedding_modules_to_save_and_dora(tmp_path):
         "model.embed_tokens.weight": "model.embed_tokens.weight",
     }
 
-    bigger_vocab = _table(_llama(vocab=160))
+    bigger_vocab = tensor_table(tiny_llama(vocab=160).state_dict())
     report = check(adapter, bigger_vocab)
     assert report.status == INCOMPATIBLE
     by = {p.module: p for p in report.problems}
@@ -236,7 +198,7 @@ def test_dora_magnitude_of_wrong_length(llama_adapter, llama_table):
 
 
 def test_lora_bias_needs_a_base_bias(tmp_path):
-    no_bias = _llama()
+    no_bias = tiny_llama()
     adapter = _peft_adapter(
         no_bias,
         tmp_path / "a",
@@ -246,18 +208,18 @@ def test_lora_bias_needs_a_base_bias(tmp_path):
         lora_bias=True,
     )
     assert all(m.bias is not None for m in adapter.modules.values())
-    report = check(adapter, _table(_llama()))
+    report = check(adapter, tensor_table(tiny_llama().state_dict()))
     assert report.status == INCOMPATIBLE
     assert {p.reason for p in report.problems} == {"bias"}
     assert {p.base_tensor for p in report.problems} == {f"{m}.bias" for m in adapter.modules}
     assert "needs a base bias" in report.summary
-    with_bias = _table(_llama(attention_bias=True))
+    with_bias = tensor_table(tiny_llama(attention_bias=True).state_dict())
     assert check(adapter, with_bias).status == COMPATIBLE
 
 
 def test_rank_and_alpha_patterns(tmp_path):
     adapter = _peft_adapter(
-        _llama(),
+        tiny_llama(),
         tmp_path,
         r=4,
         lora_alpha=8,
@@ -267,15 +229,15 @@ def test_rank_and_alpha_patterns(tmp_path):
     )
     assert adapter.modules["model.layers.1.self_attn.q_proj"].rank == 8
     assert adapter.modules["model.layers.1.self_attn.v_proj"].alpha == 16
-    report = check(adapter, _table(_llama()))
+    report = check(adapter, tensor_table(tiny_llama().state_dict()))
     assert report.status == COMPATIBLE and report.matched == 6
-    bad = check(adapter, _table(_llama(hidden=48)))
+    bad = check(adapter, tensor_table(tiny_llama(hidden_size=48).state_dict()))
     q = next(p for p in bad.problems if p.module == "model.layers.1.self_attn.q_proj")
     assert (q.expected, q.found) == ((32, 32), (48, 48))
 
 
 def test_prefix_stripped_for_a_bare_model(llama_adapter):
-    bare = _table(_llama(bare=True))
+    bare = tensor_table(tiny_llama(bare=True).state_dict())
     assert "layers.0.self_attn.q_proj.weight" in bare
     report = check(llama_adapter, bare)
     assert report.status == COMPATIBLE, report.summary
@@ -287,7 +249,7 @@ def test_prefix_stripped_for_a_bare_model(llama_adapter):
 
 def test_prefix_added_for_an_adapter_made_on_a_bare_model(tmp_path, llama_table):
     adapter = _peft_adapter(
-        _llama(bare=True), tmp_path, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]
+        tiny_llama(bare=True), tmp_path, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]
     )
     assert "layers.0.self_attn.q_proj" in adapter.modules
     report = check(adapter, llama_table)
@@ -298,7 +260,7 @@ def test_prefix_added_for_an_adapter_made_on_a_bare_model(tmp_path, llama_table)
 
 def test_prefix_is_chosen_per_adapter_not_per_module(llama_adapter):
     """A base with both layouts for different layers: one rewrite for all, the rest missing."""
-    table = _table(_llama())
+    table = tensor_table(tiny_llama().state_dict())
     mixed = {}
     for name, info in table.items():
         key = name[len("model.") :] if name.startswith("model.layers.0.") else name
@@ -323,7 +285,7 @@ def test_leftover_peft_prefix(llama_adapter, llama_table):
 
 def test_zero_matches_is_incompatible(llama_table, tmp_path):
     gpt_adapter = _peft_adapter(
-        _gpt2(), tmp_path, r=4, target_modules=["c_attn"], fan_in_fan_out=True
+        tiny_gpt2(), tmp_path, r=4, target_modules=["c_attn"], fan_in_fan_out=True
     )
     report = check(gpt_adapter, llama_table)
     assert report.status == INCOMPATIBLE and report.matched == 0

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import xxhash
+from factories import tiny_llama
 from safetensors.torch import save_file
 
 from lorahub import compose as compose_mod
@@ -531,19 +532,8 @@ def test_linear_differs_from_peft_linear_by_the_cross_terms():
 
 def test_exported_composition_loads_in_peft_with_exact_logits(tmp_path: Path):
     from peft import PeftModel
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(cfg).to(F64).eval()
+    base = tiny_llama(dtype=F64, vocab=64, intermediate=48, max_position_embeddings=64)
 
     attn = {
         f"model.layers.{i}.self_attn.{p}": (32, 32 if p == "q_proj" else 16)

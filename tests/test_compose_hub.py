@@ -6,20 +6,18 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
-from factories import LLAMA_MODULES, cli_runner, peft_adapter, tiny_gpt2, write_peft_adapter
+from factories import LLAMA_MODULES, peft_adapter, tiny_gpt2, write_peft_adapter
 
 import lorahub
-from lorahub.cli import cli
 from lorahub.errors import ComposeError
 
 
 @pytest.fixture
-def hub(tmp_path):
-    with lorahub.open(tmp_path / "s") as h:
-        h.add(write_peft_adapter(tmp_path / "a", r=4, alpha=8, seed=1), name="a")
-        h.add(write_peft_adapter(tmp_path / "b", r=2, alpha=4, seed=2), name="b")
-        yield h
+def hub(hub, tmp_path):
+    """The shared store, holding two adapters of the Llama modules: a (rank 4), b (rank 2)."""
+    hub.add(write_peft_adapter(tmp_path / "a", r=4, alpha=8, seed=1), name="a")
+    hub.add(write_peft_adapter(tmp_path / "b", r=2, alpha=4, seed=2), name="b")
+    return hub
 
 
 def _delta(adapter, module):
@@ -54,43 +52,24 @@ def test_parents_for_different_bases_are_refused(hub, tmp_path):
     from lorahub.manifest import BaseRef
 
     adapter = hub.load("b")
-    hub.store(
-        adapter,
-        name="c",
-        origin_kind="import",
-        origin={},
-        base=BaseRef("x", None, "xxh128:" + "1" * 32),
-    )
-    hub.store(
-        adapter,
-        name="d",
-        origin_kind="import",
-        origin={},
-        base=BaseRef("y", None, "xxh128:" + "2" * 32),
-    )
+    for name, base, signature in (("c", "x", "1" * 32), ("d", "y", "2" * 32)):
+        base_ref = BaseRef(base, None, "xxh128:" + signature)
+        hub.store(adapter, name=name, origin_kind="import", origin={}, base=base_ref)
     with pytest.raises(ComposeError, match="different base architectures"):
         hub.compose(["c", "d"])
 
 
-def test_compose_cli_prints_errors_for_approximations(tmp_path):
-    runner = CliRunner()
-    home = ["--home", str(tmp_path / "h")]
+def test_compose_cli_prints_errors_for_approximations(run, tmp_path):
     for n, seed in (("a", 1), ("b", 2)):
-        runner.invoke(
-            cli, [*home, "add", str(write_peft_adapter(tmp_path / n, seed=seed)), "-n", n]
-        )
-    res = runner.invoke(
-        cli, [*home, "compose", "a", "b", "--method", "svd", "--rank", "2", "-n", "s"]
-    )
-    assert res.exit_code == 0, res.output
+        run("add", write_peft_adapter(tmp_path / n, seed=seed), "-n", n, code=None)
+    res = run("compose", "a", "b", "--method", "svd", "--rank", "2", "-n", "s")
     assert "REL. ERROR" in res.stdout and "model.layers.0.self_attn.q_proj" in res.stdout
-    res = runner.invoke(cli, [*home, "compose", "a", "b", "-w", "1,0.5", "-n", "c", "--json"])
+    res = run("compose", "a", "b", "-w", "1,0.5", "-n", "c", "--json", code=None)
     data = json.loads(res.stdout)
     assert data["report"]["exact"] is True and data["adapter"]["refs"] == ["c:latest"]
-    shown = runner.invoke(cli, [*home, "show", "c"]).stdout
+    shown = run("show", "c", code=None).stdout
     assert "provenance method" in shown and "cat" in shown
-    res = runner.invoke(cli, [*home, "compose", "a", "--method", "nope"])
-    assert res.exit_code == 2
+    run("compose", "a", "--method", "nope", code=2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
@@ -107,8 +86,7 @@ def _gpt2_adapter(path):
     return path
 
 
-def test_adapters_for_different_models_are_refused_unless_allowed(tmp_path):
-    run = cli_runner(tmp_path / "h")
+def test_adapters_for_different_models_are_refused_unless_allowed(run, tmp_path):
     run("add", write_peft_adapter(tmp_path / "a1", seed=1), "-n", "a1")
     run("add", _gpt2_adapter(tmp_path / "gpt"), "-n", "gpt")
     before = run("ls", "-q").stdout
@@ -123,8 +101,8 @@ def test_adapters_for_different_models_are_refused_unless_allowed(tmp_path):
     assert any("fan_in_fan_out" in n for n in out["report"]["notes"])
 
 
-def test_parents_naming_different_bases_are_refused(tmp_path):
-    with lorahub.open(tmp_path / "s") as hub:
+def test_parents_naming_different_bases_are_refused(store_home, tmp_path):
+    with lorahub.open(store_home) as hub:
         for n, base in (("l1", "meta-llama/Llama-3.2-1B"), ("l2", "meta-llama/Llama-3.2-1B/")):
             extra = {"base_model_name_or_path": base}
             hub.add(write_peft_adapter(tmp_path / n, seed=len(n), extra_config=extra), name=n)
@@ -138,18 +116,15 @@ def test_parents_naming_different_bases_are_refused(tmp_path):
         assert "they name different base models and none was checked against one" in msg
         assert "l1: base 'meta-llama/Llama-3.2-1B' (unverified)" in msg
         assert "m: base 'mistralai/Mistral-7B-v0.1' (unverified)" in msg
-        assert hub.list(["name=mix"]) == []
+        assert hub.list_adapters(["name=mix"]) == []
         mixed = hub.compose(["l1", "m"], name="mix", allow_mixed_bases=True).adapter
         assert not mixed.base.verified and mixed.base.name is None
 
 
-def test_an_unverified_parent_must_fit_the_base_of_the_verified_ones(tmp_path):
-    from factories import tiny_llama
-
-    tiny_llama().save_pretrained(tmp_path / "llama")
+def test_an_unverified_parent_must_fit_the_base_of_the_verified_ones(store_home, world, tmp_path):
     fits = {f"model.layers.{i}.self_attn.q_proj": (32, 32) for i in range(2)}
-    with lorahub.open(tmp_path / "s") as hub:
-        made = hub.add(write_peft_adapter(tmp_path / "v", fits), name="v", base=tmp_path / "llama")
+    with lorahub.open(store_home) as hub:
+        made = hub.add(write_peft_adapter(tmp_path / "v", fits), name="v", base=world / "llama")
         hub.add(write_peft_adapter(tmp_path / "f", fits, seed=2), name="f")
         hub.add(write_peft_adapter(tmp_path / "u", seed=3), name="u")  # v_proj 32 -> 32: no
         # Same claimed base name; "f" fits the recorded base, so the result keeps that base.

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import xxhash
 from factories import write_peft_adapter
 
@@ -108,6 +109,14 @@ def _blob_files(home: Path) -> dict[str, int]:
     return out
 
 
+def _lorahub(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``lorahub ARGS`` on ``home`` (from ``LORAHUB_HOME``), as a process of its own."""
+    env = {**os.environ, "LORAHUB_HOME": str(home)}
+    cmd = [sys.executable, "-c", "from lorahub.cli import main; main()", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+
+
+@pytest.mark.slow
 def test_many_processes_add_at_once(tmp_path):
     home = tmp_path / "store"  # fresh: every worker's first add races to migrate it
     src = tmp_path / "src"
@@ -147,7 +156,7 @@ def test_many_processes_add_at_once(tmp_path):
     assert set(blobs) == weights and len(blobs) == 101  # one file per digest
     assert list((home / "tmp").iterdir()) == []
     with lorahub.open(home) as hub:
-        infos = hub.list()
+        infos = hub.list_adapters()
         assert len(infos) == 101
         assert {i.digest for i in infos} == {x["digest"] for x in own + same}
         shared_info = hub.get("shared:w0")
@@ -157,6 +166,7 @@ def test_many_processes_add_at_once(tmp_path):
         assert (report.checked_blobs, report.checked_adapters) == (101, 101)
 
 
+@pytest.mark.slow
 def test_cli_adds_at_once_on_a_fresh_store(tmp_path):
     home = tmp_path / "fresh"
     src = tmp_path / "src"
@@ -180,22 +190,11 @@ def test_cli_adds_at_once_on_a_fresh_store(tmp_path):
     assert len(_blob_files(home)) == 5
     # Four processes set the shared adapter's default name at once: still one name each.
     with lorahub.open(home) as hub:
-        assert sorted(len(i.refs) for i in hub.list()) == [1] * 5
-    env = {**os.environ, "LORAHUB_HOME": str(home)}
-    ls = subprocess.run(
-        [sys.executable, "-c", "from lorahub.cli import main; main()", "ls", "-q"],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+        assert sorted(len(i.refs) for i in hub.list_adapters()) == [1] * 5
+    ls = _lorahub(home, "ls", "-q")
     assert ls.returncode == 0, ls.stderr
     assert sorted(ls.stdout.split()) == sorted({"@" + x["digest"] for x in rows})
     assert len(ls.stdout.split()) == 5
-    verify = subprocess.run(
-        [sys.executable, "-c", "from lorahub.cli import main; main()", "verify", "-q"],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    verify = _lorahub(home, "verify", "-q")
     assert verify.returncode == 0, verify.stderr
     assert "5 blobs, 5 adapters: ok" in verify.stdout

@@ -7,27 +7,26 @@ digest a clean store gives (DESIGN invariants 1 and 2).
 
 Starting Python and importing torch takes ~2 s here, which would dwarf the ~0.5 s add, so the
 commands run in children forked from one "zygote" process that has already imported
-everything: each child runs the real CLI entry point (``lorahub.cli.main``) in its own
-process, opens its own store, and is killed by the zygote at the delay the test asks for.
-The zygote never opens a store, so no database connection crosses a fork. The final re-run is
-a plain ``python -c "from lorahub.cli import main; main()"`` subprocess.
+everything (:class:`attackkit.Zygote`, shared with the attack tests): each child runs the real
+CLI entry point (``lorahub.cli.main``) in its own process, opens its own store, and is killed
+at the delay the test asks for. The zygote never opens a store, so no database connection
+crosses a fork. The final re-run is a plain ``python -c "from lorahub.cli import main; main()"``
+subprocess.
 """
 
 from __future__ import annotations
 
 import collections
 import json
-import os
 import random
-import select
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import pytest
 import xxhash
+from attackkit import Zygote
 from factories import write_peft_adapter
 from sqlalchemy import text
 
@@ -41,102 +40,6 @@ BIG_MODULES = {
 }
 KILLS = 20  # kills that must land while the add runs
 FRESH_KILLS = 4  # more, on fresh stores, spread over the first open (the migration)
-
-_ZYGOTE = r"""
-import json, os, signal, sys, traceback
-import torch, safetensors.torch, sqlalchemy.orm, alembic.command
-import lorahub.cli, lorahub.hub, lorahub.formats.peft
-from lorahub.cli import main
-
-for line in sys.stdin:
-    job = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            sys.argv = ["lorahub", *job["argv"]]
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    print(json.dumps({"pid": pid}), flush=True)
-    # The test says when: "kill" now, or "wait" for the end. The child is reaped only
-    # after that, so its pid can never be reused by another process before the kill.
-    if sys.stdin.readline().strip() == "kill":
-        os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps({"killed": os.WIFSIGNALED(status),
-                      "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}),
-          flush=True)
-"""
-
-
-class Zygote:
-    """Runs ``lorahub`` commands in forked, preloaded children that can be killed mid-way."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.n = 0
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _ZYGOTE],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
-
-    def run(self, argv: list[str], kill_after: float | None = None) -> tuple[dict, float, str]:
-        """Run ``lorahub *argv``; kill it after ``kill_after`` seconds (None: let it end).
-
-        Returns the outcome, the seconds from fork to the end, and its output.
-        """
-        self.n += 1
-        log = self.logs / f"run-{self.n}.log"
-        self._send(json.dumps({"argv": argv, "log": str(log)}))
-        t0 = time.monotonic()
-        pid = self._receive()["pid"]
-        if kill_after is not None:
-            time.sleep(max(0.0, kill_after - (time.monotonic() - t0)))
-        self._send("kill" if kill_after is not None else "wait")
-        try:
-            outcome = self._receive()
-        except TimeoutError:
-            os.kill(pid, signal.SIGKILL)  # not reaped yet, so still our child's pid
-            self._receive()
-            raise AssertionError(f"lorahub {argv} hung; its output: {_read(log)}") from None
-        return outcome, time.monotonic() - t0, _read(log)
-
-    def _send(self, line: str) -> None:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def _receive(self, timeout: float = 120) -> dict:
-        # One reply per request, so nothing waits in the pipe's buffer when we select.
-        if not select.select([self.proc.stdout], [], [], timeout)[0]:
-            raise TimeoutError
-        return json.loads(self.proc.stdout.readline())
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-
-
-def _read(log: Path) -> str:
-    """A child's output; a kill that lands before the child opened its log leaves none."""
-    return log.read_text() if log.exists() else ""
 
 
 def _blob_name(home: Path, path: Path) -> str:
@@ -162,7 +65,7 @@ def check_store(home: Path, expected: str) -> str:
             used = set(conn.execute(text("SELECT weights_digest FROM adapters")).scalars())
             n_modules = conn.execute(text("SELECT count(*) FROM adapter_modules")).scalar()
         assert blob_rows <= on_disk and used <= on_disk, "a catalog row points at no blob"
-        infos = hub.list()
+        infos = hub.list_adapters()
     # One transaction: the adapter, its modules and its name appear together or not at all.
     if infos:
         (info,) = infos
@@ -175,6 +78,7 @@ def check_store(home: Path, expected: str) -> str:
     return "temp file" if any((home / "tmp").iterdir()) else "nothing"
 
 
+@pytest.mark.slow
 def test_add_killed_at_random_points_keeps_the_store_consistent(tmp_path):
     src = write_peft_adapter(tmp_path / "big", BIG_MODULES, r=128, alpha=256, seed=7)
     with lorahub.open(tmp_path / "clean") as hub:
@@ -202,10 +106,10 @@ def test_add_killed_at_random_points_keeps_the_store_consistent(tmp_path):
             times = []
             for i in range(2):
                 home = new_home(f"measure-{fresh}-{i}", fresh)
-                outcome, took, log = zygote.run(["--home", str(home), *add])
-                assert outcome == {"killed": False, "code": 0}, log
-                assert expected in log
-                times.append(took)
+                out = zygote.run(["--home", str(home), *add])
+                assert (out.killed, out.code) == (False, 0), out.output
+                assert expected in out.output
+                times.append(out.took)
             duration[fresh] = min(times)
 
         trials = 0
@@ -218,19 +122,19 @@ def test_add_killed_at_random_points_keeps_the_store_consistent(tmp_path):
                 # Stratified: the k-th kill lands at a random point of the k-th equal slice of
                 # the add's duration, so the kills cover it from start to end.
                 delay = (killed + rng.random()) * duration[fresh] / wanted
-                outcome, took, log = zygote.run(["--home", str(home), *add], kill_after=delay)
-                if not outcome["killed"]:
+                out = zygote.run(["--home", str(home), *add], after=delay)
+                if not out.killed:
                     # Finished first (the machine got faster): aim by this duration from now on.
-                    assert outcome["code"] == 0, log
-                    duration[fresh] = min(duration[fresh], took)
+                    assert out.code == 0, out.output
+                    duration[fresh] = min(duration[fresh], out.took)
                     seen["finished before the kill"] += 1
                     continue
                 killed += 1
                 seen[check_store(home, expected)] += 1
                 # Re-running the add after the crash succeeds and gives the clean digest.
-                outcome, _, log = zygote.run(["--home", str(home), *add, "--json"])
-                assert outcome == {"killed": False, "code": 0}, log
-                (row,) = json.loads(log)
+                out = zygote.run(["--home", str(home), *add, "--json"])
+                assert (out.killed, out.code) == (False, 0), out.output
+                (row,) = json.loads(out.output)
                 assert row["status"] in ("added", "present") and row["digest"] == expected
                 assert check_store(home, expected) == "committed"
                 with lorahub.open(home) as hub:

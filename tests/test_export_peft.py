@@ -6,8 +6,6 @@ import pytest
 import torch
 from factories import peft_adapter, tiny_gpt2, tiny_llama
 
-import lorahub
-
 
 def _logits(model, ids):
     with torch.no_grad():
@@ -22,12 +20,11 @@ def _logits(model, ids):
     ],
     ids=["llama", "gpt2"],
 )
-def test_exported_dir_gives_the_same_logits(tmp_path, make, lora):
+def test_exported_dir_gives_the_same_logits(hub, tmp_path, make, lora):
     from peft import PeftModel
 
     src = tmp_path / "src"
     peft_adapter(make(), src, **lora)
-    hub = lorahub.open(tmp_path / "store")
     hub.add(src, name="a:v1")
     out = hub.export("a:v1", tmp_path / "exported")
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 import torch
-from factories import peft_adapter, tiny_llama
+from factories import tiny_llama
 
 import lorahub
 from lorahub.errors import LorahubError
@@ -141,16 +141,6 @@ class Tally:
         print("\n" + self.summary())
         shown = "\n".join(self.violations[:15])
         assert not self.violations, f"{self.summary()}\n{shown}"
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    """A real PEFT save: q_proj and v_proj of both layers of the tiny Llama, rank 4."""
-    out = tmp_path_factory.mktemp("fuzz-src") / "adapter"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_adapter(tiny_llama(), out, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -304,14 +294,15 @@ def cli_trial(runner: Any, cli: Any, home: Path, folder: Path, tally: Tally, lab
         )
 
 
-def test_fuzzed_configs_are_stored_or_refused_and_accepted_ones_load_in_peft(source, tmp_path):
-    run_configs(source, tmp_path, DEFAULT_CONFIGS, peft_samples=20, cli_every=10).verdict()
+def test_fuzzed_configs_are_stored_or_refused_and_accepted_ones_load_in_peft(peft_save, tmp_path):
+    run_configs(peft_save, tmp_path, DEFAULT_CONFIGS, peft_samples=20, cli_every=10).verdict()
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not LARGE, reason="set LORAHUB_FUZZ_N for the large fuzz run")
-def test_fuzzed_configs_large(source, tmp_path):
-    run_configs(source, tmp_path, LARGE, peft_samples=max(60, LARGE // 25), cli_every=25).verdict()
+def test_fuzzed_configs_large(peft_save, tmp_path):
+    tally = run_configs(peft_save, tmp_path, LARGE, peft_samples=max(60, LARGE // 25), cli_every=25)
+    tally.verdict()
 
 
 # --------------------------------------------------------------------------------------
@@ -436,11 +427,11 @@ def run_files(source: Path, work: Path, n: int, peft_samples: int) -> Tally:
     return tally
 
 
-def test_fuzzed_safetensors_are_stored_or_refused(source, tmp_path):
-    run_files(source, tmp_path, DEFAULT_FILES, peft_samples=5).verdict()
+def test_fuzzed_safetensors_are_stored_or_refused(peft_save, tmp_path):
+    run_files(peft_save, tmp_path, DEFAULT_FILES, peft_samples=5).verdict()
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not LARGE, reason="set LORAHUB_FUZZ_N for the large fuzz run")
-def test_fuzzed_safetensors_large(source, tmp_path):
-    run_files(source, tmp_path, int(LARGE * 1.6), peft_samples=max(20, LARGE // 50)).verdict()
+def test_fuzzed_safetensors_large(peft_save, tmp_path):
+    run_files(peft_save, tmp_path, int(LARGE * 1.6), peft_samples=max(20, LARGE // 50)).verdict()

@@ -20,10 +20,9 @@ from typing import Any
 
 import pytest
 import torch
-from factories import cli_runner, peft_adapter, tiny_llama, write_peft_adapter
+from factories import cli_runner, tiny_llama, write_peft_adapter
 from safetensors.torch import save_file
 
-import lorahub
 from lorahub import peft_config
 from lorahub.adapter import pattern_value
 from lorahub.base import open_base
@@ -33,27 +32,10 @@ from lorahub.formats import peft as peft_format
 BIG = "9" * 5000
 
 
-@pytest.fixture
-def hub(tmp_path):
-    h = lorahub.Hub(home=tmp_path / "store")
-    yield h
-    h.close()
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> Path:
-    """A real PEFT save of a tiny Llama adapter (q_proj, v_proj of both layers, rank 4)."""
-    out = tmp_path_factory.mktemp("hostile") / "adapter"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_adapter(tiny_llama(), out, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    return out
-
-
-def variant(saved: Path, dest: Path, text: str | None = None, **changes: Any) -> Path:
+def variant(peft_save: Path, dest: Path, text: str | None = None, **changes: Any) -> Path:
     """A copy of the PEFT save with its config changed (or replaced by ``text``)."""
-    shutil.copytree(saved, dest)
-    config = json.loads((saved / "adapter_config.json").read_text())
+    shutil.copytree(peft_save, dest)
+    config = json.loads((peft_save / "adapter_config.json").read_text())
     config.update(changes)
     (dest / "adapter_config.json").write_text(text if text is not None else json.dumps(config))
     return dest
@@ -72,16 +54,16 @@ def peft_loads(folder: Path) -> bool:
 
 
 def count_rows(hub) -> int:
-    return len(hub.list())
+    return len(hub.list_adapters())
 
 
 # --------------------------------------------------------------------------------------
 # values no JSON reader should choke on
 
 
-def test_an_integer_of_5000_digits_is_refused_not_a_traceback(hub, saved, tmp_path):
-    text = (saved / "adapter_config.json").read_text().replace('"r": 4', f'"r": {BIG}')
-    src = variant(saved, tmp_path / "a", text=text)
+def test_an_integer_of_5000_digits_is_refused_not_a_traceback(hub, peft_save, tmp_path):
+    text = (peft_save / "adapter_config.json").read_text().replace('"r": 4', f'"r": {BIG}')
+    src = variant(peft_save, tmp_path / "a", text=text)
     with pytest.raises(InvalidAdapter, match="integer too long"):
         hub.add(src)
     assert count_rows(hub) == 0
@@ -99,8 +81,8 @@ def test_an_integer_of_5000_digits_is_refused_not_a_traceback(hub, saved, tmp_pa
     ],
     ids=["value", "key", "pattern-key", "nested"],
 )
-def test_lone_surrogates_are_refused(hub, saved, tmp_path, changes):
-    src = variant(saved, tmp_path / "a", **changes)  # json.dumps writes them as \ud800 escapes
+def test_lone_surrogates_are_refused(hub, peft_save, tmp_path, changes):
+    src = variant(peft_save, tmp_path / "a", **changes)  # json.dumps writes them as \ud800 escapes
     assert "\\ud" in (src / "adapter_config.json").read_text()
     with pytest.raises(InvalidAdapter, match="not valid Unicode"):
         hub.add(src)
@@ -118,18 +100,18 @@ def test_a_lone_surrogate_in_a_pickled_tensor_name_is_refused(hub, tmp_path):
         hub.add(src)
 
 
-def test_nan_outside_known_keys_is_refused(hub, saved, tmp_path):
-    text = (saved / "adapter_config.json").read_text()[:-1] + ', "future": NaN}'
+def test_nan_outside_known_keys_is_refused(hub, peft_save, tmp_path):
+    text = (peft_save / "adapter_config.json").read_text()[:-1] + ', "future": NaN}'
     with pytest.raises(InvalidAdapter, match="future is nan"):
-        hub.add(variant(saved, tmp_path / "a", text=text))
+        hub.add(variant(peft_save, tmp_path / "a", text=text))
 
 
 # --------------------------------------------------------------------------------------
 # size
 
 
-def test_a_huge_config_is_refused_before_it_is_read(hub, saved, tmp_path):
-    src = variant(saved, tmp_path / "a")
+def test_a_huge_config_is_refused_before_it_is_read(hub, peft_save, tmp_path):
+    src = variant(peft_save, tmp_path / "a")
     with open(src / "adapter_config.json", "r+b") as f:
         f.truncate(1 << 30)  # sparse: 1 GiB on paper, nothing on disk
     tracemalloc.start()
@@ -210,8 +192,8 @@ def test_many_spelled_out_patterns_stay_fast(hub, tmp_path):
     assert {n: m.alpha for n, m in adapter.modules.items()} == alphas
 
 
-def test_an_overlong_pattern_is_refused(hub, saved, tmp_path):
-    src = variant(saved, tmp_path / "a", alpha_pattern={"x|" + "a" * 5000: 2})
+def test_an_overlong_pattern_is_refused(hub, peft_save, tmp_path):
+    src = variant(peft_save, tmp_path / "a", alpha_pattern={"x|" + "a" * 5000: 2})
     with pytest.raises(InvalidAdapter, match="over 4096 characters"):
         hub.add(src)
 
@@ -303,8 +285,8 @@ def test_task_types_are_peft_s():
         ({"layer_replication": "x"}, "layer replication"),
     ],
 )
-def test_configs_peft_cannot_load_are_refused(hub, saved, tmp_path, changes, message):
-    src = variant(saved, tmp_path / "a", **changes)
+def test_configs_peft_cannot_load_are_refused(hub, peft_save, tmp_path, changes, message):
+    src = variant(peft_save, tmp_path / "a", **changes)
     assert not peft_loads(src), "PEFT loads this config: the refusal has no ground"
     with pytest.raises(InvalidAdapter, match=message):
         hub.add(src)
@@ -324,10 +306,12 @@ def test_configs_peft_cannot_load_are_refused(hub, saved, tmp_path, changes, mes
         ({"target_parameters": ["x"]}, "target_parameters"),
     ],
 )
-def test_configs_peft_loads_as_another_model_are_refused(hub, saved, tmp_path, changes, message):
+def test_configs_peft_loads_as_another_model_are_refused(
+    hub, peft_save, tmp_path, changes, message
+):
     """PEFT loads these, but ignores some weights or builds other layers or another base, so
     lorahub's merge would differ from what PEFT computes."""
-    src = variant(saved, tmp_path / "a", **changes)
+    src = variant(peft_save, tmp_path / "a", **changes)
     assert peft_loads(src)
     with pytest.raises(InvalidAdapter, match=message):
         hub.add(src)
@@ -349,8 +333,8 @@ def test_configs_peft_loads_as_another_model_are_refused(hub, saved, tmp_path, c
         {"modules_to_save": ["score"], "exclude_modules": ["k_proj"]},
     ],
 )
-def test_accepted_configs_export_to_folders_peft_loads(hub, saved, tmp_path, changes):
-    src = variant(saved, tmp_path / "a", **changes)
+def test_accepted_configs_export_to_folders_peft_loads(hub, peft_save, tmp_path, changes):
+    src = variant(peft_save, tmp_path / "a", **changes)
     if changes.get("peft_type", "LORA") is None:
         config = json.loads((src / "adapter_config.json").read_text())
         del config["peft_type"]
@@ -361,22 +345,22 @@ def test_accepted_configs_export_to_folders_peft_loads(hub, saved, tmp_path, cha
     assert peft_loads(out)
 
 
-def test_the_largest_finite_alpha_survives_storing_and_loading(hub, saved, tmp_path):
+def test_the_largest_finite_alpha_survives_storing_and_loading(hub, peft_save, tmp_path):
     # Stored as a whole number, 1e308 becomes a 309-digit integer; it must still load.
-    src = variant(saved, tmp_path / "a", alpha_pattern={"q_proj": 1e308})
+    src = variant(peft_save, tmp_path / "a", alpha_pattern={"q_proj": 1e308})
     info = hub.add(src).adapter
     adapter = hub.load(info.digest)
     assert adapter.modules["model.layers.0.self_attn.q_proj"].alpha == 1e308
     assert peft_loads(hub.export(info.digest, tmp_path / "out"))
 
 
-def test_missing_r_and_alpha_mean_what_peft_assumes(hub, saved, tmp_path):
+def test_missing_r_and_alpha_mean_what_peft_assumes(hub, peft_save, tmp_path):
     """PEFT reads a missing lora_alpha as 8 and a missing r as 8: lorahub too, so an export
     scales each module in PEFT as lorahub's merge does, and rank-4 weights without r are
     refused (PEFT would build rank-8 layers for them)."""
     from peft import PeftModel
 
-    no_alpha = variant(saved, tmp_path / "a")
+    no_alpha = variant(peft_save, tmp_path / "a")
     config = json.loads((no_alpha / "adapter_config.json").read_text())
     del config["lora_alpha"]
     (no_alpha / "adapter_config.json").write_text(json.dumps(config))
@@ -390,7 +374,7 @@ def test_missing_r_and_alpha_mean_what_peft_assumes(hub, saved, tmp_path):
         assert model.base_model.model.get_submodule(name).scaling["default"] == m.scaling() == 2.0
 
     del config["r"]
-    no_r = variant(saved, tmp_path / "b", text=json.dumps(config))
+    no_r = variant(peft_save, tmp_path / "b", text=json.dumps(config))
     assert not peft_loads(no_r)
     with pytest.raises(InvalidAdapter, match="config says r=8"):
         hub.add(no_r)
@@ -441,54 +425,40 @@ def test_hostile_base_headers_are_base_model_errors(hub, tmp_path, header):
     assert "Traceback" not in res.output
 
 
-@pytest.fixture
-def server(monkeypatch):
-    """The in-process Hub look-alike, as the endpoint huggingface_hub talks to."""
-    from hubserver import HubServer
-    from huggingface_hub import constants
-
-    with HubServer() as s:
-        monkeypatch.setattr(constants, "ENDPOINT", s.url)
-        monkeypatch.setattr(
-            constants,
-            "HUGGINGFACE_CO_URL_TEMPLATE",
-            s.url + "/{repo_id}/resolve/{revision}/{filename}",
-        )
-        yield s
-
-
-def test_a_hub_base_with_a_huge_integer_in_its_header_is_a_base_model_error(server):
+def test_a_hub_base_with_a_huge_integer_in_its_header_is_a_base_model_error(hub_server):
     raw = ('{"w": {"dtype": "F32", "shape": [' + BIG + '], "data_offsets": [0, 4]}}').encode()
-    server.seed_repo(
+    hub_server.seed_repo(
         "org/hostile", {"model.safetensors": struct.pack("<Q", len(raw)) + raw + bytes(4)}
     )
     with pytest.raises(BaseModelError, match="invalid"):
         open_base("org/hostile")
 
 
-def test_pulling_hostile_configs_is_refused_or_bounded(server, hub, saved, tmp_path, monkeypatch):
+def test_pulling_hostile_configs_is_refused_or_bounded(
+    hub_server, hub, peft_save, tmp_path, monkeypatch
+):
     """A repo anyone can write to: a 5,000-digit integer, a surrogate, a backtracking pattern,
     and a huge integer in the weights' header read before download."""
     from lorahub import remote
 
-    weights = (saved / "adapter_model.safetensors").read_bytes()
-    config = (saved / "adapter_config.json").read_text()
+    weights = (peft_save / "adapter_model.safetensors").read_bytes()
+    config = (peft_save / "adapter_config.json").read_text()
     bomb = json.loads(config) | {"alpha_pattern": {"(.|.|.|.)*z": 3}}
-    server.seed_repo(
+    hub_server.seed_repo(
         "eve/int",
         {
             "adapter_config.json": config.replace('"r": 4', f'"r": {BIG}').encode(),
             "adapter_model.safetensors": weights,
         },
     )
-    server.seed_repo(
+    hub_server.seed_repo(
         "eve/sur",
         {
             "adapter_config.json": config.replace('"none"', '"\\ud800"').encode(),
             "adapter_model.safetensors": weights,
         },
     )
-    server.seed_repo(
+    hub_server.seed_repo(
         "eve/bomb",
         {"adapter_config.json": json.dumps(bomb).encode(), "adapter_model.safetensors": weights},
     )
@@ -504,17 +474,17 @@ def test_pulling_hostile_configs_is_refused_or_bounded(server, hub, saved, tmp_p
     header = weights[8 : 8 + n].decode().replace('"data_offsets":[', f'"data_offsets":[{BIG},', 1)
     assert BIG in header
     raw = header.encode()
-    server.seed_repo(
+    hub_server.seed_repo(
         "eve/head",
         {
             "adapter_config.json": config.encode(),
             "adapter_model.safetensors": struct.pack("<Q", len(raw)) + raw + weights[8 + n :],
         },
     )
-    monkeypatch.setattr(remote, "HEADER_CHECK_MIN_BYTES", 0)
+    monkeypatch.setattr(remote.pull, "HEADER_CHECK_MIN_BYTES", 0)
     with pytest.raises(InvalidAdapter, match="eve/head"):
         hub.pull("eve/head")
-    assert len(hub.list()) == 1
+    assert len(hub.list_adapters()) == 1
 
 
 def test_valid_headers_still_open(tmp_path):

@@ -8,7 +8,6 @@ the client returned and what crossed the wire.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,16 +38,15 @@ from tests.hubserver import HubServer
 ALICE = "hf_alice_write"
 BOB = "hf_bob_write"
 READER = "hf_alice_read"
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 @pytest.fixture(autouse=True)
-def _isolated_client(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+def _isolated_client(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, loopback_only: None) -> None:
     """Keep the client on plain HTTP, away from the user's token and cache, and off the network.
 
     The runtime constants are patched too, because the client may have been imported before this
-    module set the environment. Name resolution is the choke point of every outgoing connection,
-    so refusing non-loopback names there proves no test reaches beyond 127.0.0.1.
+    module set the environment. ``loopback_only`` (conftest) refuses every name but loopback,
+    which proves no test reaches beyond 127.0.0.1.
     """
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
@@ -57,20 +55,6 @@ def _isolated_client(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterato
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-    escapes: list[object] = []
-    real_getaddrinfo = socket.getaddrinfo
-
-    def loopback_only(host: object, *args: object, **kwargs: object) -> object:
-        name = host.decode() if isinstance(host, bytes) else host
-        if name not in LOOPBACK_HOSTS:
-            escapes.append(host)
-            raise OSError(f"tests may only reach loopback, not {host!r}")
-        return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
-    yield
-    assert escapes == [], f"a test tried to leave 127.0.0.1: {escapes}"
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from factories import cli_runner, peft_adapter, tiny_llama, write_peft_adapter
+from factories import cli_runner, write_peft_adapter
 
 import lorahub
 from lorahub.digest import hash_bytes
@@ -17,24 +17,12 @@ from lorahub.errors import IncompatibleAdapter, IntegrityError
 from lorahub.manifest import digest_of
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    d = tmp_path_factory.mktemp("world")
-    tiny_llama(seed=0).save_pretrained(d / "llama")
-    tiny_llama(seed=7).save_pretrained(d / "llama-instruct")  # same shapes, other weights
-    tiny_llama(hidden_size=48).save_pretrained(d / "wide")
-    peft_adapter(tiny_llama(), d / "ad", r=4, lora_alpha=8, target_modules=["q_proj"])
-    peft_adapter(tiny_llama(), d / "ad2", seed=2, r=2, lora_alpha=2, target_modules=["q_proj"])
-    return d
-
-
 @pytest.fixture
-def source(tmp_path, world):
+def source(hub, tmp_path, world):
     """A store holding an adapter verified against llama, exported to ./export."""
-    with lorahub.open(tmp_path / "a") as hub:
-        info = hub.add(world / "ad", name="sql:v1", base=world / "llama").adapter
-        hub.export("sql:v1", tmp_path / "export")
-        yield hub, info, tmp_path / "export"
+    info = hub.add(world / "a", name="sql:v1", base=world / "llama").adapter
+    hub.export("sql:v1", tmp_path / "export")
+    return hub, info, tmp_path / "export"
 
 
 def _blobs(home):
@@ -57,15 +45,14 @@ def test_export_then_add_back_keeps_the_identity(source, tmp_path):
         assert res.adapter.origin["path"] == str(export.resolve())
     again = hub.add(export, name="sql:v2")  # into the store it came from: the same adapter
     assert again.status == "present" and again.adapter.digest == info.digest
-    assert len(hub.list()) == 1
+    assert len(hub.list_adapters()) == 1
 
 
-def test_a_composition_round_trips_with_its_provenance(tmp_path, world):
-    with lorahub.open(tmp_path / "a") as hub:
-        hub.add(world / "ad", name="a", base=world / "llama")
-        hub.add(world / "ad2", name="b", base=world / "llama")
-        made = hub.compose(["a", "b"], [1.0, 0.5], method="svd", rank=3, name="blend").adapter
-        hub.export("blend", tmp_path / "export")
+def test_a_composition_round_trips_with_its_provenance(hub, tmp_path, world):
+    hub.add(world / "a", name="a", base=world / "llama")
+    hub.add(world / "ad2", name="b", base=world / "llama")
+    made = hub.compose(["a", "b"], [1.0, 0.5], method="svd", rank=3, name="blend").adapter
+    hub.export("blend", tmp_path / "export")
     assert made.provenance["kind"] == "compose" and made.base.content_hash
     run = cli_runner(tmp_path / "b")
     out = json.loads(run("add", tmp_path / "export", "-n", "blend", "--json").stdout)
@@ -91,7 +78,7 @@ def test_an_edited_export_is_refused_and_nothing_is_stored(source, tmp_path):
         msg = str(err.value)
         assert "do not match lorahub.json: config" in msg and info.digest in msg
         assert "edited after export" in msg and f"remove {export / 'lorahub.json'}" in msg
-        assert other.list() == [] and _blobs(home) == []
+        assert other.list_adapters() == [] and _blobs(home) == []
     # The CLI says the same, without a traceback, and exits non-zero.
     res = cli_runner(home)("add", export, code=1)
     assert "edited after export" in res.stderr and "Traceback" not in res.stderr
@@ -117,7 +104,7 @@ def test_a_lorahub_json_that_lies_about_itself_is_refused(source, tmp_path):
         (export / "lorahub.json").write_text(json.dumps(doc))
         with pytest.raises(IntegrityError, match=r"weights .*the weights hash to"):
             other.add(export)
-        assert other.list() == [] and _blobs(tmp_path / "b") == []
+        assert other.list_adapters() == [] and _blobs(tmp_path / "b") == []
 
 
 def test_an_older_schema_imports_as_plain_peft_with_a_warning(source, tmp_path, caplog):
@@ -147,15 +134,14 @@ def test_add_with_base_keeps_the_identity_only_for_the_recorded_base(source, tmp
         assert moved.base.content_hash == instruct.content_hash != info.base.content_hash
         with pytest.raises(IncompatibleAdapter, match=r"\[48, 48\]"):
             other.add(export, name="z", base=world / "wide")
-        assert {i.digest for i in other.list()} == {info.digest, moved.digest}
+        assert {i.digest for i in other.list_adapters()} == {info.digest, moved.digest}
 
 
-def test_add_with_base_keeps_a_signature_only_identity_for_that_architecture(tmp_path, world):
-    with lorahub.open(tmp_path / "a") as hub:
-        one = hub.add(world / "ad", name="a", base=world / "llama").adapter
-        two = hub.add(world / "ad2", name="b", base=world / "llama-instruct").adapter
-        made = hub.compose(["a", "b"], name="blend").adapter
-        hub.export("blend", tmp_path / "export")
+def test_add_with_base_keeps_a_signature_only_identity_for_that_architecture(hub, tmp_path, world):
+    one = hub.add(world / "a", name="a", base=world / "llama").adapter
+    two = hub.add(world / "ad2", name="b", base=world / "llama-instruct").adapter
+    made = hub.compose(["a", "b"], name="blend").adapter
+    hub.export("blend", tmp_path / "export")
     assert one.base.content_hash != two.base.content_hash
     assert made.base.signature and made.base.content_hash is None
     with lorahub.open(tmp_path / "b") as other:
@@ -174,7 +160,6 @@ def test_add_of_an_export_needs_no_hub_client(source, tmp_path):
     assert out == [source[1].digest, "False"]
 
 
-def test_a_plain_peft_folder_is_unaffected(tmp_path):
-    with lorahub.open(tmp_path / "s") as hub:
-        info = hub.add(write_peft_adapter(tmp_path / "p")).adapter
+def test_a_plain_peft_folder_is_unaffected(hub, tmp_path):
+    info = hub.add(write_peft_adapter(tmp_path / "p")).adapter
     assert info.provenance == {"kind": "import"} and info.base.name == "tiny/llama"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import tensor_table, tiny_clip
 from safetensors.torch import save_file
 
 from lorahub.base import TensorInfo, open_base
@@ -27,32 +28,9 @@ TE_MODULES = {
 }
 
 
-def _clip():
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    cfg = CLIPTextConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=16,
-        projection_dim=16,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    return CLIPTextModel(cfg).eval()
-
-
-def _table(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, TensorInfo]:
-    return {prefix + n: TensorInfo(prefix + n, "F32", tuple(t.shape)) for n, t in state.items()}
-
-
 @pytest.fixture(scope="module")
 def clip_state() -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in _clip().state_dict().items()}
+    return {k: v.clone() for k, v in tiny_clip().state_dict().items()}
 
 
 def _kohya_keys(modules, state, prefix="lora_te", kohya_root="text_model_", seed=0):
@@ -104,7 +82,7 @@ def te_file(tmp_path, clip_state) -> tuple[Path, dict[str, torch.Tensor]]:
 
 def test_kohya_maps_back_to_dotted_names_with_exact_deltas(te_file, clip_state):
     path, tensors = te_file
-    adapter, unmapped = read_kohya(path, _table(clip_state))
+    adapter, unmapped = read_kohya(path, tensor_table(clip_state))
     assert set(adapter.modules) == set(TE_MODULES)
     assert unmapped == sorted(k for k in tensors if k.startswith("lora_unet_"))
     for name, (r, alpha) in TE_MODULES.items():
@@ -127,7 +105,7 @@ def test_kohya_maps_back_to_dotted_names_with_exact_deltas(te_file, clip_state):
         "ss_network_alpha": "2",
         "ss_output_name": "t",
     }
-    assert check(adapter, _table(clip_state)).status == COMPATIBLE
+    assert check(adapter, tensor_table(clip_state)).status == COMPATIBLE
 
 
 def test_converted_adapter_loads_in_peft_with_the_same_merge(te_file, clip_state, tmp_path):
@@ -135,12 +113,12 @@ def test_converted_adapter_loads_in_peft_with_the_same_merge(te_file, clip_state
     from peft import PeftModel
 
     path, tensors = te_file
-    adapter, _ = read_kohya(path, _table(clip_state))
+    adapter, _ = read_kohya(path, tensor_table(clip_state))
     out = tmp_path / "peft"
     out.mkdir()
     (out / "adapter_config.json").write_text(json.dumps(adapter.config))
     save_file(adapter.state_dict(), str(out / "adapter_model.safetensors"))
-    merged = PeftModel.from_pretrained(_clip(), out).merge_and_unload().state_dict()
+    merged = PeftModel.from_pretrained(tiny_clip(), out).merge_and_unload().state_dict()
     for name, (r, alpha) in TE_MODULES.items():
         key = "lora_te_text_model_" + name.replace(".", "_")
         want = clip_state[f"{name}.weight"].double() + _expected_delta(tensors, key, r, alpha)
@@ -149,7 +127,8 @@ def test_converted_adapter_loads_in_peft_with_the_same_merge(te_file, clip_state
 
 def test_kohya_against_a_table_that_keeps_text_model(te_file, clip_state):
     path, _ = te_file
-    table = _table(clip_state, prefix="text_model.")  # how SD text encoders are stored on the Hub
+    # How SD text encoders are stored on the Hub:
+    table = tensor_table(clip_state, prefix="text_model.")
     adapter, _ = read_kohya(path, table)
     assert set(adapter.modules) == {f"text_model.{m}" for m in TE_MODULES}
 
@@ -176,7 +155,7 @@ def test_kohya_conv_and_pipeline_table(tmp_path, clip_state):
     path = tmp_path / "sd.safetensors"
     save_file(tensors, str(path))
 
-    adapter, unmapped = read_kohya(path, _table(unet))
+    adapter, unmapped = read_kohya(path, tensor_table(unet))
     assert adapter.modules["conv_in"].kind == "conv2d"
     assert adapter.modules["down_blocks.0.attentions.0.proj_in"].kind == "conv2d"
     down = tensors["lora_unet_conv_in.lora_down.weight"].double()
@@ -184,10 +163,13 @@ def test_kohya_conv_and_pipeline_table(tmp_path, clip_state):
     want = torch.einsum("or,rihw->oihw", up, down) * (1.0 / 2)
     torch.testing.assert_close(adapter.delta("conv_in", dtype=torch.float64), want)
     assert unmapped and all(k.startswith("lora_te_") for k in unmapped)
-    assert check(adapter, _table(unet)).status == COMPATIBLE
+    assert check(adapter, tensor_table(unet)).status == COMPATIBLE
 
     # A whole pipeline in one table: component folders prefix the names.
-    pipeline = {**_table(unet, "unet."), **_table(clip_state, "text_encoder.text_model.")}
+    pipeline = {
+        **tensor_table(unet, "unet."),
+        **tensor_table(clip_state, "text_encoder.text_model."),
+    }
     adapter, unmapped = read_kohya(path, pipeline)
     assert unmapped == []
     assert "unet.conv_in" in adapter.modules
@@ -227,9 +209,9 @@ def test_sdxl_te1_te2_need_one_text_encoder(tmp_path, clip_state):
     }
     save_file(tensors, str(tmp_path / "xl.safetensors"))
     with pytest.raises(InvalidAdapter, match="both map"):
-        read_kohya(tmp_path / "xl.safetensors", _table(clip_state))
+        read_kohya(tmp_path / "xl.safetensors", tensor_table(clip_state))
     adapter, unmapped = read_kohya(
-        tmp_path / "xl.safetensors", _table(clip_state), prefixes=["lora_te2"]
+        tmp_path / "xl.safetensors", tensor_table(clip_state), prefixes=["lora_te2"]
     )
     assert list(adapter.modules) == ["encoder.layers.0.self_attn.q_proj"]
     assert all(k.startswith("lora_te1_") for k in unmapped) and len(unmapped) == 3
@@ -241,7 +223,7 @@ def test_sdxl_te1_te2_need_one_text_encoder(tmp_path, clip_state):
 
 
 def test_unsupported_and_incomplete_networks(tmp_path, clip_state):
-    base = _table(clip_state)
+    base = tensor_table(clip_state)
     save_file(
         {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.hada_w1_a": torch.ones(2, 2)},
         str(tmp_path / "loha.safetensors"),
@@ -261,7 +243,7 @@ def test_broken_files_are_invalid_adapters(te_file, tmp_path, clip_state):
     truncated = tmp_path / "cut.safetensors"
     truncated.write_bytes(raw[:-100])
     with pytest.raises(InvalidAdapter, match="corrupt or truncated"):
-        read_kohya(truncated, _table(clip_state))
+        read_kohya(truncated, tensor_table(clip_state))
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + n])
     first = next(k for k in header if k != "__metadata__")
@@ -270,9 +252,9 @@ def test_broken_files_are_invalid_adapters(te_file, tmp_path, clip_state):
     h = json.dumps(header).encode()
     lying.write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n :])
     with pytest.raises(InvalidAdapter):
-        read_kohya(lying, _table(clip_state))
+        read_kohya(lying, tensor_table(clip_state))
     with pytest.raises(InvalidAdapter, match="does not exist"):
-        read_kohya(tmp_path / "nope.safetensors", _table(clip_state))
+        read_kohya(tmp_path / "nope.safetensors", tensor_table(clip_state))
 
 
 def test_format_sniffing(te_file):
@@ -313,13 +295,13 @@ def test_diffusers_pipeline_file_with_metadata(tmp_path, clip_state):
     )
     assert is_diffusers(tensors, {"lora_adapter_metadata": "{}"})
 
-    adapter = read_diffusers_lora(path, _table(clip_state))
+    adapter = read_diffusers_lora(path, tensor_table(clip_state))
     name = "encoder.layers.0.self_attn.q_proj"
     assert list(adapter.modules) == [name]
     assert adapter.config["lora_alpha"] == 8 and adapter.config["target_modules"] == ["q_proj"]
     want = tensors[f"{te}.lora_B.weight"].double() @ tensors[f"{te}.lora_A.weight"].double() * 2
     torch.testing.assert_close(adapter.delta(name, dtype=torch.float64), want)
-    assert check(adapter, _table(clip_state)).status == COMPATIBLE
+    assert check(adapter, tensor_table(clip_state)).status == COMPATIBLE
 
     unet = read_diffusers_lora(path, None, component="unet")
     assert unet.modules["conv_in"].kind == "conv2d" and unet.alpha == 4
@@ -387,20 +369,15 @@ def test_diffusers_against_a_real_base_dir(tmp_path, clip_state):
         )
 
 
-def test_kohya_import_exported_and_added_again_keeps_its_digest(te_file, clip_state, tmp_path):
+def test_kohya_import_exported_and_added_again_keeps_its_digest(hub, te_file, clip_state, tmp_path):
     """Header metadata (ss_*) is kept with the import but is not identity: the exported PEFT
     folder (whose weights file cannot carry it) comes back as the same adapter."""
-    import lorahub
-
     path, _ = te_file
-    with lorahub.open(tmp_path / "store") as hub:
-        base = tmp_path / "clip"
-        base.mkdir()
-        save_file(
-            {k: v.contiguous() for k, v in clip_state.items()}, str(base / "model.safetensors")
-        )
-        first = hub.add(path, name="style", base=base).adapter
-        assert first.origin["metadata"]["ss_network_dim"] == "4"
-        out = hub.export("style", tmp_path / "out")
-        again = hub.add(out, base=base).adapter
-        assert again.digest == first.digest
+    base = tmp_path / "clip"
+    base.mkdir()
+    save_file({k: v.contiguous() for k, v in clip_state.items()}, str(base / "model.safetensors"))
+    first = hub.add(path, name="style", base=base).adapter
+    assert first.origin["metadata"]["ss_network_dim"] == "4"
+    out = hub.export("style", tmp_path / "out")
+    again = hub.add(out, base=base).adapter
+    assert again.digest == first.digest

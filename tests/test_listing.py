@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from factories import peft_adapter, tiny_llama, write_peft_adapter
+from factories import write_peft_adapter
 
 import lorahub
 from lorahub import compat
@@ -16,23 +16,6 @@ from lorahub.base import open_base
 from lorahub.digest import canonical_json
 from lorahub.info import provenance_of
 from lorahub.manifest import skeleton
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    d = tmp_path_factory.mktemp("world")
-    tiny_llama(seed=0).save_pretrained(d / "llama")
-    tiny_llama(hidden_size=48).save_pretrained(d / "wide")
-    peft_adapter(
-        tiny_llama(),
-        d / "dora-ad",
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "v_proj", "embed_tokens"],
-        use_dora=True,
-    )
-    return d
-
 
 # A program that runs one CLI command and then says which heavy modules it imported.
 PROBE = """
@@ -49,10 +32,9 @@ print("imported: " + (",".join(heavy) or "nothing heavy"), file=sys.stderr)
 """
 
 
-def test_reading_commands_import_neither_torch_nor_sqlalchemy(world, tmp_path):
+def test_reading_commands_import_neither_torch_nor_sqlalchemy(world, store_home, tmp_path):
     """`import sqlalchemy` alone takes longer than `show` may take in all (0.3 s)."""
-    home = tmp_path / "store"
-    with lorahub.open(home) as hub:
+    with lorahub.open(store_home) as hub:
         hub.add_base(world / "llama", name="tiny-base")
         info = hub.add(world / "dora-ad", name="sql:v1", base=world / "llama").adapter
         hub.add(write_peft_adapter(tmp_path / "plain"), name="plain:v1")
@@ -60,7 +42,7 @@ def test_reading_commands_import_neither_torch_nor_sqlalchemy(world, tmp_path):
     def run(*args: str) -> str:
         # cwd: a folder without "tiny-base" in it, so the name is the recorded base's.
         res = subprocess.run(
-            [sys.executable, "-c", PROBE, "--home", str(home), *args],
+            [sys.executable, "-c", PROBE, "--home", str(store_home), *args],
             capture_output=True,
             text=True,
             cwd=tmp_path,
@@ -80,11 +62,10 @@ def test_reading_commands_import_neither_torch_nor_sqlalchemy(world, tmp_path):
     assert run("--help")
 
 
-def test_skeleton_checks_like_the_real_adapter(world, tmp_path):
+def test_skeleton_checks_like_the_real_adapter(hub, world):
     """The shape-only skeleton gives the very report the adapter's real tensors give."""
-    with lorahub.open(tmp_path / "store") as hub:
-        info = hub.add(world / "dora-ad", name="d").adapter
-        real = hub.load("d")
+    info = hub.add(world / "dora-ad", name="d").adapter
+    real = hub.load("d")
     assert real.modules and any(m.magnitude is not None for m in real.modules.values())
     assert real.full or any(m.kind == "embedding" for m in real.modules.values())
     shaped = skeleton(info.manifest)
@@ -98,18 +79,17 @@ def test_skeleton_checks_like_the_real_adapter(world, tmp_path):
     assert got.problems and all(p.expected for p in got.problems)
 
 
-def test_listing_parses_no_manifest_and_keeps_every_field(tmp_path):
-    with lorahub.open(tmp_path / "store") as hub:
-        for i in range(3):
-            hub.add(write_peft_adapter(tmp_path / f"a{i}", seed=i), name=f"a{i}:v1")
-        listed = hub.list()
-        rows = [i.to_dict() for i in listed]
-        assert all("manifest" not in i.__dict__ for i in listed)  # never parsed
-        for info, row in zip(listed, rows, strict=True):
-            full = hub.get(info.digest).to_dict(manifest=True)
-            assert row == {k: v for k, v in full.items() if k != "manifest"}
-            assert row["provenance"] == json.loads(info.manifest_text)["provenance"]
-            assert row["origin"]["format"] == "peft-safetensors" and row["refs"]
+def test_listing_parses_no_manifest_and_keeps_every_field(hub, tmp_path):
+    for i in range(3):
+        hub.add(write_peft_adapter(tmp_path / f"a{i}", seed=i), name=f"a{i}:v1")
+    listed = hub.list_adapters()
+    rows = [i.to_dict() for i in listed]
+    assert all("manifest" not in i.__dict__ for i in listed)  # never parsed
+    for info, row in zip(listed, rows, strict=True):
+        full = hub.get(info.digest).to_dict(manifest=True)
+        assert row == {k: v for k, v in full.items() if k != "manifest"}
+        assert row["provenance"] == json.loads(info.manifest_text)["provenance"]
+        assert row["origin"]["format"] == "peft-safetensors" and row["refs"]
 
 
 @pytest.mark.parametrize(
@@ -140,11 +120,10 @@ def test_provenance_of_reads_only_the_top_level_value(provenance):
     assert provenance_of(canonical_json({"schema": 2}).decode()) == {}
 
 
-def test_the_plain_sqlite_reads_answer_as_the_engine_does(world, tmp_path):
+def test_the_plain_sqlite_reads_answer_as_the_engine_does(world, store_home, tmp_path):
     """Read commands use the standard library's sqlite3 until the engine is open; both
     must give the same infos (types included: booleans, datetimes, refs, variants)."""
-    home = tmp_path / "store"
-    with lorahub.open(home) as hub:
+    with lorahub.open(store_home) as hub:
         hub.add_base(world / "llama", name="tiny-base")
         hub.add(world / "dora-ad", name="sql:v1", base=world / "llama")
         hub.add(write_peft_adapter(tmp_path / "plain"), name="plain:v1")
@@ -152,15 +131,15 @@ def test_the_plain_sqlite_reads_answer_as_the_engine_does(world, tmp_path):
 
     def answers(hub):
         return (
-            hub.list(),
-            hub.list(["dora=true"]),
-            hub.list(["target=q_proj", "rank=4"], limit=1),
+            hub.list_adapters(),
+            hub.list_adapters(["dora=true"]),
+            hub.list_adapters(["target=q_proj", "rank=4"], limit=1),
             hub.get("plain:prod"),
             hub.resolve("sql:v1", base="tiny-base"),
             hub.check("sql:v1", base="tiny-base"),
         )
 
-    with lorahub.open(home) as hub:
+    with lorahub.open(store_home) as hub:
         fast = answers(hub)
         assert hub._engine is None  # answered without SQLAlchemy
         hub.engine  # noqa: B018 - from here on, through the engine

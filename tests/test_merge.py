@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import tiny_gpt2, tiny_llama
+from factories import load_model, random_peft_adapter, read_adapter, tiny_gpt2, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -56,35 +56,6 @@ def bases(tmp_path_factory) -> dict[str, Path]:
     (paths["llama-bf16"] / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
     (paths["llama-bf16"] / "tokenizer_config.json").write_text("{}")
     return paths
-
-
-def load_model(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
-
-
-def make_adapter(base: Path, dest: Path, seed: int = 1, **lora_kwargs) -> Path:
-    """A PEFT adapter with every trainable tensor random, so each part of the merge shows."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    pm = get_peft_model(load_model(base), LoraConfig(init_lora_weights=False, **lora_kwargs))
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_magnitude_vector" in name:  # else m == ||W + sBA|| and DoRA is plain LoRA
-                p.mul_(1 + 0.5 * torch.rand_like(p))
-            elif "modules_to_save" in name:
-                p.add_(0.1 * torch.randn_like(p))
-            elif "lora_B" in name and name.endswith("bias"):
-                p.normal_(0, 0.5)
-    pm.save_pretrained(dest)
-    return dest
-
-
-def read_adapter(path: Path) -> LoraAdapter:
-    config = json.loads((path / "adapter_config.json").read_text())
-    return LoraAdapter.from_state_dict(config, load_file(path / "adapter_model.safetensors"))
 
 
 def peft_model(base: Path, adapters: Sequence[Path], weights: Sequence[float] | None = None):
@@ -204,7 +175,7 @@ def leftovers(parent: Path) -> list[str]:
 
 def test_llama_all_projections_match_peft(bases, tmp_path):
     base = bases["llama-bf16"]
-    ad = make_adapter(
+    ad = random_peft_adapter(
         base,
         tmp_path / "ad",
         r=8,
@@ -227,7 +198,7 @@ def test_llama_all_projections_match_peft(bases, tmp_path):
 
 def test_gpt2_conv1d_with_lora_bias_matches_peft(bases, tmp_path):
     base = bases["gpt2-bf16"]
-    ad = make_adapter(
+    ad = random_peft_adapter(
         base, tmp_path / "ad", r=4, lora_alpha=8, target_modules=GPT2_ALL, fan_in_fan_out=True,
         lora_bias=True,
     )  # fmt: skip
@@ -240,7 +211,7 @@ def test_gpt2_conv1d_with_lora_bias_matches_peft(bases, tmp_path):
 def test_embedding_adapter_matches_peft(bases, tmp_path):
     base = bases["llama-bf16"]
     targets = ["embed_tokens", "q_proj"]
-    ad = make_adapter(base, tmp_path / "ad", r=4, lora_alpha=8, target_modules=targets)
+    ad = random_peft_adapter(base, tmp_path / "ad", r=4, lora_alpha=8, target_modules=targets)
     assert "model.embed_tokens.weight" in read_adapter(ad).full  # PEFT saved the base layer too
     merge(base, [ad], tmp_path / "out", device="cpu")
     # PEFT rounds an embedding's delta to bf16 before adding it (measured: up to 2.25 ulps
@@ -264,7 +235,7 @@ def test_embedding_adapter_matches_peft(bases, tmp_path):
 def test_dora_matches_peft(bases, tmp_path, kind, targets):
     base = bases[kind]
     fif = kind.startswith("gpt2")  # Conv1D: the norm runs over columns of the stored weight
-    ad = make_adapter(
+    ad = random_peft_adapter(
         base, tmp_path / "ad", r=4, lora_alpha=8, use_dora=True, target_modules=targets,
         fan_in_fan_out=fif,
     )  # fmt: skip
@@ -312,7 +283,7 @@ def test_conv2d_matches_peft(tmp_path, dora):
 
 def test_modules_to_save_matches_peft(bases, tmp_path):
     base = bases["llama-bf16"]
-    ad = make_adapter(
+    ad = random_peft_adapter(
         base, tmp_path / "ad", r=4, target_modules=["v_proj"], modules_to_save=["lm_head"]
     )
     merge(base, [ad], tmp_path / "out", device="cpu")
@@ -334,7 +305,7 @@ def logits(model, seed: int = 0) -> torch.Tensor:
 
 def test_merged_model_logits_match_peft_with_adapter_active(bases, tmp_path):
     base = bases["llama-f32"]
-    ad = make_adapter(base, tmp_path / "ad", r=8, lora_alpha=16, target_modules=LLAMA_ALL)
+    ad = random_peft_adapter(base, tmp_path / "ad", r=8, lora_alpha=16, target_modules=LLAMA_ALL)
     merge(base, [ad], tmp_path / "out", device="cpu")
     expected = logits(peft_model(base, [ad]))
     assert not torch.allclose(expected, logits(load_model(base)), atol=1e-3)
@@ -343,10 +314,10 @@ def test_merged_model_logits_match_peft_with_adapter_active(bases, tmp_path):
 
 def test_stacked_adapters_match_float64_formula(bases, tmp_path):
     base = bases["llama-bf16"]
-    plain = make_adapter(
+    plain = random_peft_adapter(
         base, tmp_path / "a", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]
     )
-    dora = make_adapter(
+    dora = random_peft_adapter(
         base, tmp_path / "b", seed=2, r=2, lora_alpha=5, target_modules=["v_proj", "o_proj"],
         use_dora=True,
     )  # fmt: skip
@@ -366,8 +337,8 @@ def test_stacked_adapters_match_float64_formula(bases, tmp_path):
 
 def test_stacked_logits_match_peft_with_both_active(bases, tmp_path):
     base = bases["llama-f32"]
-    a = make_adapter(base, tmp_path / "a", seed=1, r=4, target_modules=["q_proj", "up_proj"])
-    b = make_adapter(
+    a = random_peft_adapter(base, tmp_path / "a", seed=1, r=4, target_modules=["q_proj", "up_proj"])
+    b = random_peft_adapter(
         base, tmp_path / "b", seed=2, r=4, target_modules=["q_proj", "o_proj"], use_dora=True
     )
     merge(base, [a, b], tmp_path / "out", [1.0, 0.5], device="cpu")
@@ -387,7 +358,7 @@ def test_stacked_logits_match_peft_with_both_active(bases, tmp_path):
 
 def test_output_has_config_tokenizer_and_metadata(bases, tmp_path):
     base = bases["llama-bf16"]
-    ad = make_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    ad = random_peft_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
     extra = {
         "base_content_hash": "xxh128:" + "0" * 32,
         "adapters": [{"digest": "xxh128:" + "1" * 32, "weight": 1.0}],
@@ -423,7 +394,7 @@ def test_output_has_config_tokenizer_and_metadata(bases, tmp_path):
 
 def test_output_dtype_converts_every_float_tensor(bases, tmp_path):
     base = bases["llama-bf16"]
-    ad = make_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    ad = random_peft_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
     ref = peft_merged(base, [ad])
     result = merge(base, [ad], tmp_path / "out", device="cpu", dtype="float32")
     ours = load_file(tmp_path / "out" / "model.safetensors")
@@ -440,8 +411,8 @@ def test_output_dtype_converts_every_float_tensor(bases, tmp_path):
 
 def test_out_exists_is_an_error_and_force_replaces_it(bases, tmp_path):
     base = bases["llama-bf16"]
-    a = make_adapter(base, tmp_path / "a", seed=1, r=4, target_modules=["q_proj"])
-    b = make_adapter(base, tmp_path / "b", seed=2, r=4, target_modules=["q_proj"])
+    a = random_peft_adapter(base, tmp_path / "a", seed=1, r=4, target_modules=["q_proj"])
+    b = random_peft_adapter(base, tmp_path / "b", seed=2, r=4, target_modules=["q_proj"])
     out = tmp_path / "out"
     merge(base, [a], out, device="cpu")
     first = (out / "model.safetensors").read_bytes()
@@ -476,7 +447,7 @@ merge_to_dir(open_base(base), [adapter], out=out, device="cpu", progress=progres
 
 def test_sigkill_mid_merge_leaves_no_output(bases, tmp_path):
     base = bases["llama-bf16"]
-    ad = make_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    ad = random_peft_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(KILL_SCRIPT), str(base), str(ad), str(out)],
@@ -499,7 +470,9 @@ def test_truncated_base_shard_fails_without_output(bases, tmp_path):
     base_dir = tmp_path / "base"
     shutil.copytree(bases["llama-bf16"], base_dir)
     base = open_base(base_dir)
-    adapter = read_adapter(make_adapter(base_dir, tmp_path / "ad", r=4, target_modules=["q_proj"]))
+    adapter = read_adapter(
+        random_peft_adapter(base_dir, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    )
     shard = base_dir / "model.safetensors"
     os.truncate(shard, shard.stat().st_size - 100)
     with pytest.raises(MergeError, match="truncated"):
@@ -509,7 +482,7 @@ def test_truncated_base_shard_fails_without_output(bases, tmp_path):
 
 def test_disk_space_is_checked_before_writing(bases, tmp_path, monkeypatch):
     base = bases["llama-bf16"]
-    ad = make_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    ad = random_peft_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
     before = sorted(os.listdir(tmp_path))
     size = plan_merge(open_base(base), [read_adapter(ad)]).output_bytes
     usage = namedtuple("usage", "total used free")
@@ -521,7 +494,7 @@ def test_disk_space_is_checked_before_writing(bases, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("weights", [[float("nan")], [float("inf")], ["heavy"]])
 def test_weights_must_be_finite_numbers(bases, tmp_path, weights):
-    ad = make_adapter(bases["llama-bf16"], tmp_path / "ad", r=4, target_modules=["q_proj"])
+    ad = random_peft_adapter(bases["llama-bf16"], tmp_path / "ad", r=4, target_modules=["q_proj"])
     with pytest.raises(MergeError, match="weights must be"):
         merge(bases["llama-bf16"], [ad], tmp_path / "out", weights, device="cpu")
     assert not (tmp_path / "out").exists()
@@ -531,7 +504,7 @@ def test_write_failures_are_merge_errors_and_leave_nothing(bases, tmp_path, monk
     import errno
 
     base = bases["llama-bf16"]
-    ad = make_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    ad = random_peft_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
     (tmp_path / "afile").write_text("in the way")
     with pytest.raises(MergeError, match="cannot merge to"):
         merge(base, [ad], tmp_path / "afile" / "out", device="cpu")
@@ -548,7 +521,7 @@ def test_write_failures_are_merge_errors_and_leave_nothing(bases, tmp_path, monk
 def test_a_write_refused_even_without_direct_io_fails_instead_of_spinning(tmp_path, monkeypatch):
     import errno
 
-    import lorahub.merge as engine
+    import lorahub.merge.writer as engine
 
     calls = []
 
@@ -593,7 +566,7 @@ def test_empty_tensors_survive_a_dtype_change(tmp_path):
 
 def test_iter_merged_leaves_the_callers_thread_count_alone(bases, tmp_path):
     base = bases["llama-bf16"]
-    ad = make_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    ad = random_peft_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -609,7 +582,7 @@ def test_iter_merged_leaves_the_callers_thread_count_alone(bases, tmp_path):
 
 
 def test_incompatible_adapter_fails_before_writing(bases, tmp_path):
-    ad = make_adapter(
+    ad = random_peft_adapter(
         bases["gpt2-bf16"], tmp_path / "ad", r=4, target_modules=["c_attn"], fan_in_fan_out=True
     )
     with pytest.raises(IncompatibleAdapter):
@@ -620,7 +593,9 @@ def test_incompatible_adapter_fails_before_writing(bases, tmp_path):
 def test_iter_merged_yields_the_written_checkpoint(bases, tmp_path):
     base = bases["gpt2-bf16"]
     ad = read_adapter(
-        make_adapter(base, tmp_path / "ad", r=4, target_modules=GPT2_ALL, fan_in_fan_out=True)
+        random_peft_adapter(
+            base, tmp_path / "ad", r=4, target_modules=GPT2_ALL, fan_in_fan_out=True
+        )
     )
     merge_to_dir(open_base(base), [ad], out=tmp_path / "out", device="cpu")
     written = load_file(tmp_path / "out" / "model.safetensors")
@@ -637,7 +612,7 @@ def test_staging_buffers_wrap_and_buffered_fallback(bases, tmp_path, monkeypatch
     with direct I/O, without it, and with a filesystem that refuses the first direct write."""
     import errno
 
-    import lorahub.merge as m
+    import lorahub.merge.writer as m
 
     monkeypatch.setattr(m, "STAGING", 8192)
     if io == "buffered":
@@ -653,14 +628,14 @@ def test_staging_buffers_wrap_and_buffered_fallback(bases, tmp_path, monkeypatch
 
         monkeypatch.setattr(os, "pwrite", pwrite)
     base = bases["llama-bf16"]
-    ad = make_adapter(base, tmp_path / "ad", r=4, target_modules=LLAMA_ALL)
+    ad = random_peft_adapter(base, tmp_path / "ad", r=4, target_modules=LLAMA_ALL)
     merge(base, [ad], tmp_path / "out", device="cpu")
     assert len(check_against_peft(base, tmp_path / "out", peft_merged(base, [ad]))) == 14
 
 
 def test_small_shards_give_an_index_transformers_loads(bases, tmp_path):
     base = bases["llama-f32"]
-    ad = make_adapter(base, tmp_path / "ad", r=4, target_modules=LLAMA_ALL)
+    ad = random_peft_adapter(base, tmp_path / "ad", r=4, target_modules=LLAMA_ALL)
     one = merge(base, [ad], tmp_path / "one", device="cpu")
     limit = 10_000  # smaller than the embedding table: that one gets a shard of its own
     many = merge(base, [ad], tmp_path / "many", device="cpu", max_shard_size=limit)

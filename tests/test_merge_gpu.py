@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import random_peft_adapter, read_adapter, tiny_llama
 from safetensors.torch import load_file
-from test_merge import assert_within_ulp, float64_merge, make_adapter, raw, read_adapter
+from test_merge import assert_within_ulp, float64_merge, raw
 
 from lorahub.base import open_base
 from lorahub.merge import iter_merged, merge_to_dir
@@ -17,15 +18,13 @@ pytestmark = [
 
 
 def test_cuda_merge_matches_float64_formula(tmp_path):
-    from factories import tiny_llama
-
     base_dir = tmp_path / "base"
     tiny_llama(seed=0, dtype=torch.bfloat16).save_pretrained(base_dir)
     # 2 layers x 4 modules: more merged tensors than the pipeline has slots, so each is reused.
-    plain = make_adapter(
+    plain = random_peft_adapter(
         base_dir, tmp_path / "a", seed=1, r=4, target_modules=["q_proj", "v_proj", "gate_proj"]
     )
-    dora = make_adapter(
+    dora = random_peft_adapter(
         base_dir, tmp_path / "b", seed=2, r=2, lora_alpha=5, target_modules=["v_proj", "down_proj"],
         use_dora=True,
     )  # fmt: skip

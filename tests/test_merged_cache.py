@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from factories import cli_runner, peft_adapter, tiny_llama
 from safetensors.torch import load_file
 
 import lorahub
@@ -14,21 +13,12 @@ import lorahub.merge
 from lorahub.errors import AdapterNotFound, IncompatibleAdapter, MergeError
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    d = tmp_path_factory.mktemp("merge-world")
-    tiny_llama().save_pretrained(d / "llama")
-    peft_adapter(tiny_llama(), d / "a", seed=1, r=4, lora_alpha=8, target_modules=["q_proj"])
-    peft_adapter(tiny_llama(), d / "b", seed=2, r=2, lora_alpha=2, target_modules=["o_proj"])
-    return d
-
-
 @pytest.fixture
-def hub(tmp_path, world):
-    with lorahub.open(tmp_path / "store") as h:
-        h.add(world / "a", name="a")
-        h.add(world / "b", name="b")
-        yield h
+def hub(hub, world):
+    """The shared empty store, holding the world's adapters ``a`` and ``b`` by those names."""
+    hub.add(world / "a", name="a")
+    hub.add(world / "b", name="b")
+    return hub
 
 
 def test_merge_writes_the_weighted_sum(hub, world, tmp_path):
@@ -51,9 +41,8 @@ def test_merge_writes_the_weighted_sum(hub, world, tmp_path):
 
 
 def test_merge_refuses_an_adapter_that_does_not_fit(hub, world, tmp_path):
-    tiny_llama(hidden_size=48).save_pretrained(tmp_path / "wide")
     with pytest.raises(IncompatibleAdapter, match=r"expects \[32, 32\], base has \[48, 48\]"):
-        hub.merge(tmp_path / "wide", "a", out=tmp_path / "m")
+        hub.merge(world / "wide", "a", out=tmp_path / "m")
     assert not (tmp_path / "m").exists()
 
 
@@ -89,9 +78,7 @@ def test_merged_cache_evicts_least_recently_used(tmp_path, world, monkeypatch):
     assert {m.path for m in hub.merged_list()} == {str(p1), str(p3)}
 
 
-def test_merge_cli(tmp_path, world):
-    run = cli_runner(tmp_path / "h")
-
+def test_merge_cli(run, tmp_path, world):
     run("add", world / "a", "-n", "a")
     run("add", world / "b", "-n", "b")
     out = tmp_path / "merged"
@@ -114,16 +101,16 @@ def test_an_adapter_path_is_added_then_merged(tmp_path, world, monkeypatch):
     monkeypatch.chdir(world)
     hub = lorahub.open(tmp_path / "s")
     res = hub.merge("llama", ["./a"], out=tmp_path / "m", device="cpu")
-    (stored,) = hub.list()
+    (stored,) = hub.list_adapters()
     assert res.merged == 2 and stored.origin["path"] == str(world / "a")
     meta = json.loads((tmp_path / "m" / "lorahub.json").read_text())
     assert [x["digest"] for x in meta["adapters"]] == [stored.digest]
     # The same folder again is the same adapter: nothing new is stored.
     assert hub.check(str(world / "a"), base="llama").status == "compatible"
-    assert [i.digest for i in hub.list()] == [stored.digest]
+    assert [i.digest for i in hub.list_adapters()] == [stored.digest]
     with pytest.raises(AdapterNotFound, match=r"\./nope does not exist"):
         hub.merge("llama", "./nope", out=tmp_path / "x")
-    assert not (tmp_path / "x").exists() and len(hub.list()) == 1
+    assert not (tmp_path / "x").exists() and len(hub.list_adapters()) == 1
 
 
 def test_a_name_wins_over_a_folder_of_the_same_name(tmp_path, world, monkeypatch):
@@ -139,7 +126,7 @@ def test_compose_takes_paths_and_other_commands_say_to_add_them(tmp_path, world,
     hub = lorahub.open(tmp_path / "s")
     res = hub.compose(["./a", "./b"], name="ab")
     parents = res.adapter.provenance["parents"]
-    assert len(parents) == 2 and {i.digest for i in hub.list()} >= set(parents)
+    assert len(parents) == 2 and {i.digest for i in hub.list_adapters()} >= set(parents)
     with pytest.raises(lorahub.InvalidReference, match=r"is a path.*lorahub add \./a"):
         hub.get("./a")
 
@@ -153,8 +140,7 @@ def test_merged_rm_wants_eight_hex_and_takes_a_key_once(hub, world):
     assert hub.merged_remove([key, key]) == [entry.key] and not path.exists()
 
 
-def test_merge_cli_names_a_bad_shard_size(tmp_path, world):
-    run = cli_runner(tmp_path / "h")
+def test_merge_cli_names_a_bad_shard_size(run, tmp_path, world):
     res = run(
         "merge", world / "llama", "./a", "-o", tmp_path / "m", "--max-shard-size", "0", code=2
     )

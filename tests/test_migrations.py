@@ -29,14 +29,14 @@ def test_schema_head_constant_matches_the_scripts():
     assert ScriptDirectory.from_config(cfg).get_current_head() == db.SCHEMA_HEAD
 
 
-def test_store_opens_in_wal_mode_and_migrates_once(tmp_path):
-    hub = lorahub.open(tmp_path / "s")
-    hub.list()
+def test_store_opens_in_wal_mode_and_migrates_once(store_home):
+    hub = lorahub.open(store_home)
+    hub.list_adapters()
     hub.close()
-    con = sqlite3.connect(tmp_path / "s" / "lorahub.db")
+    con = sqlite3.connect(store_home / "lorahub.db")
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert con.execute("SELECT version_num FROM alembic_version").fetchall() == [(db.SCHEMA_HEAD,)]
     con.close()
     # A second open finds the schema current and does not touch it.
-    engine = create_engine(f"sqlite:///{tmp_path / 's' / 'lorahub.db'}")
+    engine = create_engine(f"sqlite:///{store_home / 'lorahub.db'}")
     assert db.current_revision(engine) == db.SCHEMA_HEAD

@@ -17,36 +17,27 @@ from factories import cli_runner, peft_adapter, tiny_llama
 from safetensors.torch import load_file
 
 import lorahub
-import lorahub.merge
+import lorahub.merge.writer
 from lorahub import fsutil
 from lorahub.errors import MergeError, StoreError
+from lorahub.formats.lorahub_json import read as read_lorahub_json
 from lorahub.outputs import EXPORT_FILES, check_output
-from lorahub.remote import read_lorahub_json
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    d = tmp_path_factory.mktemp("outputs-world")
-    tiny_llama().save_pretrained(d / "llama")
-    peft_adapter(tiny_llama(), d / "a", seed=1, r=4, lora_alpha=8, target_modules=["q_proj"])
-    peft_adapter(tiny_llama(), d / "b", seed=2, r=2, lora_alpha=2, target_modules=["o_proj"])
-    return d
 
 
 @pytest.fixture
-def run(tmp_path, world):
-    run = cli_runner(tmp_path / "home")
+def run(run, world):
+    """The CLI on the shared store, which holds the world's ``a`` as rs:v1, ``b`` as other:v1."""
     run("add", world / "a", "-n", "rs:v1")
     run("add", world / "b", "-n", "other:v1")
     return run
 
 
 @pytest.fixture
-def hub(tmp_path, world):
-    with lorahub.open(tmp_path / "home") as h:
-        h.add(world / "a", name="rs:v1")
-        h.add(world / "b", name="other:v1")
-        yield h
+def hub(hub, world):
+    """The shared store, holding the world's ``a`` as rs:v1 and ``b`` as other:v1."""
+    hub.add(world / "a", name="rs:v1")
+    hub.add(world / "b", name="other:v1")
+    return hub
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -134,12 +125,12 @@ def test_an_adapter_folder_given_to_merge_is_refused_before_it_is_added(hub, wor
     peft_adapter(tiny_llama(), ad, seed=5, r=2, target_modules=["v_proj"])
     # Even dressed as a lorahub output, an input is never replaced.
     (ad / "lorahub.json").write_text(json.dumps({"files": sorted(os.listdir(ad))}))
-    before, count = tree(ad), len(hub.list())
+    before, count = tree(ad), len(hub.list_adapters())
     with pytest.raises(MergeError, match="is an adapter of this merge"):
         hub.merge(world / "llama", str(ad), out=ad, force=True)
     with pytest.raises(MergeError, match=r"holds an adapter of this merge"):
         hub.merge(world / "llama", str(ad), out=ad.parent, force=True)
-    assert tree(ad) == before and len(hub.list()) == count
+    assert tree(ad) == before and len(hub.list_adapters()) == count
 
 
 def test_a_folder_holding_the_base_is_refused(hub, world, tmp_path):
@@ -153,15 +144,14 @@ def test_a_folder_holding_the_base_is_refused(hub, world, tmp_path):
     assert tree(tmp_path / "proj") == before
 
 
-def test_the_store_is_refused(run, world, tmp_path):
-    home = tmp_path / "home"
-    before = tree(home / "blobs"), run("ls", "-q").stdout
-    for out in (home, home / "merged", tmp_path):
+def test_the_store_is_refused(run, store_home, world, tmp_path):
+    before = tree(store_home / "blobs"), run("ls", "-q").stdout
+    for out in (store_home, store_home / "merged", tmp_path):
         res = run("merge", world / "llama", "rs:v1", "-o", out, "--force", code=1)
         assert "overlaps the lorahub store" in res.stderr
         res = run("export", "rs:v1", out, "--force", code=1)
         assert "overlaps the lorahub store" in res.stderr
-    assert (tree(home / "blobs"), run("ls", "-q").stdout) == before
+    assert (tree(store_home / "blobs"), run("ls", "-q").stdout) == before
 
 
 def test_a_file_at_the_output_is_refused(hub, world, tmp_path):
@@ -276,7 +266,7 @@ def test_a_failed_replacement_leaves_the_earlier_output_whole(hub, world, tmp_pa
     def broken(*args, **kwargs):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(lorahub.merge, "_write_checkpoint", broken)
+    monkeypatch.setattr(lorahub.merge.writer, "_write_checkpoint", broken)
     with pytest.raises(MergeError, match="Input/output error"):
         hub.merge(world / "llama", "other:v1", out=out, device="cpu", force=True)
     assert tree(out) == before and litter(tmp_path) == []
@@ -285,14 +275,14 @@ def test_a_failed_replacement_leaves_the_earlier_output_whole(hub, world, tmp_pa
 def test_files_that_appear_during_a_merge_are_not_deleted(hub, world, tmp_path, monkeypatch):
     out = tmp_path / "m"
     hub.merge(world / "llama", "rs:v1", out=out, device="cpu")
-    real = lorahub.merge._write_checkpoint
+    real = lorahub.merge.writer._write_checkpoint
 
     def meanwhile(*args, **kwargs):
         written = real(*args, **kwargs)
         (out / "notes.txt").write_text("written while the merge ran")
         return written
 
-    monkeypatch.setattr(lorahub.merge, "_write_checkpoint", meanwhile)
+    monkeypatch.setattr(lorahub.merge.writer, "_write_checkpoint", meanwhile)
     with pytest.raises(MergeError, match=r"did not write: notes\.txt"):
         hub.merge(world / "llama", "other:v1", out=out, device="cpu", force=True)
     assert (out / "notes.txt").is_file() and litter(tmp_path) == []

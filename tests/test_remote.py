@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import pickle
-import socket
 import struct
 import subprocess
 import sys
@@ -20,18 +19,16 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from click.testing import CliRunner
-from factories import peft_adapter, tiny_llama, write_peft_adapter
+from factories import cli_runner, peft_adapter, tiny_llama, write_peft_adapter
+from hubserver import HubServer
 from huggingface_hub import HfApi, ModelCard, constants, snapshot_download
 
 import lorahub
 from lorahub import remote
-from lorahub.cli import cli
 from lorahub.digest import hash_bytes
 from lorahub.errors import IntegrityError, InvalidAdapter, InvalidReference, RemoteError
 from lorahub.formats.peft import read_peft_dir
 from lorahub.manifest import BaseRef, digest_of
-from tests.hubserver import HubServer
 
 # Every LFS upload of huggingface_hub 2.4 trips an httpx2 deprecation warning; it is not ours.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -39,13 +36,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 CANARY = "hf_CANARY_tok3n_that_must_never_leak_0123456789"
 READER = "hf_alice_read_only"
 BOB = "hf_bob_write"
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", "lorahub.json"}
 
 
 @pytest.fixture(autouse=True)
-def hf_client(monkeypatch, tmp_path):
-    """The client as a user has it (implicit token, HF_TOKEN), minus Xet, plus a private cache.
+def hf_client(monkeypatch, tmp_path, loopback_only):
+    """The client as a user has it (implicit token, HF_TOKEN), minus Xet, plus a private cache,
+    and only loopback to reach.
 
     The constants are patched because the client read the environment when it was imported.
     """
@@ -58,36 +55,14 @@ def hf_client(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf-stored-tokens"))
     monkeypatch.setenv("HF_TOKEN", CANARY)
 
-    escapes: list[object] = []
-    real = socket.getaddrinfo
-
-    def loopback_only(host, *args, **kwargs):
-        name = host.decode() if isinstance(host, bytes) else host
-        if name not in LOOPBACK:
-            escapes.append(host)
-            raise OSError(f"tests may only reach loopback, not {host!r}")
-        return real(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
-    yield
-    assert escapes == [], f"a test tried to leave 127.0.0.1: {escapes}"
-
 
 @pytest.fixture
-def server(monkeypatch):
-    with HubServer() as s:
-        s.add_token(CANARY, "alice", orgs=["myorg"])
-        s.add_token(READER, "alice", can_write=False)
-        s.add_token(BOB, "bob")
-        # Both are fixed at import from HF_ENDPOINT; a user's HF_ENDPOINT sets both alike.
-        monkeypatch.setattr(constants, "ENDPOINT", s.url)
-        monkeypatch.setattr(
-            constants,
-            "HUGGINGFACE_CO_URL_TEMPLATE",
-            s.url + "/{repo_id}/resolve/{revision}/{filename}",
-        )
-        yield s
-        assert s.errors == [], "the test server hit a bug:\n" + "\n".join(s.errors)
+def server(hub_server):
+    """The shared test Hub, where alice (the canary token, of org myorg) and bob may write."""
+    hub_server.add_token(CANARY, "alice", orgs=["myorg"])
+    hub_server.add_token(READER, "alice", can_write=False)
+    hub_server.add_token(BOB, "bob")
+    return hub_server
 
 
 @pytest.fixture
@@ -115,7 +90,7 @@ def state(hub) -> tuple[list, dict[str, bytes]]:
         for p in sorted((hub.home / "blobs").rglob("*"))
         if p.is_file()
     }
-    return [(i.digest, i.refs, i.origin) for i in hub.list()], blobs
+    return [(i.digest, i.refs, i.origin) for i in hub.list_adapters()], blobs
 
 
 def resolved_paths(server: HubServer) -> list[str]:
@@ -262,22 +237,19 @@ def test_round_trip_same_digest_same_show_same_logits(server, tmp_path, monkeypa
 
     src = tmp_path / "src"
     peft_adapter(tiny_llama(), src, r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-    run = CliRunner()
-    home_a, home_b = str(tmp_path / "home-a"), str(tmp_path / "home-b")
+    on_a, on_b = cli_runner(tmp_path / "home-a"), cli_runner(tmp_path / "home-b")
 
-    def lh(home, *args):
-        result = run.invoke(cli, ["--home", home, *map(str, args)])
-        assert result.exit_code == 0, result.output
-        return result.output
+    def lh(run, *args):
+        return run(*args).output
 
-    lh(home_a, "add", src, "--name", "sql-expert:v1")
-    pushed = lh(home_a, "push", "sql-expert:v1", "myorg/sql-expert", "--tag", "v1")
+    lh(on_a, "add", src, "--name", "sql-expert:v1")
+    pushed = lh(on_a, "push", "sql-expert:v1", "myorg/sql-expert", "--tag", "v1")
     assert pushed.startswith("pushed") and "/myorg/sql-expert/commit/" in pushed
-    pulled = lh(home_b, "pull", "myorg/sql-expert@v1", "--name", "sql-expert:v1")
+    pulled = lh(on_b, "pull", "myorg/sql-expert@v1", "--name", "sql-expert:v1")
     assert pulled.startswith("pulled")
 
-    a = json.loads(lh(home_a, "show", "sql-expert:v1", "--json"))
-    b = json.loads(lh(home_b, "show", "sql-expert:v1", "--json"))
+    a = json.loads(lh(on_a, "show", "sql-expert:v1", "--json"))
+    b = json.loads(lh(on_b, "show", "sql-expert:v1", "--json"))
     assert a["digest"] == b["digest"] and a["manifest"] == b["manifest"]
     sha = server.commit_sha("myorg/sql-expert", "v1")
     assert b["origin_kind"] == "pull"
@@ -294,12 +266,12 @@ def test_round_trip_same_digest_same_show_same_logits(server, tmp_path, monkeypa
         cut = next(i for i, line in enumerate(lines) if line.startswith("origin"))
         return [" ".join(line.split()) for line in lines[:cut]]  # widths follow the longest key
 
-    show_b = lh(home_b, "show", "sql-expert:v1")
-    assert identity_lines(lh(home_a, "show", "sql-expert:v1")) == identity_lines(show_b)
+    show_b = lh(on_b, "show", "sql-expert:v1")
+    assert identity_lines(lh(on_a, "show", "sql-expert:v1")) == identity_lines(show_b)
     shown = {" ".join(line.split()) for line in show_b.splitlines()}
     assert {"origin pull", f"commit {sha}", "repo_id myorg/sql-expert", "revision v1"} <= shown
 
-    lh(home_b, "export", "sql-expert:v1", tmp_path / "exported")
+    lh(on_b, "export", "sql-expert:v1", tmp_path / "exported")
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         plain = tiny_llama()(input_ids=ids).logits
@@ -477,7 +449,7 @@ def test_file_names_escaping_the_repo_are_refused(server, stores, tmp_path, bad)
     hub = stores("b")
     with pytest.raises(RemoteError, match="point outside the repository"):
         hub.pull("eve/adapter")
-    assert resolved_paths(server) == [] and hub.list() == []
+    assert resolved_paths(server) == [] and hub.list_adapters() == []
 
 
 def _lying_header(data: bytes) -> bytes:
@@ -497,13 +469,13 @@ def test_a_lying_safetensors_header_is_refused(server, stores, tmp_path, monkeyp
     files["adapter_model.safetensors"] = _lying_header(files["adapter_model.safetensors"])
     server.seed_repo("eve/liar", files)
     if precheck:
-        monkeypatch.setattr(remote, "HEADER_CHECK_MIN_BYTES", 0)
+        monkeypatch.setattr(remote.pull, "HEADER_CHECK_MIN_BYTES", 0)
     hub = stores("b")
     match = "header lies" if precheck else "not a valid safetensors file"
     with pytest.raises(InvalidAdapter, match=match) as caught:
         hub.pull("eve/liar")
     assert "eve/liar" in str(caught.value)
-    assert hub.list() == [] and not list((hub.home / "blobs").rglob("*/*"))
+    assert hub.list_adapters() == [] and not list((hub.home / "blobs").rglob("*/*"))
     if precheck:
         assert server.count("HEAD", "adapter_model.safetensors") == 0
 
@@ -525,11 +497,11 @@ def test_a_header_of_the_wrong_json_types_is_refused(server, stores, monkeypatch
     server.seed_repo(
         "eve/odd", {"adapter_config.json": config, "adapter_model.safetensors": weights}
     )
-    monkeypatch.setattr(remote, "HEADER_CHECK_MIN_BYTES", 0)
+    monkeypatch.setattr(remote.pull, "HEADER_CHECK_MIN_BYTES", 0)
     hub = stores("b")
     with pytest.raises(InvalidAdapter, match="eve/odd"):
         hub.pull("eve/odd")
-    assert hub.list() == [] and server.count("HEAD", "adapter_model.safetensors") == 0
+    assert hub.list_adapters() == [] and server.count("HEAD", "adapter_model.safetensors") == 0
 
 
 def test_lorahub_json_must_match_the_weights(server, stores, tmp_path):
@@ -556,7 +528,7 @@ def test_lorahub_json_must_match_the_weights(server, stores, tmp_path):
         b.pull("eve/edited")
     with pytest.raises(IntegrityError, match=r"do not match lorahub.json: config"):
         b.pull("eve/realpha")
-    assert b.list() == []
+    assert b.list_adapters() == []
     assert b.pull("myorg/a").digest == hub.get("a:v1").digest
 
 
@@ -579,7 +551,7 @@ def test_a_bin_only_repo_loads_only_plain_tensors(server, stores, tmp_path, monk
     with pytest.raises(InvalidAdapter, match=r"eve/pickle.*weights_only=True"):
         hub.pull("eve/pickle")
     assert not (tmp_path / "pwned-by-pickle").exists()
-    assert [i.digest for i in hub.list()] == [expected]
+    assert [i.digest for i in hub.list_adapters()] == [expected]
 
 
 def test_truncated_and_tampered_downloads_store_nothing(server, stores, tmp_path):
@@ -596,7 +568,7 @@ def test_truncated_and_tampered_downloads_store_nothing(server, stores, tmp_path
     server.replace_downloads = {"adapter_model.safetensors": b"\1" * len(weights)}
     with pytest.raises(IntegrityError, match="does not match the hash"):
         hub.pull("alice/a")
-    assert hub.list() == []
+    assert hub.list_adapters() == []
 
     server.replace_downloads = {}
     assert hub.pull("alice/a").digest == stores("ref").add(src).adapter.digest
@@ -659,33 +631,30 @@ def test_offline_pull_says_when_it_cannot_check_identity(server, stores, tmp_pat
 
 
 def test_cli_push_pull_outputs(server, tmp_path):
-    run = CliRunner()
-    home_a, home_b = str(tmp_path / "a"), str(tmp_path / "b")
+    on_a, on_b = cli_runner(tmp_path / "a"), cli_runner(tmp_path / "b")
     src = write_peft_adapter(tmp_path / "src")
-    assert run.invoke(cli, ["--home", home_a, "add", str(src), "-n", "x:v1"]).exit_code == 0
+    on_a("add", src, "-n", "x:v1")
 
-    out = run.invoke(cli, ["--home", home_a, "push", "x:v1", "myorg/x", "--json"])
+    out = on_a("push", "x:v1", "myorg/x", "--json", code=None)
     data = json.loads(out.output)
     assert data["committed"] is True and data["repo_id"] == "myorg/x"
-    quiet = run.invoke(cli, ["--home", home_a, "push", "x:v1", "myorg/x", "-q"])
+    quiet = on_a("push", "x:v1", "myorg/x", "-q", code=None)
     assert quiet.output.strip() == data["commit_url"]
-    human = run.invoke(cli, ["--home", home_a, "push", "x:v1", "myorg/x"]).output
+    human = on_a("push", "x:v1", "myorg/x", code=None).output
     assert human.startswith("unchanged") and "nothing uploaded" in human
 
-    digest = run.invoke(cli, ["--home", home_b, "pull", "myorg/x", "-q"]).output.strip()
+    digest = on_b("pull", "myorg/x", "-q", code=None).output.strip()
     assert digest == f"@{data['digest']}"
-    shown = json.loads(run.invoke(cli, ["--home", home_b, "pull", "myorg/x", "--json"]).output)
+    shown = json.loads(on_b("pull", "myorg/x", "--json", code=None).output)
     assert shown["refs"] == ["myorg/x:latest"] and shown["origin"]["repo_id"] == "myorg/x"
 
-    bad = run.invoke(cli, ["--home", home_b, "pull", "myorg/nothing-here"])
-    assert bad.exit_code == 1
+    bad = on_b("pull", "myorg/nothing-here", code=1)
     assert bad.stderr.startswith("Error: myorg/nothing-here was not found")
     assert "Traceback" not in bad.output
 
 
 def test_the_token_never_shows_up_anywhere(server, tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.DEBUG)
-    run = CliRunner()
     home_a, home_b = tmp_path / "a", tmp_path / "b"
     src = write_peft_adapter(tmp_path / "src")
     server.seed_repo("alice/secret", files_of(src), private=True)
@@ -702,10 +671,10 @@ def test_the_token_never_shows_up_anywhere(server, tmp_path, caplog, monkeypatch
         (home_b, ["show", "myorg/x:v1"]),
         (home_b, ["show", "myorg/x:v1", "--json"]),
     ]:
-        result = run.invoke(cli, ["--home", str(home), *args])
+        result = cli_runner(home)(*args, code=None)
         outputs.append(result.output + result.stderr)
     monkeypatch.setenv("HF_TOKEN", "hf_forged")
-    outputs.append(run.invoke(cli, ["--home", str(home_b), "pull", "myorg/x"]).stderr)
+    outputs.append(cli_runner(home_b)("pull", "myorg/x", code=None).stderr)
 
     sent = [r for r in server.requests if r.headers.get("authorization") == f"Bearer {CANARY}"]
     assert sent, "the canary must really have been used"

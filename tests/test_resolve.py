@@ -7,35 +7,14 @@ import shutil
 
 import pytest
 import torch
-from factories import cli_runner, peft_adapter, tiny_llama
+from factories import peft_adapter, tiny_llama
 
 import lorahub
 from lorahub.errors import IncompatibleAdapter
 
 
-def _wide_llama():
-    return tiny_llama(hidden_size=48)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    d = tmp_path_factory.mktemp("world")
-    tiny_llama(seed=0).save_pretrained(d / "llama")
-    tiny_llama(seed=7).save_pretrained(d / "llama-instruct")  # same shapes, other weights
-    _wide_llama().save_pretrained(d / "wide")
-    peft_adapter(tiny_llama(), d / "small-ad", r=4, lora_alpha=8, target_modules=["q_proj"])
-    peft_adapter(_wide_llama(), d / "wide-ad", r=4, lora_alpha=8, target_modules=["q_proj"])
-    return d
-
-
-@pytest.fixture
-def hub(tmp_path):
-    with lorahub.open(tmp_path / "store") as h:
-        yield h
-
-
 def test_add_with_base_records_fingerprints(hub, world):
-    info = hub.add(world / "small-ad", name="sql", base=world / "llama").adapter
+    info = hub.add(world / "a", name="sql", base=world / "llama").adapter
     (base,) = hub.bases()
     assert info.base.signature == base.signature and info.base.content_hash == base.content_hash
     assert info.base.verified and base.tensor_count == 21
@@ -45,16 +24,16 @@ def test_add_with_base_records_fingerprints(hub, world):
 
 def test_add_refuses_incompatible_base_unless_forced(hub, world):
     with pytest.raises(IncompatibleAdapter) as err:
-        hub.add(world / "small-ad", name="sql", base=world / "wide")
+        hub.add(world / "a", name="sql", base=world / "wide")
     msg = str(err.value)
     assert "model.layers.0.self_attn.q_proj" in msg and "[32, 32]" in msg and "[48, 48]" in msg
-    assert hub.list() == []
-    forced = hub.add(world / "small-ad", name="sql", base=world / "wide", force=True)
+    assert hub.list_adapters() == []
+    forced = hub.add(world / "a", name="sql", base=world / "wide", force=True)
     assert forced.status == "added"
 
 
 def test_resolve_picks_the_variant_for_the_base(hub, world):
-    small = hub.add(world / "small-ad", name="sql:v1", base=world / "llama").adapter
+    small = hub.add(world / "a", name="sql:v1", base=world / "llama").adapter
     wide = hub.add(world / "wide-ad", name="sql:v1", base=world / "wide").adapter
     assert small.digest != wide.digest
     got = hub.resolve("sql:v1", base=world / "wide")
@@ -68,14 +47,12 @@ def test_resolve_picks_the_variant_for_the_base(hub, world):
         hub.get("sql:v1")
 
 
-def test_base_picks_the_variant_to_show_export_and_remove(tmp_path, world):
-    run = cli_runner(tmp_path / "h")
-
-    run("add", world / "small-ad", "-n", "sql:v1", "--base", world / "llama")
+def test_base_picks_the_variant_to_show_export_and_remove(run, store_home, tmp_path, world):
+    run("add", world / "a", "-n", "sql:v1", "--base", world / "llama")
     run("add", world / "wide-ad", "-n", "sql:v1", "--base", world / "wide")
     assert "--base" in run("show", "sql:v1", code=1).stderr
     shown = json.loads(run("show", "sql:v1", "--base", world / "wide", "--json").stdout)
-    assert shown["base"]["signature"] == lorahub.open(tmp_path / "h").bases()[0].signature
+    assert shown["base"]["signature"] == lorahub.open(store_home).bases()[0].signature
     run("export", "sql:v1", tmp_path / "out", "--base", world / "wide")
     a = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert a["r"] == 4 and (tmp_path / "out" / "lorahub.json").is_file()
@@ -83,24 +60,24 @@ def test_base_picks_the_variant_to_show_export_and_remove(tmp_path, world):
     assert exported == shown["digest"]
     # Removing the wide variant's name leaves the other variant under the name.
     run("rm", "sql:v1", "--base", world / "wide", "-y")
-    with lorahub.open(tmp_path / "h") as h:
+    with lorahub.open(store_home) as h:
         left = h.get("sql:v1")
         assert left.digest != shown["digest"] and left.base.name == "llama"
 
 
 def test_a_new_version_replaces_the_old_whichever_was_recorded_with_a_base(hub, world):
-    old = hub.add(world / "small-ad", name="sql", base=world / "llama").adapter
+    old = hub.add(world / "a", name="sql", base=world / "llama").adapter
     new = hub.add(world / "wide-ad", name="sql").adapter  # no --base: a plain tag move
     assert hub.get("sql").digest == new.digest
     assert "sql:latest" not in hub.get("@" + old.digest).refs
-    newer = hub.add(world / "small-ad", name="sql", base=world / "llama-instruct").adapter
+    newer = hub.add(world / "a", name="sql", base=world / "llama-instruct").adapter
     assert hub.get("sql").digest == newer.digest  # replaced the unverified one
     with pytest.raises(IncompatibleAdapter):
         hub.resolve("sql", base=world / "wide")  # the wide one is no longer under the name
 
 
 def test_resolve_error_lists_every_variant(hub, world, tmp_path):
-    hub.add(world / "small-ad", name="sql", base=world / "llama")
+    hub.add(world / "a", name="sql", base=world / "llama")
     with pytest.raises(IncompatibleAdapter) as err:
         hub.resolve("sql", base=world / "wide")
     msg = str(err.value)
@@ -108,30 +85,28 @@ def test_resolve_error_lists_every_variant(hub, world, tmp_path):
 
 
 def test_ls_base_filters_to_adapters_that_fit(hub, world):
-    hub.add(world / "small-ad", name="small")
+    hub.add(world / "a", name="small")
     hub.add(world / "wide-ad", name="wide")
-    assert [i.refs for i in hub.list(base=world / "llama")] == [("small:latest",)]
-    assert [i.refs for i in hub.list(base=world / "wide")] == [("wide:latest",)]
+    assert [i.refs for i in hub.list_adapters(base=world / "llama")] == [("small:latest",)]
+    assert [i.refs for i in hub.list_adapters(base=world / "wide")] == [("wide:latest",)]
 
 
 def test_checks_need_no_base_files_once_recorded(hub, world, tmp_path):
     copy = tmp_path / "my-llama"
     shutil.copytree(world / "llama", copy)
     hub.add_base(copy, name="my-llama")
-    hub.add(world / "small-ad", name="sql")
+    hub.add(world / "a", name="sql")
     shutil.rmtree(copy)
     assert hub.check("sql", base="my-llama").status == "compatible"
-    assert [i.refs for i in hub.list(base="my-llama")] == [("sql:latest",)]
+    assert [i.refs for i in hub.list_adapters(base="my-llama")] == [("sql:latest",)]
 
 
-def test_base_commands(tmp_path, world):
-    run = cli_runner(tmp_path / "h")
-
+def test_base_commands(run, tmp_path, world):
     out = json.loads(run("base", "add", world / "llama", "--json").stdout)
     assert out["name"] == "llama" and out["content_hash"].startswith("xxh128:")
     assert json.loads(run("base", "ls", "--json").stdout)[0]["signature"] == out["signature"]
     assert "llama" in run("base", "ls").stdout
-    run("add", world / "small-ad", "-n", "sql", "--base", world / "llama")
+    run("add", world / "a", "-n", "sql", "--base", world / "llama")
     assert run("check", "sql", "--base", "llama").stdout.startswith("exact")
     bad = run("check", "sql", "--base", world / "wide", code=1)
     assert "incompatible" in bad.stdout and "[48, 48]" in bad.stdout
@@ -140,7 +115,7 @@ def test_base_commands(tmp_path, world):
     assert report["problems"][0]["expected"] == [32, 32]
     got = json.loads(run("resolve", "sql", "--base", world / "llama-instruct", "--json").stdout)
     assert got["match"] == "compatible"
-    res = run("add", world / "small-ad", "-n", "x", "--base", world / "wide", code=1)
+    res = run("add", world / "a", "-n", "x", "--base", world / "wide", code=1)
     assert "does not fit" in res.stderr
     res = run("base", "add", tmp_path / "nope", code=1)
     assert res.stderr.startswith("Error:") and "Traceback" not in res.stderr
@@ -179,7 +154,7 @@ def test_kohya_file_imports_against_its_base(hub, world, tmp_path):
 
 def test_recording_a_base_by_path_keeps_the_name_given(hub, world):
     hub.add_base(world / "llama", name="tiny1")
-    hub.add(world / "small-ad", name="sql", base=world / "llama")
+    hub.add(world / "a", name="sql", base=world / "llama")
     assert [b.name for b in hub.bases()] == ["tiny1"]
     assert hub.check("sql", base="tiny1").status == "exact"
 
@@ -191,10 +166,9 @@ def test_base_names_follow_the_name_rules(hub, world, name):
     assert hub.bases() == []
 
 
-def test_base_rm_forgets_the_record_and_keeps_the_adapters(tmp_path, world):
-    run = cli_runner(tmp_path / "h")
+def test_base_rm_forgets_the_record_and_keeps_the_adapters(run, world):
     run("base", "add", world / "llama", "-n", "tiny")
-    run("add", world / "small-ad", "-n", "sql", "--base", "tiny")
+    run("add", world / "a", "-n", "sql", "--base", "tiny")
     assert "no recorded base matches" in run("base", "rm", "nope", code=1).stderr
     assert "removed base tiny" in run("base", "rm", "tiny").stdout
     assert json.loads(run("base", "ls", "--json").stdout) == []
@@ -204,7 +178,7 @@ def test_base_rm_forgets_the_record_and_keeps_the_adapters(tmp_path, world):
 
 
 def test_rm_with_a_base_removes_only_the_variant_made_for_it(hub, world):
-    made = hub.add(world / "small-ad", name="n", base=world / "llama").adapter
+    made = hub.add(world / "a", name="n", base=world / "llama").adapter
     with pytest.raises(lorahub.AdapterNotFound, match="no variant recorded for"):
         hub.remove("n", base=world / "llama-instruct")  # fits, but was made for llama
     assert hub.get("n").digest == made.digest
@@ -214,8 +188,8 @@ def test_rm_with_a_base_removes_only_the_variant_made_for_it(hub, world):
 def test_a_path_with_base_is_not_added_by_show_or_rm(hub, world):
     for call in (hub.get, hub.remove):
         with pytest.raises(lorahub.InvalidReference, match="is a path"):
-            call(str(world / "small-ad"), base=world / "llama")
-    assert hub.list() == []
+            call(str(world / "a"), base=world / "llama")
+    assert hub.list_adapters() == []
 
 
 def _fitting_adapter(path, seed):
@@ -223,10 +197,9 @@ def _fitting_adapter(path, seed):
     return peft_adapter(tiny_llama(), path, seed=seed, r=2, lora_alpha=4, target_modules=["q_proj"])
 
 
-def test_a_composition_under_a_used_name_replaces_it(tmp_path, world):
-    run = cli_runner(tmp_path / "h")
+def test_a_composition_under_a_used_name_replaces_it(run, tmp_path, world):
     _fitting_adapter(tmp_path / "x", seed=3)
-    run("add", world / "small-ad", "-n", "rs:v1", "--base", world / "llama")
+    run("add", world / "a", "-n", "rs:v1", "--base", world / "llama")
     run("add", tmp_path / "x", "-n", "x:v1")  # no --base: recorded unverified
     composed = json.loads(run("compose", "rs:v1", "x:v1", "-n", "rs:v1", "--json").stdout)
     digest = composed["adapter"]["digest"]
@@ -244,8 +217,8 @@ def test_a_composition_under_a_used_name_replaces_it(tmp_path, world):
 def test_variants_for_bases_of_one_architecture(hub, world, tmp_path):
     """Llama and its Instruct model share a signature: verified adapters for each stay two
     variants; one known only by that signature stands for both and takes both places."""
-    for_llama = hub.add(world / "small-ad", name="sql", base=world / "llama").adapter
-    for_instruct = hub.add(world / "small-ad", name="sql", base=world / "llama-instruct").adapter
+    for_llama = hub.add(world / "a", name="sql", base=world / "llama").adapter
+    for_instruct = hub.add(world / "a", name="sql", base=world / "llama-instruct").adapter
     assert for_llama.base.signature == for_instruct.base.signature
     assert for_llama.digest != for_instruct.digest
     with pytest.raises(lorahub.AmbiguousReference):
@@ -253,7 +226,7 @@ def test_variants_for_bases_of_one_architecture(hub, world, tmp_path):
     assert hub.resolve("sql", base=world / "llama").digest == for_llama.digest
     assert hub.resolve("sql", base=world / "llama-instruct").digest == for_instruct.digest
     # Adding the same adapter for llama again moves nothing.
-    hub.add(world / "small-ad", name="sql", base=world / "llama")
+    hub.add(world / "a", name="sql", base=world / "llama")
     assert hub.resolve("sql", base=world / "llama-instruct").match == "exact"
 
     # A composition of the two is for the architecture, not for either model: it replaces both.
@@ -261,7 +234,7 @@ def test_variants_for_bases_of_one_architecture(hub, world, tmp_path):
     assert both.base.signature == for_llama.base.signature and both.base.content_hash is None
     assert hub.get("sql").digest == both.digest
     # And a variant for one of them replaces it in turn, never leaving two for one base.
-    again = hub.add(world / "small-ad", name="sql", base=world / "llama").adapter
+    again = hub.add(world / "a", name="sql", base=world / "llama").adapter
     assert hub.get("sql").digest == again.digest == for_llama.digest
 
 
@@ -270,7 +243,7 @@ def test_tag_slots_by_base_fingerprint(hub, world):
     same architecture, is one slot; other content or another architecture is another."""
     from lorahub.manifest import BaseRef
 
-    adapter = hub.load_info(hub.add(world / "small-ad").adapter)
+    adapter = hub.load_info(hub.add(world / "a").adapter)
     sig, other_sig = "xxh128:" + "1" * 32, "xxh128:" + "2" * 32
     h1, h2, h3 = ("xxh128:" + c * 32 for c in "abc")
 
@@ -279,7 +252,7 @@ def test_tag_slots_by_base_fingerprint(hub, world):
         return info.digest
 
     def held() -> set[str]:
-        return {i.digest for i in hub.list(["name=n"])}
+        return {i.digest for i in hub.list_adapters(["name=n"])}
 
     one = put(BaseRef("llama", None, sig, h1))
     two = put(BaseRef("instruct", None, sig, h2))

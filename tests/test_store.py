@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import tiny_llama, write_peft_adapter
+from factories import write_peft_adapter
 from safetensors.torch import load_file
 
 import lorahub
@@ -25,12 +25,6 @@ from lorahub.errors import (
 )
 
 
-@pytest.fixture
-def hub(tmp_path):
-    with lorahub.open(tmp_path / "store") as h:
-        yield h
-
-
 def store_files(hub) -> dict[str, bytes]:
     """Every file in the store but the database's WAL side files, for 'unchanged' checks."""
     out = {}
@@ -41,7 +35,7 @@ def store_files(hub) -> dict[str, bytes]:
 
 
 def snapshot(hub):
-    return store_files(hub), [(i.digest, i.refs) for i in hub.list()]
+    return store_files(hub), [(i.digest, i.refs) for i in hub.list_adapters()]
 
 
 def test_add_records_queryable_columns_and_blob_layout(hub, tmp_path):
@@ -57,10 +51,19 @@ def test_add_records_queryable_columns_and_blob_layout(hub, tmp_path):
     hexd = info.weights_digest.split(":")[1]
     blob = hub.home / "blobs" / "xxh128" / hexd[:2] / hexd[2:]
     assert blob.is_file() and blob.stat().st_size == info.size
-    assert hub.list(["rank=4", "target=q_proj"])[0].digest == info.digest
-    assert hub.list(["rank=16"]) == []
-    assert hub.list(["target=k_proj"]) == []
-    assert hub.list({"module": "model.layers.1.self_attn.v_proj"})[0].digest == info.digest
+    assert hub.list_adapters(["rank=4", "target=q_proj"])[0].digest == info.digest
+    assert hub.list_adapters(["rank=16"]) == []
+    assert hub.list_adapters(["target=k_proj"]) == []
+    assert hub.list_adapters({"module": "model.layers.1.self_attn.v_proj"})[0].digest == info.digest
+
+
+def test_hub_list_is_a_deprecated_alias_of_list_adapters(hub, tmp_path):
+    src = write_peft_adapter(tmp_path / "a")
+    info = hub.add(src, name="a").adapter
+    with pytest.warns(DeprecationWarning, match="list_adapters"):
+        listed = hub.list(["rank=4"])
+    assert [i.digest for i in listed] == [info.digest]
+    assert listed == hub.list_adapters(["rank=4"])
 
 
 def test_same_adapter_from_bin_and_safetensors_has_one_digest(hub, tmp_path):
@@ -124,7 +127,7 @@ def test_named_adapter_subfolder_and_recursive_pile(hub, tmp_path):
     assert by_status[str(pile / "run3")] == "refused"
     refused = next(r for r in results if r.status == "refused")
     assert "not valid JSON" in refused.reason
-    assert sorted(r for i in hub.list() for r in i.refs) == [
+    assert sorted(r for i in hub.list_adapters() for r in i.refs) == [
         "run1-final:latest",
         "run2-final:latest",
     ]
@@ -194,7 +197,7 @@ def test_references(hub, tmp_path):
     assert "sql:prod" not in hub.get("sql:v1").refs
 
 
-def test_ambiguous_prefix_lists_candidates(hub, tmp_path, monkeypatch):
+def test_ambiguous_prefix_lists_candidates(hub, world, tmp_path, monkeypatch):
     # Real 12-hex collisions need millions of adapters, so look up the longest prefix that 40
     # adapters share, below the parser's 12-character minimum, straight through the catalog.
     digests = {}
@@ -220,10 +223,8 @@ def test_ambiguous_prefix_lists_candidates(hub, tmp_path, monkeypatch):
     import lorahub.refs
 
     monkeypatch.setattr(lorahub.refs, "MIN_PREFIX", 1)
-    base = tmp_path / "llama"
-    tiny_llama().save_pretrained(base)
     with pytest.raises(AmbiguousReference):
-        hub.resolve("@" + prefix, base=base)
+        hub.resolve("@" + prefix, base=world / "llama")
 
 
 def test_remove_name_then_adapter_then_gc(hub, tmp_path):
@@ -432,7 +433,7 @@ def test_name_must_name_one_adapter(hub, tmp_path):
     write_peft_adapter(tmp_path / "pile" / "b", seed=2)
     with pytest.raises(InvalidReference, match="names one adapter"):
         hub.add_many([tmp_path / "pile"], recursive=True, name="x")
-    assert hub.list() == []
+    assert hub.list_adapters() == []
 
 
 def test_hostile_names_are_refused(hub, tmp_path):
@@ -440,14 +441,14 @@ def test_hostile_names_are_refused(hub, tmp_path):
     for bad in ("../etc", "a b", "-x", "x:../../y", "a/b/c", "name:"):
         with pytest.raises(InvalidReference):
             hub.add(src, name=bad)
-    assert hub.list() == []
+    assert hub.list_adapters() == []
 
 
 def test_settings_come_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAHUB_HOME", str(tmp_path / "env-home"))
     h = lorahub.Hub()
     assert h.home == tmp_path / "env-home"
-    assert h.list() == [] and (tmp_path / "env-home" / "lorahub.db").is_file()
+    assert h.list_adapters() == [] and (tmp_path / "env-home" / "lorahub.db").is_file()
     h.close()
 
 
@@ -473,7 +474,7 @@ def test_full_disk_while_writing_a_blob_is_a_clear_error(hub, tmp_path, monkeypa
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     with pytest.raises(StoreError, match="no space left"):
         hub.add(write_peft_adapter(tmp_path / "a"))
-    assert hub.list() == [] and list((hub.home / "tmp").iterdir()) == []
+    assert hub.list_adapters() == [] and list((hub.home / "tmp").iterdir()) == []
 
 
 def test_hostile_recorded_base_is_refused(hub, tmp_path):
@@ -486,7 +487,7 @@ def test_hostile_recorded_base_is_refused(hub, tmp_path):
 @pytest.mark.parametrize("value", ["nan", "inf", "1e30", "2.5", "x"])
 def test_rank_filter_needs_a_whole_number(hub, value):
     with pytest.raises(lorahub.InvalidReference, match="filter rank needs a whole number"):
-        hub.list([f"rank={value}"])
+        hub.list_adapters([f"rank={value}"])
 
 
 @pytest.mark.parametrize("swap", [True, False], ids=["exchange", "two-renames"])
@@ -523,16 +524,14 @@ def test_a_unique_violation_from_a_racing_writer_is_retried(hub, tmp_path, monke
     assert res.status == "added" and len(calls) == 2 and hub.get("a").digest == res.adapter.digest
 
 
-def test_outputs_may_not_overlap_the_store(hub, tmp_path):
+def test_outputs_may_not_overlap_the_store(hub, world, tmp_path):
     hub.add(write_peft_adapter(tmp_path / "a"), name="a")
     before = snapshot(hub)
     for out in (hub.home, hub.home / "blobs", hub.home / "new", hub.home.parent):
         with pytest.raises(lorahub.LorahubError, match="overlaps the lorahub store"):
             hub.export("a", out, force=True)
-    base = tmp_path / "llama"
-    tiny_llama().save_pretrained(base)
     with pytest.raises(lorahub.LorahubError, match="overlaps the lorahub store"):
-        hub.merge(base, "a", out=hub.home / "blobs", force=True)
+        hub.merge(world / "llama", "a", out=hub.home / "blobs", force=True)
     assert snapshot(hub) == before and hub.verify().ok
 
 
@@ -599,14 +598,14 @@ def test_database_failures_are_one_line_store_errors(hub, tmp_path, monkeypatch)
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "lorahub.db").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(lorahub.errors.StoreError) as err:
-        lorahub.open(tmp_path / "broken").list()
+        lorahub.open(tmp_path / "broken").list_adapters()
     assert "file is not a database" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_boolean_filters_refuse_other_words(hub):
     with pytest.raises(InvalidReference, match="filter dora needs true or false"):
-        hub.list(["dora=maybe"])
-    assert hub.list(["dora=no"]) == []
+        hub.list_adapters(["dora=maybe"])
+    assert hub.list_adapters(["dora=no"]) == []
 
 
 def test_names_from_folders_drop_accents(hub, tmp_path):

@@ -9,18 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-from factories import cli_runner, write_peft_adapter
+from attackkit import corrupt_index, damage_page
+from factories import write_peft_adapter
 
 import lorahub
 from lorahub import upkeep
 from lorahub.errors import BlobCollision, IntegrityError, StoreError
-
-
-@pytest.fixture
-def hub(tmp_path):
-    h = lorahub.Hub(tmp_path / "store")
-    yield h
-    h.close()
 
 
 def _fill(hub, tmp_path, n=4):
@@ -55,7 +49,7 @@ def test_a_lost_catalog_is_refused_then_rebuilt_with_names(hub, tmp_path, how):
     _drop_catalog(hub, how)
 
     fresh = lorahub.Hub(hub.home)
-    for call in (fresh.list, lambda: fresh.gc(grace=0)):
+    for call in (fresh.list_adapters, lambda: fresh.gc(grace=0)):
         with pytest.raises(StoreError, match="lorahub fsck"):
             call()
     assert _blob_count(fresh) == blobs_before  # nothing deleted
@@ -63,7 +57,7 @@ def test_a_lost_catalog_is_refused_then_rebuilt_with_names(hub, tmp_path, how):
     report = fresh.fsck()
     assert set(report.adapters_restored) == {i.digest for i in infos[:3]}
     assert report.ok
-    listed = {i.digest: set(i.refs) for i in fresh.list()}
+    listed = {i.digest: set(i.refs) for i in fresh.list_adapters()}
     assert listed == {
         infos[0].digest: {"a0:v1", "a0:prod"},
         infos[1].digest: {"a1:v1"},
@@ -75,11 +69,9 @@ def test_a_lost_catalog_is_refused_then_rebuilt_with_names(hub, tmp_path, how):
     fresh.close()
 
 
-def test_fsck_through_the_cli_restores_and_a_second_run_finds_nothing(tmp_path):
-    home = tmp_path / "store"
-    run = cli_runner(home)
+def test_fsck_through_the_cli_restores_and_a_second_run_finds_nothing(run, store_home, tmp_path):
     run("add", write_peft_adapter(tmp_path / "x"), "--name", "x:v1")
-    (home / "lorahub.db").unlink()
+    (store_home / "lorahub.db").unlink()
     res = run("ls", code=1)
     assert "lorahub fsck" in res.stderr and "Traceback" not in res.output
     res = run("fsck", "--dry-run")
@@ -89,12 +81,8 @@ def test_fsck_through_the_cli_restores_and_a_second_run_finds_nothing(tmp_path):
     assert "0 repair(s)" in run("fsck").stdout
 
 
-def test_bases_come_back_from_their_records(hub, tmp_path):
-    from factories import tiny_llama
-
-    base_dir = tmp_path / "base"
-    tiny_llama().save_pretrained(base_dir)
-    recorded = hub.add_base(base_dir, name="tiny")
+def test_bases_come_back_from_their_records(hub, world):
+    recorded = hub.add_base(world / "llama", name="tiny")
     _drop_catalog(hub)
     fresh = lorahub.Hub(hub.home)
     report = fresh.fsck()
@@ -172,23 +160,10 @@ def test_removed_adapters_are_collected_without_force(hub, tmp_path):
     assert hub.verify().ok
 
 
-def _corrupt_index(db: Path, index: str) -> None:
-    con = sqlite3.connect(db)
-    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    page_size = con.execute("PRAGMA page_size").fetchone()[0]
-    (root,) = con.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (index,)).fetchone()
-    con.close()
-    data = bytearray(db.read_bytes())
-    start = (root - 1) * page_size
-    at = data.index(b"xxh128:", start, start + page_size) + 7
-    data[at] = ord("0") if data[at] != ord("0") else ord("1")  # one byte, one digest changed
-    db.write_bytes(bytes(data))
-
-
 def test_one_changed_byte_in_the_weights_index_never_costs_a_live_blob(hub, tmp_path):
     infos = _fill(hub, tmp_path, n=2)
     hub.close()
-    _corrupt_index(hub.home / "lorahub.db", "ix_adapters_weights_digest")
+    corrupt_index(hub.home / "lorahub.db", "ix_adapters_weights_digest")  # one digest changed
     with pytest.raises(StoreError, match="fsck"):
         hub.gc(grace=0)
     assert {p.what for p in hub.verify().problems} >= {"catalog"}
@@ -271,25 +246,24 @@ def test_bytes_that_collide_with_a_stored_blob_are_refused(hub, tmp_path, monkey
     message = str(err.value)
     assert str(tmp_path / "evil") in message and "first" in message
     assert hub.blobs.path(fixed).read_bytes() == before
-    assert [i.refs for i in hub.list()] == [("first:latest",)]
+    assert [i.refs for i in hub.list_adapters()] == [("first:latest",)]
 
 
-def test_a_store_folder_linked_out_of_the_store_is_refused(tmp_path, monkeypatch):
+def test_a_store_folder_linked_out_of_the_store_is_refused(run, store_home, tmp_path, monkeypatch):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     victim = outside / "old-file"
     victim.write_text("precious")
     os.utime(victim, (1, 1))
-    home = tmp_path / "store"
-    home.mkdir()
-    (home / "tmp").symlink_to(outside)
+    store_home.mkdir()
+    (store_home / "tmp").symlink_to(outside)
     with pytest.raises(StoreError, match="LORAHUB_ALLOW_SYMLINKS"):
-        lorahub.Hub(home)
-    res = cli_runner(home)("gc", "--grace", "0", code=1)
+        lorahub.Hub(store_home)
+    res = run("gc", "--grace", "0", code=1)
     assert "is a link to" in res.stderr
     assert victim.read_text() == "precious"
     monkeypatch.setenv("LORAHUB_ALLOW_SYMLINKS", "1")
-    lorahub.Hub(home).close()  # on purpose: allowed
+    lorahub.Hub(store_home).close()  # on purpose: allowed
 
 
 def test_gc_removes_links_in_tmp_without_following_them(hub, tmp_path):
@@ -359,7 +333,7 @@ def test_gc_at_grace_zero_waits_for_a_write_in_flight(hub):
     assert done and str(tmp_file) not in done[0].temp_files
 
 
-def test_add_recursive_goes_on_past_a_bad_adapter_and_names_a_missing_config(tmp_path):
+def test_add_recursive_goes_on_past_a_bad_adapter_and_names_a_missing_config(run, tmp_path):
     pile = tmp_path / "pile"
     write_peft_adapter(pile / "a-good", seed=1)
     bad = write_peft_adapter(pile / "b-bad", seed=2)
@@ -367,31 +341,31 @@ def test_add_recursive_goes_on_past_a_bad_adapter_and_names_a_missing_config(tmp
     headless = write_peft_adapter(pile / "c-noconfig", seed=3)
     (headless / "adapter_config.json").unlink()
     write_peft_adapter(pile / "d-good", seed=4)
-    res = cli_runner(tmp_path / "store")("add", "-r", pile, code=1)
+    res = run("add", "-r", pile, code=1)
     assert res.stdout.count("added") == 2
     assert "c-noconfig has adapter_model.safetensors but no adapter_config.json" in res.stderr
     assert "b-bad" in res.stderr and "Traceback" not in res.output
 
 
-def test_a_folder_with_weights_but_no_config_says_so(tmp_path):
+def test_a_folder_with_weights_but_no_config_says_so(run, tmp_path):
     folder = write_peft_adapter(tmp_path / "nocfg")
     (folder / "adapter_config.json").unlink()
-    res = cli_runner(tmp_path / "store")("add", folder, code=1)
+    res = run("add", folder, code=1)
     assert "no adapter_config.json" in res.stderr and "--recursive" not in res.stderr
 
 
-def test_a_damaged_catalog_file_names_fsck_which_sets_it_aside(hub, tmp_path):
+def test_a_damaged_catalog_file_names_fsck_which_sets_it_aside(hub, run, tmp_path):
     infos = _fill(hub, tmp_path, n=2)
     hub.close()
     db = hub.home / "lorahub.db"
     db.write_bytes(b"this is not a database" * 100)
-    res = cli_runner(hub.home)("ls", code=1)
+    res = run("ls", code=1)
     assert "lorahub fsck" in res.stderr
     report = lorahub.Hub(hub.home).fsck()
     assert report.catalog_set_aside and Path(report.catalog_set_aside).read_bytes().startswith(
         b"this is not"
     )
-    assert {i.digest for i in lorahub.Hub(hub.home).list()} == {i.digest for i in infos}
+    assert {i.digest for i in lorahub.Hub(hub.home).list_adapters()} == {i.digest for i in infos}
 
 
 def test_an_older_store_gets_its_records_written_once(hub, tmp_path):
@@ -401,12 +375,12 @@ def test_an_older_store_gets_its_records_written_once(hub, tmp_path):
         p.unlink() if p.is_file() else p.rmdir()
     (hub.home / "journal.log").unlink()
     reopened = lorahub.Hub(hub.home)
-    reopened.list()
+    reopened.list_adapters()
     assert {d for d, _ in reopened.records.manifest_digests()} == {i.digest for i in infos}
     _drop_catalog(reopened)
     again = lorahub.Hub(hub.home)
     again.fsck()
-    assert {r for i in again.list() for r in i.refs} == {"a0:v1", "a0:prod", "a1:v1"}
+    assert {r for i in again.list_adapters() for r in i.refs} == {"a0:v1", "a0:prod", "a1:v1"}
 
 
 def _abandon_an_add(hub, src):
@@ -469,13 +443,14 @@ def test_an_add_whose_confirmation_was_lost_still_counts(hub, tmp_path):
     _drop_catalog(hub)
     fresh = lorahub.Hub(hub.home)
     assert fresh.fsck().adapters_restored == (info.digest,)
-    assert fresh.list()[0].refs == ()  # its name's commit is unconfirmed: not moved on doubt
+    # its name's commit is unconfirmed: not moved on doubt
+    assert fresh.list_adapters()[0].refs == ()
 
 
 def test_fsck_holds_the_write_lock_so_a_racing_rm_is_not_undone(hub, tmp_path, monkeypatch):
     _fill(hub, tmp_path, n=2)
     other = lorahub.Hub(hub.home)
-    real = upkeep._replay
+    real = upkeep.replay_records
     racer: list[threading.Thread] = []
 
     def replay_then_race(records, blobs):
@@ -486,7 +461,7 @@ def test_fsck_holds_the_write_lock_so_a_racing_rm_is_not_undone(hub, tmp_path, m
         time.sleep(0.3)
         return out
 
-    monkeypatch.setattr(upkeep, "_replay", replay_then_race)
+    monkeypatch.setattr(upkeep.repair, "replay_records", replay_then_race)
     report = hub.fsck()
     racer[0].join(30)
     assert report.adapters_restored == ()
@@ -514,22 +489,10 @@ def test_a_name_the_catalog_lost_a_move_of_is_left_to_a_person(hub, tmp_path):
     assert hub.get("a:v1").digest == x.digest  # nothing moved without a person
 
 
-def _damage_table(db: Path, table: str) -> None:
-    con = sqlite3.connect(db)
-    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    page_size = con.execute("PRAGMA page_size").fetchone()[0]
-    (root,) = con.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()
-    con.close()
-    data = bytearray(db.read_bytes())
-    data[(root - 1) * page_size : (root - 1) * page_size + 8] = b"\xff" * 8
-    db.write_bytes(bytes(data))
-
-
-def test_a_damaged_catalog_page_is_an_error_naming_fsck_for_every_command(hub, tmp_path):
+def test_a_damaged_catalog_page_is_an_error_naming_fsck_for_every_command(hub, run, tmp_path):
     _fill(hub, tmp_path, n=2)
     hub.close()
-    _damage_table(hub.home / "lorahub.db", "adapters")
-    run = cli_runner(hub.home)
+    damage_page(hub.home / "lorahub.db", "adapters")
     for args in (["ls"], ["ls", "--json"], ["show", "a0:v1"], ["gc"], ["verify"]):
         res = run(*args, code=1)
         assert "Traceback" not in res.output + res.stderr, args
@@ -543,10 +506,10 @@ def test_a_lone_surrogate_in_lorahub_json_is_refused(hub, tmp_path):
         hub.add(folder)
 
 
-def test_a_linked_writers_lock_is_an_error_not_a_traceback(hub, tmp_path):
+def test_a_linked_writers_lock_is_an_error_not_a_traceback(hub, run, tmp_path):
     (hub.home / ".tmp.lock").unlink(missing_ok=True)
     (hub.home / ".tmp.lock").symlink_to(tmp_path / "elsewhere")
-    res = cli_runner(hub.home)("gc", code=1)
+    res = run("gc", code=1)
     assert "remove it" in res.stderr and "Traceback" not in res.output
 
 

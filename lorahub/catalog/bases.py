@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from ..digest import hex_prefix, prefix_range
 from ..info import BaseInfo
 from .models import BaseModelRow
 from .queries import utcnow
@@ -83,11 +84,11 @@ def upsert(
 def find(session: Session, text: str) -> list[BaseModelRow]:
     """Bases recorded under a name, repo id, path, or fingerprint (full or 12+ hex prefix)."""
     conds = [BaseModelRow.name == text, BaseModelRow.repo_id == text, BaseModelRow.path == text]
-    hexpart = text.lower().removeprefix("xxh128:")
-    if len(hexpart) >= 12 and all(c in "0123456789abcdef" for c in hexpart):
-        lo = f"xxh128:{hexpart}"
+    hexpart = hex_prefix(text, 12)
+    if hexpart is not None:
+        lo, hi = prefix_range(hexpart)
         for col in (BaseModelRow.signature, BaseModelRow.content_hash):
-            conds.append((col >= lo) & (col < lo + "g"))
+            conds.append((col >= lo) & (col < hi))
     return list(session.scalars(select(BaseModelRow).where(or_(*conds)).order_by(BaseModelRow.id)))
 
 

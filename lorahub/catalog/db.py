@@ -12,12 +12,18 @@ import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.orm import Session
 
 from ..errors import StoreError
 from .lite import BUSY_TIMEOUT_S, SCHEMA_HEAD
+
+if TYPE_CHECKING:
+    import sqlite3
+
+    from sqlalchemy.pool import ConnectionPoolEntry
 
 
 def migrations_dir() -> Path:
@@ -37,7 +43,7 @@ def make_engine(url: str) -> Engine:
     )
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn, _record) -> None:
+    def _on_connect(dbapi_conn: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:
         # Take transaction control from the driver so BEGIN IMMEDIATE below is honoured.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
@@ -48,14 +54,14 @@ def make_engine(url: str) -> Engine:
         cur.close()
 
     @event.listens_for(engine, "begin")
-    def _on_begin(conn) -> None:
+    def _on_begin(conn: Connection) -> None:
         mode = "IMMEDIATE" if conn.get_execution_options().get("lorahub_write") else "DEFERRED"
         conn.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
 
 
-def _enable_wal(cursor) -> None:
+def _enable_wal(cursor: sqlite3.Cursor) -> None:
     """Switch a database to WAL. Several processes opening a new store at once can find the
     switch refused with "database is locked" (SQLite does not wait on it), so retry."""
     import sqlite3
@@ -92,7 +98,7 @@ def upgrade(engine: Engine, lock_path: Path | None) -> None:
     try:
         if current_revision(engine) == SCHEMA_HEAD:
             return
-        lock = contextlib.nullcontext()
+        lock: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         if lock_path is not None:
             from filelock import FileLock
 

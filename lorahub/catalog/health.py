@@ -1,36 +1,16 @@
-"""Catalog reads for the store's upkeep (gc, verify, fsck): whole-table scans that do not
-trust an index alone, and the database's own integrity check."""
+"""The catalog database's own health: its integrity check, and setting aside a SQLite file
+that cannot be read so that ``fsck`` can rebuild a fresh one (never deleting it)."""
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, select, text
-from sqlalchemy.orm import Session
+import os
+import sqlite3
+from datetime import datetime, timezone
+from pathlib import Path
 
-from .models import Adapter, Blob, Ref
+from sqlalchemy import Engine, text
 
-
-def adapters_using(session: Session, weights_digest: str) -> list[Adapter]:
-    """Adapters whose weights are the blob ``weights_digest``."""
-    return list(session.scalars(select(Adapter).where(Adapter.weights_digest == weights_digest)))
-
-
-def adapter_rows(session: Session) -> list[tuple[str, str, str]]:
-    """``(digest, weights_digest, manifest)`` of every adapter, by a scan of the table."""
-    rows = session.execute(select(Adapter.digest, Adapter.weights_digest, Adapter.manifest))
-    return [(d, w, m) for d, w, m in rows]
-
-
-def adapter_digests(session: Session) -> set[str]:
-    return set(session.scalars(select(Adapter.digest)))
-
-
-def blob_rows(session: Session) -> dict[str, int]:
-    return {d: size for d, size in session.execute(select(Blob.digest, Blob.size))}
-
-
-def refs_of(session: Session) -> set[tuple[str, str]]:
-    """Every ``(name, tag)`` that points somewhere."""
-    return {(n, t) for n, t in session.execute(select(Ref.name, Ref.tag))}
+# Moved to .queries with the other whole-table reads; hub.py still reads it from here.
 
 
 def integrity_problems(engine: Engine, *, quick: bool = False) -> list[str]:
@@ -47,4 +27,49 @@ def integrity_problems(engine: Engine, *, quick: bool = False) -> list[str]:
             lines = [r[0] for r in conn.execute(text(f"PRAGMA {pragma}"))]
     except DBAPIError as exc:  # too damaged to check: that is the answer
         return [str(exc.orig or exc).splitlines()[0]]
+    return [] if lines == ["ok"] else lines
+
+
+def set_aside_if_damaged(db_path: Path, *, dry_run: bool = False) -> tuple[str | None, bool]:
+    """Check a SQLite catalog file. An index-only fault is rebuilt in place (``REINDEX``);
+    a file SQLite cannot read is renamed aside (never deleted) with its WAL, so a fresh
+    catalog can be rebuilt. Returns (where it was moved, whether it was reindexed)."""
+    if not db_path.exists() or db_path.stat().st_size == 0:
+        return None, False
+    try:
+        problems = sqlite_check(db_path)
+        if not problems:
+            return None, False
+        if all("index" in p for p in problems):
+            if dry_run:
+                return None, True
+            con = sqlite3.connect(db_path)
+            try:
+                con.execute("REINDEX")
+                con.commit()
+            finally:
+                con.close()
+            if not sqlite_check(db_path):
+                return None, True
+    except sqlite3.DatabaseError:
+        pass
+    if dry_run:
+        return str(db_path), False
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside = db_path.with_name(f"{db_path.name}.damaged-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(str(db_path) + suffix)
+        if src.exists():
+            os.rename(src, Path(str(aside) + suffix))
+    return str(aside), False
+
+
+def sqlite_check(path: Path) -> list[str]:
+    """``PRAGMA integrity_check`` of a SQLite file, opened directly (no engine, no WAL
+    switch): empty when sound."""
+    con = sqlite3.connect(path)
+    try:
+        lines = [r[0] for r in con.execute("PRAGMA integrity_check")]
+    finally:
+        con.close()
     return [] if lines == ["ok"] else lines

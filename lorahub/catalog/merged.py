@@ -7,6 +7,7 @@ import json
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from ..digest import prefix_range
 from ..info import MergedInfo
 from .models import MergedEntry
 from .queries import utcnow
@@ -57,11 +58,9 @@ def all_rows(session: Session) -> list[MergedEntry]:
 
 
 def find(session: Session, prefix: str) -> list[MergedEntry]:
-    lo = prefix if prefix.startswith("xxh128:") else f"xxh128:{prefix}"
+    lo, hi = prefix_range(prefix)
     return list(
-        session.scalars(
-            select(MergedEntry).where(MergedEntry.key >= lo, MergedEntry.key < lo + "g")
-        )
+        session.scalars(select(MergedEntry).where(MergedEntry.key >= lo, MergedEntry.key < hi))
     )
 
 

@@ -4,19 +4,23 @@ one transaction)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from ..adapter import LoraAdapter
+from ..digest import PREFIX, prefix_range
 from ..info import AdapterInfo
 from ..manifest import BaseRef
 from ..refs import Reference, format_ref
 from . import reads
-from .models import Adapter, AdapterModule, Blob, Ref
+from .models import Adapter, AdapterModule, BaseModelRow, Blob, Ref
+
+if TYPE_CHECKING:
+    from sqlalchemy import CursorResult
 
 
 def utcnow() -> datetime:
@@ -137,14 +141,13 @@ def candidates(session: Session, ref: Reference) -> list[Adapter]:
             return rows
     assert ref.prefix is not None
     if len(ref.prefix) == 32:
-        row = adapter_by_digest(session, f"xxh128:{ref.prefix}")
+        row = adapter_by_digest(session, PREFIX + ref.prefix)
         return [row] if row else []
-    lo = f"xxh128:{ref.prefix}"
-    # A range scan on the unique digest index instead of LIKE, which SQLite won't index here.
+    lo, hi = prefix_range(ref.prefix)
     return list(
         session.scalars(
             select(Adapter)
-            .where(Adapter.digest >= lo, Adapter.digest < lo + "g")
+            .where(Adapter.digest >= lo, Adapter.digest < hi)
             .limit(20)
             .options(selectinload(Adapter.refs))
         )
@@ -214,10 +217,11 @@ def to_info(row: Adapter) -> AdapterInfo:
 
 
 def remove_ref(session: Session, name: str, tag: str, adapter_id: int | None = None) -> int:
-    q = delete(Ref).where(Ref.name == name, Ref.tag == tag)
+    stmt = delete(Ref).where(Ref.name == name, Ref.tag == tag)
     if adapter_id is not None:
-        q = q.where(Ref.adapter_id == adapter_id)
-    return session.execute(q).rowcount or 0
+        stmt = stmt.where(Ref.adapter_id == adapter_id)
+    result = cast("CursorResult[Any]", session.execute(stmt))  # a DELETE's result has a cursor
+    return result.rowcount or 0
 
 
 def delete_adapter(session: Session, row: Adapter) -> None:
@@ -234,3 +238,63 @@ def ref_count(session: Session, adapter_id: int) -> int:
 
 def referenced_weights(session: Session) -> set[str]:
     return set(session.scalars(select(Adapter.weights_digest).distinct()))
+
+
+# --- whole-table reads for gc, verify and fsck: scans that do not trust an index alone,
+# in the table's own order unless asked (fsck's reports list what it found in that order).
+
+
+def adapters_using(session: Session, weights_digest: str) -> list[Adapter]:
+    """Adapters whose weights are the blob ``weights_digest``."""
+    return list(session.scalars(select(Adapter).where(Adapter.weights_digest == weights_digest)))
+
+
+def adapter_rows(session: Session) -> list[tuple[str, str, str]]:
+    """``(digest, weights_digest, manifest)`` of every adapter, by a scan of the table."""
+    rows = session.execute(select(Adapter.digest, Adapter.weights_digest, Adapter.manifest))
+    return [(d, w, m) for d, w, m in rows]
+
+
+def adapter_digests(session: Session) -> set[str]:
+    return set(session.scalars(select(Adapter.digest)))
+
+
+def adapter_origins(session: Session) -> list[tuple[str, str, str, str]]:
+    """``(digest, weights_digest, origin_kind, origin JSON)`` of every adapter."""
+    rows = session.execute(
+        select(Adapter.digest, Adapter.weights_digest, Adapter.origin_kind, Adapter.origin)
+    )
+    return [(d, w, k, o) for d, w, k, o in rows]
+
+
+def all_adapters(session: Session, *, oldest_first: bool = False) -> list[Adapter]:
+    """Every adapter row; ``oldest_first`` in the order they were added."""
+    stmt = select(Adapter)
+    if oldest_first:
+        stmt = stmt.order_by(Adapter.created_at, Adapter.id)
+    return list(session.scalars(stmt))
+
+
+def all_refs(session: Session, *, oldest_first: bool = False) -> list[Ref]:
+    """Every name row; ``oldest_first`` in the order they were set."""
+    stmt = select(Ref)
+    if oldest_first:
+        stmt = stmt.order_by(Ref.created_at, Ref.id)
+    return list(session.scalars(stmt))
+
+
+def all_bases(session: Session) -> list[BaseModelRow]:
+    return list(session.scalars(select(BaseModelRow)))
+
+
+def blob_rows(session: Session) -> dict[str, int]:
+    """``{digest: size}`` of every blob row."""
+    return {d: size for d, size in session.execute(select(Blob.digest, Blob.size))}
+
+
+def drop_blob_rows(session: Session, digests: Iterable[str]) -> None:
+    """Forget these blobs (rows that are not there are skipped)."""
+    for digest in digests:
+        row = session.get(Blob, digest)
+        if row is not None:
+            session.delete(row)

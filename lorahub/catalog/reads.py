@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from ..digest import PREFIX, hex_prefix, prefix_range, short
 from ..errors import AdapterNotFound, AmbiguousReference, InvalidReference
 from ..info import AdapterInfo, BaseInfo
 from ..manifest import BaseRef
@@ -135,13 +136,12 @@ def candidate_infos(run: Run, ref: Reference) -> tuple[list[AdapterInfo], bool]:
         if rows or ref.prefix is None:
             return _infos(run, rows), True
     assert ref.prefix is not None
-    lo = f"xxh128:{ref.prefix}"
     if len(ref.prefix) == 32:
-        return _infos(run, run(f"SELECT {_INFO} FROM adapters a WHERE a.digest = ?", [lo])), False
-    # A range on the unique digest index: SQLite will not use an index for this LIKE.
+        full = PREFIX + ref.prefix
+        return _infos(run, run(f"SELECT {_INFO} FROM adapters a WHERE a.digest = ?", [full])), False
     rows = run(
         f"SELECT {_INFO} FROM adapters a WHERE a.digest >= ? AND a.digest < ? LIMIT 20",
-        [lo, lo + "g"],
+        list(prefix_range(ref.prefix)),
     )
     return _infos(run, rows), False
 
@@ -160,7 +160,7 @@ def not_one(ref: Reference, by_name: bool, found: Sequence[tuple[str, BaseRef]])
     if not found:
         raise AdapterNotFound(ref.text)
     if by_name:
-        lines = [f"{d[7:19]}  for base {b.name or b.variant or '?'}" for d, b in found]
+        lines = [f"{short(d)}  for base {b.name or b.variant or '?'}" for d, b in found]
         raise AmbiguousReference(
             ref.text,
             lines,
@@ -255,12 +255,11 @@ def find_bases(run: Run, text: str) -> list[BaseInfo]:
     oldest first."""
     conds = ["name = ?", "repo_id = ?", "path = ?"]
     params: list[Any] = [text, text, text]
-    hexpart = text.lower().removeprefix("xxh128:")
-    if len(hexpart) >= 12 and all(c in "0123456789abcdef" for c in hexpart):
-        lo = f"xxh128:{hexpart}"
+    hexpart = hex_prefix(text, 12)
+    if hexpart is not None:
         for col in ("signature", "content_hash"):
             conds.append(f"({col} >= ? AND {col} < ?)")
-            params += [lo, lo + "g"]
+            params += prefix_range(hexpart)
     rows = run(f"SELECT {_BASE} FROM base_models WHERE {' OR '.join(conds)} ORDER BY id", params)
     return [_base(row) for row in rows]
 

@@ -1,19 +1,20 @@
 """The ``lorahub`` command line: thin click commands over ``lorahub.Hub``.
 
-Every ``LorahubError`` becomes ``Error: ...`` on stderr and exit status 1, in one place
-(``LorahubGroup.invoke``); ``LORAHUB_DEBUG=1`` shows the traceback instead.
+Every ``LorahubError`` becomes ``Error: ...`` on stderr and an exit status, in one place
+(``LorahubGroup.invoke``, by the table in ``cli/errors.py``); ``LORAHUB_DEBUG=1`` shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from typing import Any
 
 import click
 
 from ..errors import LorahubError
+from .errors import EXIT_INTERRUPTED, INTERRUPTED, debugging, report
 
 # The modules that register commands, in the order a command is looked for: `ls`, `show`
 # and `resolve` load the first two only, never merge or compose code.
@@ -56,20 +57,21 @@ class LorahubGroup(click.Group):
         try:
             return super().invoke(ctx)
         except LorahubError as exc:
-            if os.environ.get("LORAHUB_DEBUG"):
+            if debugging():
                 raise
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(1)
+            code, text = report(exc)
+            click.echo(text, err=True)
+            sys.exit(code)
         except KeyboardInterrupt:
-            click.echo("Interrupted.", err=True)
-            sys.exit(130)
+            click.echo(INTERRUPTED, err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except Exception as exc:
             # A Ctrl-C that lands inside a library's cleanup (SQLAlchemy's commit) can come
             # out as that library's own error; it is still the user's interrupt.
-            if not _interrupted(exc) or os.environ.get("LORAHUB_DEBUG"):
+            if not _interrupted(exc) or debugging():
                 raise
-            click.echo("Interrupted.", err=True)
-            sys.exit(130)
+            click.echo(INTERRUPTED, err=True)
+            sys.exit(EXIT_INTERRUPTED)
 
 
 def _interrupted(exc: BaseException) -> bool:
@@ -117,7 +119,7 @@ def main() -> None:
     library.addHandler(handler)
     library.setLevel(logging.WARNING)
     library.propagate = False
-    if not os.environ.get("LORAHUB_DEBUG"):
+    if not debugging():
         # SQLAlchemy's pool logs a Ctrl-C that lands while it closes a connection as an
         # error with a traceback; the CLI already says "Interrupted.".
         logging.getLogger("sqlalchemy.pool").addHandler(logging.NullHandler())

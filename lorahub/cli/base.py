@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from ..digest import short
 from ..units import human_size
 from .output import echo_json, hub_from, progress, table
 
@@ -77,8 +78,8 @@ def base_ls(ctx: click.Context, as_json: bool, quiet: bool) -> None:
     rows = [
         [
             i.name,
-            (i.content_hash or "-")[7:19],
-            i.signature[7:19],
+            short(i.content_hash or "-"),
+            short(i.signature),
             str(i.tensor_count),
             human_size(i.total_bytes),
             i.repo_id or i.path or "-",
@@ -99,7 +100,7 @@ def base_rm(ctx: click.Context, reference: str) -> None:
       lorahub base rm llama-old
     """
     info = hub_from(ctx).remove_base(reference)
-    click.echo(f"removed base {info.name} ({(info.content_hash or info.signature)[7:19]})")
+    click.echo(f"removed base {info.name} ({short(info.content_hash or info.signature)})")
 
 
 @click.command()

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from ..digest import short
 from ..units import human_size
 from .output import echo_json, hub_from, parse_weights, progress, table
 
@@ -94,7 +95,7 @@ def merge(
 def _size(value: str) -> int:
     """The size in bytes, or a usage error that names the option."""
     from ..errors import MergeError
-    from ..merge import parse_size
+    from ..units import parse_size
 
     try:
         return parse_size(value)
@@ -168,9 +169,9 @@ def merged_ls(ctx: click.Context, as_json: bool, quiet: bool) -> None:
         return
     rows = [
         [
-            i.key[7:19],
+            short(i.key),
             i.base_name,
-            " + ".join(f"{w:g}*{d[7:19]}" for d, w in i.adapters),
+            " + ".join(f"{w:g}*{short(d)}" for d, w in i.adapters),
             i.dtype,
             human_size(i.size),
             i.last_used_at.strftime("%Y-%m-%d %H:%M"),

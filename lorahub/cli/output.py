@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..errors import MergeError
+from ..errors import InvalidArgument
 
 if TYPE_CHECKING:
     from ..hub import Hub
@@ -111,9 +111,11 @@ def parse_weights(text: str | None, count: int) -> list[float] | None:
     try:
         values = [float(x) for x in text.split(",")]
     except ValueError:
-        raise MergeError(f"--weights {text!r} must be numbers separated by commas") from None
+        raise InvalidArgument(f"--weights {text!r} must be numbers separated by commas") from None
     if not all(math.isfinite(v) for v in values):
-        raise MergeError(f"--weights {text!r}: each weight must be a finite number")
+        raise InvalidArgument(f"--weights {text!r}: each weight must be a finite number")
     if len(values) != count:
-        raise MergeError(f"--weights has {len(values)} values for {count} adapters; give one each")
+        raise InvalidArgument(
+            f"--weights has {len(values)} values for {count} adapters; give one each"
+        )
     return values

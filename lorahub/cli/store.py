@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from ..errors import AdapterNotFound, InvalidAdapter, InvalidReference
+from ..digest import short
+from ..errors import AdapterNotFound, InvalidArgument, InvalidReference
 from ..info import AdapterInfo
 from ..refs import format_ref, parse
 from ..units import human_size
@@ -17,7 +18,7 @@ def _base_label(info: AdapterInfo) -> str:
     b = info.base
     if b.name:
         return b.name if b.verified else f"{b.name} (unverified)"
-    return b.signature[7:19] if b.signature else "-"
+    return short(b.signature) if b.signature else "-"
 
 
 @click.command()
@@ -48,7 +49,7 @@ def add(
       lorahub add --recursive ~/runs
     """
     if any(not p.strip() for p in paths) or (base is not None and not base.strip()):
-        raise InvalidAdapter("an empty path was given; name a folder or file")
+        raise InvalidArgument("an empty path was given; name a folder or file")
     if name is not None and not name.strip():
         raise InvalidReference("--name is empty; give a name like 'sql-expert:v1'")
     hub = hub_from(ctx)
@@ -103,7 +104,7 @@ def ls(
       lorahub rm -y $(lorahub ls -q --filter base=meta-llama/Llama-3.2-1B)
     """
     hub = hub_from(ctx)
-    infos = hub.list(filters, base=base, limit=limit)
+    infos = hub.list_adapters(filters, base=base, limit=limit)
     if as_json:
         echo_json_list([i.to_dict() for i in infos])
         return

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import manifest as mf
 from ..digest import hash_bytes
-from ..errors import IntegrityError, InvalidAdapter
+from ..errors import CorruptData, InvalidAdapter
 from ..manifest import LORAHUB_JSON_VERSION, BaseRef
 from . import peft
 
@@ -44,7 +44,7 @@ def read(path: Path, label: str) -> tuple[str, dict[str, Any]]:
 
     Raises:
         InvalidAdapter: not JSON, not a lorahub.json, or written by a newer lorahub.
-        IntegrityError: the manifest does not hash to the digest stated.
+        CorruptData: the manifest does not hash to the digest stated.
     """
     try:
         size = path.stat().st_size
@@ -85,9 +85,12 @@ def read(path: Path, label: str) -> tuple[str, dict[str, Any]]:
             "nothing was stored"
         ) from None
     if actual != digest:
-        raise IntegrityError(
+        raise CorruptData(
             f"{label}: lorahub.json states digest {digest} but its manifest hashes to {actual}: "
-            "the file was edited or corrupted; nothing was stored"
+            "the file was edited or corrupted; nothing was stored",
+            expected=digest,
+            actual=actual,
+            path=path,
         )
     return digest, manifest
 
@@ -108,7 +111,7 @@ def identity(adapter: LoraAdapter, path: Path, label: str, *, cause: str) -> Rec
         plain PEFT, with a warning logged).
 
     Raises:
-        IntegrityError: the files do not make the adapter lorahub.json describes.
+        CorruptData: the files do not make the adapter lorahub.json describes.
         InvalidAdapter: an unreadable lorahub.json, or one without a provenance object.
     """
     digest, manifest = read(path, label)
@@ -139,8 +142,11 @@ def identity(adapter: LoraAdapter, path: Path, label: str, *, cause: str) -> Rec
             recorded = manifest.get("weights")
             stated = recorded.get("digest") if isinstance(recorded, dict) else None
             detail = f" (the weights hash to {weights}, lorahub.json says {stated})"
-        raise IntegrityError(
+        raise CorruptData(
             f"{label}: the adapter files do not match lorahub.json: {', '.join(differ)} "
-            f"differ{detail}. Expected digest {digest}, got {found}; nothing was stored. {cause}"
+            f"differ{detail}. Expected digest {digest}, got {found}; nothing was stored. {cause}",
+            expected=digest,
+            actual=found,
+            path=path,
         )
     return Recorded(digest, base, provenance)

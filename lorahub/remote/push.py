@@ -1,0 +1,278 @@
+"""Push a stored adapter to a Hub repo as a plain PEFT adapter folder.
+
+Every file is a pure function of the adapter, so a second push of the same adapter uploads
+nothing and makes no commit (the client skips files whose remote oid matches). The token is
+resolved by huggingface_hub itself and never passes through lorahub's hands.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from .. import hfenv
+from ..digest import hash_file
+from ..errors import CorruptData, InvalidReference, RemoteConflict, RemoteError
+from ..formats.peft_folder import write_peft_folder
+from .errors import http_status, hub_errors
+from .repo import (
+    COMMIT,
+    DEFAULT_REVISION,
+    check_repo_id,
+    clean_subpath,
+    git_blob_oid,
+    public_url,
+)
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoSibling
+
+    from ..info import AdapterInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What a push did: the commit the branch now points at and what crossed the wire.
+
+    ``committed`` is False when the repo already held these exact files (no commit was made);
+    ``bytes_uploaded`` counts the files that changed (0 when nothing did).
+    """
+
+    repo_id: str
+    revision: str
+    commit: str
+    commit_url: str
+    url: str
+    committed: bool
+    bytes_uploaded: int
+    files_uploaded: tuple[str, ...]
+    tag: str | None = None
+    path_in_repo: str | None = None
+    digest: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["files_uploaded"] = list(self.files_uploaded)
+        return d
+
+
+def check_weights(info: AdapterInfo, weights: Path) -> None:
+    """Refuse to publish a blob that no longer matches its digest.
+
+    Raises:
+        CorruptData: the blob is missing (``actual`` None) or hashes to another digest.
+    """
+    try:
+        got, size = hash_file(weights)
+    except FileNotFoundError:
+        raise CorruptData(
+            f"the weights blob of {info.digest} is missing; run `lorahub verify`",
+            expected=info.weights_digest,
+            path=weights,
+        ) from None
+    if str(got) != info.weights_digest or size != info.size:
+        raise CorruptData(
+            f"the weights blob of {info.digest} is corrupt (hashes to {got}, expected "
+            f"{info.weights_digest}); nothing was pushed. Run `lorahub verify` and re-add it",
+            expected=info.weights_digest,
+            actual=str(got),
+            path=weights,
+        )
+
+
+def write_push_files(info: AdapterInfo, weights: Path, out: Path, *, title: str) -> dict[str, Path]:
+    """The files a push uploads, by name in the repo: small ones written to ``out``, the
+    weights read straight from the blob (no copy). Nothing depends on time or local names."""
+    return write_peft_folder(info, weights, out, copy_weights=False, title=title, list_files=False)
+
+
+def push_adapter(
+    info: AdapterInfo,
+    weights: Path,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    tag: str | None = None,
+    path_in_repo: str | None = None,
+) -> PushResult:
+    """Push a stored adapter (its manifest info and weights blob) to ``repo_id``."""
+    check_repo_id(repo_id)
+    check_weights(info, weights)
+    with tempfile.TemporaryDirectory(prefix="lorahub-push-") as tmp:
+        files = write_push_files(info, weights, Path(tmp), title=repo_id)
+        result = push_files(
+            repo_id,
+            files,
+            private=private,
+            revision=revision,
+            tag=tag,
+            path_in_repo=path_in_repo,
+            commit_message=f"Upload LoRA adapter {info.short} with lorahub",
+        )
+    return replace(result, digest=info.digest)
+
+
+def push_files(
+    repo_id: str,
+    files: Mapping[str, Path],
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    tag: str | None = None,
+    path_in_repo: str | None = None,
+    commit_message: str = "Upload with lorahub",
+) -> PushResult:
+    """Commit ``files`` (name in repo -> local path) to a branch, creating repo and branch if
+    needed; unchanged files are not uploaded and an unchanged repo gets no commit.
+
+    Raises:
+        RemoteConflict: a tag that exists elsewhere, or ``private`` asked of a public repo.
+        RemoteError: no token, no write access, a failed request.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    check_repo_id(repo_id)
+    prefix = clean_subpath(path_in_repo, "path in repo")
+    branch = revision or DEFAULT_REVISION
+    if COMMIT.match(branch):
+        raise InvalidReference(f"cannot push to commit {branch}: --revision must name a branch")
+    ep = hfenv.endpoint()
+    if hfenv.offline():  # set after huggingface_hub was imported, which would still push
+        raise RemoteError(
+            f"HF_HUB_OFFLINE is set, so {public_url(ep)} cannot be reached for {repo_id}: "
+            "unset it to push",
+            repo_id=repo_id,
+            revision=branch,
+        )
+    # token=True: pushing always needs the user's token, resolved by huggingface_hub itself.
+    api = HfApi(endpoint=ep, token=True)
+    with hub_errors(repo_id, branch, writing=True):
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+        full_id = getattr(repo_url, "repo_id", None) or repo_id
+        before = _branch_info(api, full_id, branch)
+        if private and not before.private:
+            raise RemoteConflict(
+                f"{full_id} already exists and is public; --private only applies when the repo "
+                "is created. Make it private in its settings on the Hub, or push without --private",
+                target=full_id,
+                repo_id=full_id,
+            )
+        remote = {s.rfilename: s for s in (before.siblings or [])}
+        operations = []
+        changed: list[str] = []
+        size = 0
+        for name, local in files.items():
+            target = f"{prefix}/{name}" if prefix else name
+            op = CommitOperationAdd(path_in_repo=target, path_or_fileobj=str(local))
+            operations.append(op)
+            if not _unchanged(remote.get(target), op, Path(local)):
+                changed.append(target)
+                size += op.upload_info.size
+        if tag:
+            _check_tag_free(api, full_id, tag, before.sha if not changed else None)
+        commit = api.create_commit(
+            full_id,
+            operations=operations,
+            commit_message=commit_message,
+            revision=branch,
+            parent_commit=before.sha,
+        )
+        sha = str(commit.oid)
+        committed = sha != before.sha
+        if tag:
+            _ensure_tag(api, full_id, tag, sha)
+    log.info("pushed to %s@%s: %s", full_id, branch, f"commit {sha}" if committed else "no change")
+    tree = "" if branch == DEFAULT_REVISION and not prefix else f"/tree/{quote(branch, safe='')}"
+    url = f"{public_url(ep)}/{full_id}{tree}" + (f"/{prefix}" if prefix else "")
+    return PushResult(
+        repo_id=full_id,
+        revision=branch,
+        commit=sha,
+        commit_url=public_url(str(commit.commit_url)),
+        url=url,
+        committed=committed,
+        bytes_uploaded=size if committed else 0,
+        files_uploaded=tuple(changed) if committed else (),
+        tag=tag,
+        path_in_repo=prefix,
+    )
+
+
+def _branch_info(api: HfApi, repo_id: str, branch: str) -> Any:
+    """The branch's head with file metadata; a missing branch other than main is created."""
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    try:
+        return api.model_info(repo_id, revision=branch, files_metadata=True)
+    except RevisionNotFoundError:
+        if branch == DEFAULT_REVISION:
+            raise
+    api.create_branch(repo_id, branch=branch, exist_ok=True)
+    log.info("created branch %s in %s", branch, repo_id)
+    return api.model_info(repo_id, revision=branch, files_metadata=True)
+
+
+def _unchanged(sibling: RepoSibling | None, op: Any, local: Path) -> bool:
+    """Whether the repo already holds this exact file (same test the client makes)."""
+    if sibling is None:
+        return False
+    if sibling.size is not None and sibling.size != op.upload_info.size:
+        return False
+    if sibling.lfs is not None:
+        return bool(sibling.lfs.sha256 == op.upload_info.sha256.hex())
+    return sibling.blob_id is not None and sibling.blob_id == git_blob_oid(local)
+
+
+def _tag_target(api: HfApi, repo_id: str, tag: str) -> str | None:
+    """The commit ``tag`` points at in ``repo_id``, or None when there is no such tag."""
+    return next((t.target_commit for t in api.list_repo_refs(repo_id).tags if t.name == tag), None)
+
+
+def _check_tag_free(api: HfApi, repo_id: str, tag: str, head: str | None) -> None:
+    """Refuse, before committing anything, a tag that exists at another commit than the one
+    the push will leave (``head``: the branch head when nothing changes; None when a new
+    commit is coming, which no existing tag can point at). The ``RemoteConflict``'s
+    ``revision`` is the commit the tag names now."""
+    current = _tag_target(api, repo_id, tag)
+    if current is not None and current != head:
+        raise RemoteConflict(
+            f"tag {tag!r} already exists in {repo_id} at commit {current[:12]}; nothing was "
+            f"pushed: choose another tag, or delete it first (`hf repos tag delete {repo_id} "
+            f"{tag}`)",
+            target=tag,
+            repo_id=repo_id,
+            revision=current,
+        )
+
+
+def _ensure_tag(api: HfApi, repo_id: str, tag: str, sha: str) -> None:
+    """Tag ``sha``; an existing tag is fine only if it already points there (else a
+    ``RemoteConflict`` whose ``revision`` is the commit the tag names, when known)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        api.create_tag(repo_id, tag=tag, revision=sha)
+        return
+    except HfHubHTTPError as exc:
+        if http_status(exc) != 409:
+            raise
+    current = _tag_target(api, repo_id, tag)
+    if current != sha:
+        where = f"commit {current[:12]}" if current else "another revision"
+        raise RemoteConflict(
+            f"tag {tag!r} already exists in {repo_id} at {where}, not at the pushed commit "
+            f"{sha[:12]}: choose another tag, or delete it first "
+            f"(`hf repos tag delete {repo_id} {tag}`)",
+            target=tag,
+            repo_id=repo_id,
+            revision=current,
+        )
