@@ -3,8 +3,8 @@
 (a) ``Hub.add`` of a ~100 MB PEFT adapter (safetensors) against ``shutil.copyfile`` + fsync
     of the same weights file; median of several runs, each into a fresh store (created and
     migrated before the clock starts). Target: add within 1.5x of the copy.
-(b) ``Hub.get`` by ``name:tag`` and by 12-hex digest prefix, ``Hub.list`` with and without
-    filters (limit 50), and the ``lorahub ls --limit 50`` command as a subprocess, with
+(b) ``Hub.get`` by ``name:tag`` and by 12-hex digest prefix, ``Hub.list_adapters`` with and
+    without filters (limit 50), and the ``lorahub ls --limit 50`` command as a subprocess, with
     10,000 and 100,000 adapters in the catalog. Target: resolve p99 under 5 ms at 100,000.
 (c) The CLI as users run it, each command a fresh subprocess (interpreter start included),
     at every count of (b): ``ls`` (all adapters), ``ls --json``, ``show NAME``, ``resolve NAME

@@ -21,7 +21,7 @@ import mmap
 import os
 import struct
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -31,6 +31,7 @@ from typing import Any, TypeGuard
 import xxhash
 
 from . import hfenv
+from .aliases import Progress, StrPath
 from .digest import Digest, Hasher, canonical_json, hash_bytes
 from .dtypes import DTYPE_BITS
 from .errors import BaseModelError, BaseNotFound
@@ -235,7 +236,7 @@ def _bad(path: Path, why: str) -> BaseModelError:
 
 
 def open_base(
-    source: str | os.PathLike[str],
+    source: StrPath,
     *,
     revision: str | None = None,
     local_only: bool | None = None,
@@ -524,7 +525,7 @@ def content_hash(
     base: BaseModel,
     *,
     cache_dir: Path | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Digest:
     """The content hash: every tensor's bytes hashed (xxh3-128), combined in name order.
 
@@ -579,28 +580,28 @@ def _stat_files(base: BaseModel) -> list[list[Any]]:
     return out
 
 
-def _hash_tensors(base: BaseModel, progress: Callable[[int, int], None] | None) -> Digest:
+def _hash_tensors(base: BaseModel, progress: Progress | None) -> Digest:
     """Hash each tensor in the order it lies on disk (sequential reads, which the kernel
     reads ahead), then combine the per-tensor digests in name order."""
     assert base.root is not None
     total = base.total_bytes
     done = 0
     digests: dict[str, bytes] = {}
-    by_file: dict[str, list[TensorInfo]] = {}
+    by_file: dict[str, list[tuple[tuple[int, int], str]]] = {}  # file: [(offsets, name)]
     for name, info in base.tensors.items():
         if info.file is None or info.offsets is None:
             raise BaseModelError(f"tensor {name!r} of {base.display} has no file location")
-        by_file.setdefault(info.file, []).append(info)
+        by_file.setdefault(info.file, []).append((info.offsets, info.name))
     with _Shards(base.root) as shards:
         for file in sorted(by_file):
-            for info in sorted(by_file[file], key=lambda t: t.offsets or (0, 0)):
+            for offsets, tname in sorted(by_file[file], key=lambda e: e[0]):
                 h = xxhash.xxh3_128()
-                for chunk in shards.ranges(file, info.offsets):  # type: ignore[arg-type]
+                for chunk in shards.ranges(file, offsets):
                     h.update(chunk)
                     done += len(chunk)
                     if progress:
                         progress(done, total)
-                digests[info.name] = h.digest()
+                digests[tname] = h.digest()
     if progress and total == 0:
         progress(0, 0)
     return combine_tensor_digests(digests)
@@ -703,7 +704,8 @@ def _cache_put(
             if len(entries) > CACHE_MAX_ENTRIES:
                 keep = sorted(entries, key=lambda k: entries[k].get("time", 0))[-CACHE_MAX_ENTRIES:]
                 entries = {k: entries[k] for k in keep}
-            write_atomic(_cache_path(cache_dir), canonical_json({"version": 1, "entries": entries}))
+            data = canonical_json({"version": 1, "entries": entries})
+            write_atomic(_cache_path(cache_dir), data, mode=0o600)  # lists the user's paths
     except Exception as e:  # a cache that cannot be written only costs a rehash next time
         log.warning("could not update the base hash cache in %s: %s", cache_dir, e)
 

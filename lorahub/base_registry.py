@@ -4,10 +4,10 @@ checked against a base by name without reading its files again."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .aliases import Progress, StrPath
 from .errors import AmbiguousReference, BaseModelError
 from .info import BaseInfo
 from .lazy import lazy_module
@@ -24,12 +24,10 @@ else:
     bases_q = lazy_module("lorahub.catalog.bases")
     db = lazy_module("lorahub.catalog.db")
 
-Progress = Callable[[int, int], None]
-
 
 def add_base(
     store: Store,
-    source: str | os.PathLike[str],
+    source: StrPath,
     *,
     revision: str | None = None,
     name: str | None = None,
@@ -46,7 +44,7 @@ def add_base(
 def record_base(
     store: Store,
     model: BaseModel,
-    source: str | os.PathLike[str],
+    source: StrPath,
     name: str | None = None,
     progress: Progress | None = None,
 ) -> BaseInfo:

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 
 from .adapter import CONV2D, EMBEDDING, LoraAdapter, LoraModule
-from .digest import PREFIX, SHORT_LEN
-from .errors import ComposeError, IncompatibleParents
+from .digest import short
+from .errors import ComposeError, IncompatibleParents, InvalidComposeArgument
 from .manifest import BaseRef
 
 if TYPE_CHECKING:
@@ -175,8 +175,9 @@ def compose(
         The composed adapter (float32 factors, scaling 1 per module) and its report.
 
     Raises:
-        ComposeError: unknown method, bad weights/rank/density, DoRA parents, parents whose
-            shared modules differ in kind or shape, or that disagree on ``modules_to_save``.
+        InvalidComposeArgument: unknown method, bad weights, rank, density, seed or device.
+        ComposeError: those; also DoRA parents, parents whose shared modules differ in kind
+            or shape, or that disagree on ``modules_to_save``.
 
     Example:
         >>> blend, report = compose([sql, tone], [1.0, 0.5], method="svd", rank=32)
@@ -295,8 +296,8 @@ class ParentBase:
     def described(self) -> str:
         b = self.base
         if b.verified:
-            what = f"base {b.name or '?'} (signature {_short(b.signature)}"
-            what += f", content {_short(b.content_hash)})" if b.content_hash else ")"
+            what = f"base {b.name or '?'} (signature {short(b.signature or '?')}"
+            what += f", content {short(b.content_hash)})" if b.content_hash else ")"
         else:
             what = f"base {self.names[0]!r} (unverified)" if self.names else "base unknown"
         return f"{self.label}: {what}, fan_in_fan_out {str(self.fan_in_fan_out).lower()}"
@@ -385,10 +386,6 @@ def _only(values: Iterable[str | None]) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
-def _short(digest: str | None) -> str:
-    return (digest or "?").removeprefix(PREFIX)[:SHORT_LEN]
-
-
 # --- validation and gathering -------------------------------------------------------------
 
 
@@ -402,15 +399,15 @@ def _check_args(
     seed: int | None,
 ) -> list[float]:
     if method not in METHODS:
-        raise ComposeError(
+        raise InvalidComposeArgument(
             f"unknown composition method {method!r}; choose one of {', '.join(METHODS)}"
         )
     if not adapters:
-        raise ComposeError("nothing to compose: give at least one adapter")
+        raise InvalidComposeArgument("nothing to compose: give at least one adapter")
     if weights is None:
         weights = [1.0] * len(adapters)
     if len(weights) != len(adapters):
-        raise ComposeError(
+        raise InvalidComposeArgument(
             f"{len(weights)} weights for {len(adapters)} adapters; give one weight per adapter"
         )
     ws = []
@@ -418,39 +415,41 @@ def _check_args(
         try:
             f = float(w)
         except (TypeError, ValueError):
-            raise ComposeError(f"weight {w!r} is not a number") from None
+            raise InvalidComposeArgument(f"weight {w!r} is not a number") from None
         if not math.isfinite(f):
-            raise ComposeError(f"weight {w!r} is not finite")
+            raise InvalidComposeArgument(f"weight {w!r} is not finite")
         ws.append(f)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ComposeError(f"rank must be a positive integer, got {rank!r}")
+        raise InvalidComposeArgument(f"rank must be a positive integer, got {rank!r}")
     if method == "cat" and rank is not None:
-        raise ComposeError(
+        raise InvalidComposeArgument(
             "cat keeps every parent's rank (the rank is their sum); "
             "use --method svd or linear with --rank to choose a rank"
         )
     if method in _ELEMENTWISE:
         if density is None:
-            raise ComposeError(f"method {method!r} needs a density in (0, 1], e.g. --density 0.3")
+            raise InvalidComposeArgument(
+                f"method {method!r} needs a density in (0, 1], e.g. --density 0.3"
+            )
         if (
             isinstance(density, bool)
             or not isinstance(density, (int, float))
             or not (0.0 < float(density) <= 1.0)
         ):
-            raise ComposeError(
+            raise InvalidComposeArgument(
                 f"density must be a number in (0, 1] (the fraction of elements kept), "
                 f"got {density!r}"
             )
     elif density is not None:
-        raise ComposeError(
+        raise InvalidComposeArgument(
             f"density is used only by {', '.join(_ELEMENTWISE)}; method {method!r} takes none"
         )
     if majority_sign not in MAJORITY_SIGNS:
-        raise ComposeError(
+        raise InvalidComposeArgument(
             f"majority_sign must be one of {', '.join(MAJORITY_SIGNS)}, got {majority_sign!r}"
         )
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ComposeError(f"seed must be an integer, got {seed!r}")
+        raise InvalidComposeArgument(f"seed must be an integer, got {seed!r}")
     for i, a in enumerate(adapters):
         dora = [n for n, m in a.modules.items() if m.magnitude is not None]
         if a.use_dora or dora:
@@ -801,9 +800,9 @@ def _full_tensors(adapters: Sequence[LoraAdapter]) -> dict[str, torch.Tensor]:
 
 def _device(device: str) -> torch.device:
     from .device import resolve_device
-    from .errors import MergeError
+    from .errors import InvalidArgument
 
     try:
         return resolve_device(device)
-    except MergeError as exc:
-        raise ComposeError(str(exc)) from None
+    except InvalidArgument as exc:
+        raise InvalidComposeArgument(str(exc)) from None

@@ -57,9 +57,14 @@ def compose_and_store(
     base they agree on, and under ``name`` takes that base's place like an add.
     ``allow_mixed_bases`` lifts the check; the result then keeps only what they agree on.
 
+    ``cat`` and ``linear`` are exact; ``svd`` truncates the exact blend to ``rank``;
+    ``ties``, ``dare_linear``, ``dare_ties`` and ``magnitude_prune`` prune the deltas
+    (``density``) and then refactor; the report gives each module's relative error.
+
     Raises:
-        ComposeError: parents for different bases, bad method arguments, parents that
-            cannot be combined.
+        IncompatibleParents: parents for different bases, each named with its base.
+        InvalidComposeArgument: a bad method, weights, rank, density, seed or device.
+        ComposeError: those two; also parents that cannot be combined.
     """
     from .compose import compose
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import InvalidMergeArgument
+from .errors import InvalidArgument
 
 if TYPE_CHECKING:
     import torch
@@ -21,7 +21,9 @@ def resolve_device(device: str) -> torch.device:
     Imports torch.
 
     Raises:
-        InvalidMergeArgument: an unknown device, or CUDA asked for where torch has none.
+        InvalidArgument: an unknown device, or CUDA asked for where torch has none (merge
+            and compose raise it as their own ``InvalidMergeArgument``,
+            ``InvalidComposeArgument``).
 
     Example::
 
@@ -35,20 +37,18 @@ def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError):
-        raise InvalidMergeArgument(
-            f"unknown device {device!r}; use auto, cpu, cuda or cuda:N"
-        ) from None
+        raise InvalidArgument(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise InvalidMergeArgument(
+            raise InvalidArgument(
                 f"device {device!r} asked for, but torch sees no CUDA GPU; use cpu"
             )
         index = torch.cuda.current_device() if dev.index is None else dev.index
         if index >= torch.cuda.device_count():
-            raise InvalidMergeArgument(
+            raise InvalidArgument(
                 f"device {device!r}: there are only {torch.cuda.device_count()} CUDA device(s)"
             )
         dev = torch.device("cuda", index)
     elif dev.type != "cpu":
-        raise InvalidMergeArgument(f"lorahub merges on cpu or cuda, not {device!r}")
+        raise InvalidArgument(f"device must be cpu, cuda, cuda:N or auto, not {device!r}")
     return dev

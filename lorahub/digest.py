@@ -6,12 +6,12 @@ fast enough (10+ GB/s) that hashing never dominates disk I/O.
 
 from __future__ import annotations
 
+import io
 import json
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import xxhash
 
@@ -19,7 +19,6 @@ from .errors import InvalidReference
 
 ALGO = "xxh128"
 PREFIX = f"{ALGO}:"
-HEX_LEN = 32
 SHORT_LEN = 12
 CHUNK = 4 << 20
 _DIGEST_RE = re.compile(rf"^{PREFIX}([0-9a-f]{{32}})$")
@@ -41,7 +40,7 @@ class Digest:
     @property
     def short(self) -> str:
         """The 12-hex form shown in listings."""
-        return self.hex[:12]
+        return short(self.hex)
 
     @classmethod
     def parse(cls, text: str) -> Digest:
@@ -75,12 +74,12 @@ def hash_bytes(data: bytes | bytearray | memoryview) -> Digest:
     return Digest(xxhash.xxh3_128_hexdigest(data))
 
 
-def hash_stream(stream: BinaryIO, chunk: int = CHUNK) -> tuple[Digest, int]:
+def hash_stream(stream: io.RawIOBase | io.BufferedIOBase, chunk: int = CHUNK) -> tuple[Digest, int]:
     """Digest and size of everything left in a binary stream."""
     h = Hasher()
     buf = bytearray(chunk)
     view = memoryview(buf)
-    while n := stream.readinto(buf):  # type: ignore[attr-defined]
+    while n := stream.readinto(buf):
         h.update(view[:n])
     return h.digest(), h.size
 
@@ -91,18 +90,11 @@ def hash_file(path: str | Path) -> tuple[Digest, int]:
         return hash_stream(f)
 
 
-def hash_chunks(chunks: Iterable[bytes | memoryview]) -> Digest:
-    """Digest of the concatenation of chunks (e.g. tensor bytes in name order)."""
-    h = Hasher()
-    for c in chunks:
-        h.update(c)
-    return h.digest()
-
-
 def short(digest: str) -> str:
-    """The 12-hex form of a full ``xxh128:<hex>`` string shown in listings (a digest
-    without the prefix, or a placeholder like ``"-"``, gives an empty or cut string)."""
-    return digest[len(PREFIX) : len(PREFIX) + SHORT_LEN]
+    """The 12-hex form shown in listings, of ``xxh128:<hex>`` or of a bare hex; a placeholder
+    like ``"-"`` comes back as it is. Example: ``short("xxh128:0123456789abcdef...")`` ->
+    ``"0123456789ab"``."""
+    return digest.removeprefix(PREFIX)[:SHORT_LEN]
 
 
 def hex_prefix(text: str, min_len: int) -> str | None:

@@ -52,7 +52,6 @@ _TABLE = (
     DType("C64", 64, "complex64"),
 )
 
-DTYPES: Mapping[str, DType] = MappingProxyType({d.code: d for d in _TABLE})
 # Bits per element of every dtype the safetensors format defines.
 DTYPE_BITS: Mapping[str, int] = MappingProxyType({d.code: d.bits for d in _TABLE})
 # torch attribute name per code, for codes torch has a per-element match for.

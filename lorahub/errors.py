@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-Pathish = str | os.PathLike[str]
+from .aliases import StrPath
 
 
 class LorahubError(Exception):
@@ -73,7 +73,7 @@ class Conflict(LorahubError):
     """What is to be written is already there: the destination exists and lorahub will not
     replace it, or the name (a tag) is taken. ``target`` is that destination or name."""
 
-    def __init__(self, message: str, *, target: Pathish | None = None) -> None:
+    def __init__(self, message: str, *, target: StrPath | None = None) -> None:
         self.target = os.fspath(target) if target is not None else None
         super().__init__(message)
 
@@ -93,7 +93,7 @@ class CorruptData(LorahubError, OSError):
         *,
         expected: str | int | None = None,
         actual: str | int | None = None,
-        path: Pathish | None = None,
+        path: StrPath | None = None,
     ) -> None:
         self.expected = expected
         self.actual = actual
@@ -217,6 +217,20 @@ class InvalidMergeArgument(InvalidArgument, MergeError):
     size, device. A ``MergeError`` too, as it always was."""
 
 
+class InvalidMergeInput(InvalidInput, MergeError):
+    """A merge input lorahub cannot compute with: a base tensor of a dtype this torch lacks."""
+
+
+class MergeBaseNotFound(NotFound, MergeError):
+    """A merge whose base has no weights on this machine (a Hub base not downloaded, or a
+    tensor table without files): download it first."""
+
+
+class IncompatibleMerge(Incompatible, MergeError):
+    """Merge inputs that are each fine but do not fit together: two adapters replacing one
+    base tensor, an adapter on a base tensor that is not float."""
+
+
 class MergeOutputConflict(Conflict, MergeError):
     """``merge -o`` names a destination lorahub will not replace."""
 
@@ -229,6 +243,11 @@ class MergeIOError(StoreError, MergeError):
 class OutputConflict(Conflict, StoreError):
     """An export destination lorahub will not replace, or any output that overlaps the
     store."""
+
+
+class InvalidComposeArgument(InvalidArgument, ComposeError):
+    """A composition argument that cannot be used: method, weights, rank, density, majority
+    sign, seed, device. A ``ComposeError`` too, as it always was."""
 
 
 class IncompatibleParents(Incompatible, ComposeError):

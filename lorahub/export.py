@@ -13,9 +13,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .aliases import StrPath
 from .blobs import BlobStore
 from .digest import Digest
-from .errors import StoreError
+from .errors import LorahubError, StoreError
 from .formats.peft_folder import write_peft_folder
 from .fsutil import current_umask, publish_dir
 from .info import AdapterInfo
@@ -24,11 +25,11 @@ from .info import AdapterInfo
 def export_adapter(
     blobs: BlobStore,
     info: AdapterInfo,
-    out: str | os.PathLike[str],
+    out: StrPath,
     *,
     store_home: Path,
     force: bool = False,
-    base: str | os.PathLike[str] | None = None,
+    base: StrPath | None = None,
 ) -> Path:
     """Write ``info``'s PEFT folder at ``out``; returns its path.
 
@@ -36,8 +37,10 @@ def export_adapter(
     store at ``store_home``. See ``Hub.export``.
 
     Raises:
-        StoreError: ``out`` may not be replaced (a link, the current directory, files
-            lorahub did not write, an earlier output without ``force``), or a write failed.
+        OutputConflict: ``out`` may not be replaced (a link, the current directory, files
+            lorahub did not write, an earlier output without ``force``); ``.target`` is
+            ``out``. A ``StoreError``, as it always was.
+        StoreError: a write failed.
         IntegrityError: the adapter's blob is missing or damaged; nothing was written.
     """
     from .outputs import check_output
@@ -60,6 +63,8 @@ def export_adapter(
     try:
         write_peft_folder(info, blob, tmp, fsync=True)
         publish_dir(tmp, dest, replace=check())  # checked again: files may have come
+    except LorahubError:  # OutputConflict and CorruptData are OSErrors too: keep their kind
+        raise
     except OSError as exc:
         raise StoreError(f"cannot write {dest}: {exc.strerror or exc}") from None
     finally:

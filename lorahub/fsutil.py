@@ -23,15 +23,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
+def write_atomic(path: Path, data: bytes, *, sync: bool = True, mode: int = 0o666) -> None:
     """Replace the file at ``path`` with ``data`` in one step: a reader sees the old bytes or
     the new ones, never a part, even across a crash.
 
     The bytes go to a unique temp file in the same folder (same filesystem, so the rename is
     atomic), are fsynced, then renamed over ``path``, and the folder is fsynced so the rename
-    survives a power cut. The temp file is made like ``open(path, "wb")`` would (mode 0o666
-    less the umask) and removed on any failure. ``sync=False`` skips both fsyncs, for a
-    cache whose loss only costs a recomputation.
+    survives a power cut. The temp file is made with ``mode`` less the umask (0o666: as
+    ``open(path, "wb")`` would; 0o600 for a file only its owner should read) and removed on
+    any failure. ``sync=False`` skips both fsyncs, for a cache whose loss only costs a
+    recomputation.
 
     Raises:
         OSError: the folder is missing or not writable, or the disk is full (``path`` is
@@ -39,7 +40,7 @@ def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
     """
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if sync:

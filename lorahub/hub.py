@@ -12,17 +12,16 @@ each concern: ``store`` (files, catalog), ``sources`` and ``storing`` (import), 
 from __future__ import annotations
 
 import builtins
-import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import base_registry, merging, naming
 from .adapter import LoraAdapter
+from .aliases import Progress, StrPath
 from .catalog import reads
-from .digest import Digest
 from .info import AdapterInfo, AddResult, BaseInfo
 from .lazy import lazy_module
 from .merged_cache import MergedCache
@@ -38,18 +37,14 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from . import upkeep
-    from .catalog import queries as q
     from .compat import CompatReport
     from .info import ComposeResult, GcReport, MergedInfo, VerifyReport
     from .merge import MergeResult
     from .remote import PushResult
 else:  # SQLAlchemy, behind these, takes longer to import than `show` may take in all
     upkeep = lazy_module("lorahub.upkeep")
-    q = lazy_module("lorahub.catalog.queries")
 
-StrPath = str | os.PathLike[str]  # a path, or text that may name a stored thing instead
 DEFAULT_GRACE_S = 3600.0
-Progress = Callable[[int, int], None]
 
 
 class Hub:
@@ -121,9 +116,7 @@ class Hub:
         force: bool = False,
     ) -> list[AddResult]:
         """Import every adapter found at ``sources``; one bad adapter does not stop the rest.
-
-        Without a name, each adapter is named after its directory (relative to the folder
-        given, with ``/`` turned into ``-``), tag ``latest``.
+        Without ``name``, each is named as :func:`lorahub.sources.discover` says, tag ``latest``.
         """
         found = discover(sources, recursive=recursive, named=bool(name), with_base=bool(base))
         return self._importer.add_found(found, name=name, base=base, force=force)
@@ -201,9 +194,8 @@ class Hub:
         id at ``revision``, from the local cache else read remotely, headers only): its
         tensor table and signature, and for local files its content hash, computed once and
         cached. ``name`` defaults to the repo id or the folder's name."""
-        store = self._store
         return base_registry.add_base(
-            store, source, revision=revision, name=name, progress=progress
+            self._store, source, revision=revision, name=name, progress=progress
         )
 
     def bases(self) -> list[BaseInfo]:
@@ -247,11 +239,10 @@ class Hub:
         progress: Progress | None = None,
     ) -> MergeResult:
         """Merge adapters (``w_i`` times each delta) into the base's weights and write a
-        checkpoint folder ``transformers`` loads, streaming one tensor at a time. Each
-        adapter is resolved for this base and checked before a byte is written.
+        checkpoint folder ``transformers`` loads; each adapter is resolved for this base and
+        checked first. Options and errors: :func:`lorahub.merge.merge_to_dir`.
 
-        Example:
-            >>> hub.merge("./Llama-3.2-1B", ["sql-expert", "tone"], [1.0, 0.5], out="./m")
+        >>> hub.merge("./Llama-3.2-1B", ["sql-expert", "tone"], [1.0, 0.5], out="./m")
         """
         return merging.merge_to_folder(
             self._resolver,
@@ -317,19 +308,11 @@ class Hub:
         device: str = "cpu",
         allow_mixed_bases: bool = False,
     ) -> ComposeResult:
-        """Make a new adapter from several and store it, with its provenance. ``cat`` and
-        ``linear`` are exact; ``svd`` truncates the exact blend to ``rank``; ``ties``,
-        ``dare_linear``, ``dare_ties`` and ``magnitude_prune`` prune the deltas (``density``)
-        and then refactor; the report gives each module's relative error. The same inputs
-        give the same digest (DARE is seeded). The parents must be made for one base unless
-        ``allow_mixed_bases`` (see :func:`lorahub.composing.compose_and_store`).
+        """Make a new adapter from several and store it, with its provenance; the same
+        inputs give the same digest. Methods: :func:`lorahub.compose.compose`; base rules and
+        errors: :func:`lorahub.composing.compose_and_store`.
 
-        Raises:
-            ComposeError: parents for different bases (each named with its base), bad
-                method arguments, parents that cannot be combined.
-
-        Example:
-            >>> hub.compose(["sql", "tone"], [1.0, 0.5], method="svd", rank=32, name="blend")
+        >>> hub.compose(["sql", "tone"], [1.0, 0.5], method="svd", rank=32, name="blend")
         """
         from .composing import ComposeOptions, compose_and_store
 
@@ -356,7 +339,8 @@ class Hub:
         """Write a directory ``PeftModel.from_pretrained`` loads (config, weights, model card),
         complete or not at all; ``base`` picks a name's variant. An empty folder is filled;
         with ``force`` an earlier lorahub output holding nothing else is replaced; anything
-        else at ``out`` (a link, the current directory, other files) raises ``StoreError``."""
+        else at ``out`` (a link, the current directory, other files) raises
+        ``OutputConflict`` (a ``StoreError``)."""
         from .export import export_adapter
 
         info = self.get(reference, base=base)
@@ -375,14 +359,8 @@ class Hub:
         self, *, grace: float = DEFAULT_GRACE_S, dry_run: bool = False, force: bool = False
     ) -> GcReport:
         """Delete blobs no adapter uses, stale temp files and merge leftovers older than
-        ``grace`` seconds (which protects an ``add`` between its blob and its row). A blob
-        stays while the catalog or any manifest file needs it. gc refuses a damaged or
-        inconsistent catalog and, unless ``force``, to delete blobs no recorded removal
-        accounts for while the catalog is empty or they are most of the store.
-
-        Raises:
-            StoreError: the catalog cannot be trusted to say what is unused.
-        """
+        ``grace`` seconds; ``dry_run`` only reports. Rules and refusals (``StoreError``):
+        :func:`lorahub.upkeep.collect_garbage`."""
         return upkeep.collect_garbage(
             self.engine,
             self.blobs,
@@ -394,11 +372,9 @@ class Hub:
         )
 
     def fsck(self, *, dry_run: bool = False, quick: bool = False) -> upkeep.FsckReport:
-        """Repair the store from its own files: an unreadable SQLite catalog is moved aside
-        (``lorahub.db.damaged-<time>``), a damaged index rebuilt, and what the records hold
-        and the catalog lacks restored; damaged or missing blobs are fetched again from
-        their source where possible, else moved to ``<home>/quarantine/``. Nothing is
-        deleted. Example: ``hub.fsck().adapters_restored``."""
+        """Repair the store from its own files, deleting nothing: an unreadable SQLite
+        catalog is moved aside (``lorahub.db.damaged-<time>``), then :func:`lorahub.upkeep.fsck`.
+        Example: ``hub.fsck().adapters_restored``."""
         aside, reindexed = self._store.set_aside_if_damaged(dry_run=dry_run)
         if dry_run and aside:
             return upkeep.FsckReport(catalog_set_aside=aside, dry_run=True)
@@ -424,24 +400,17 @@ class Hub:
         path_in_repo: str | None = None,
         base: StrPath | None = None,
     ) -> PushResult:
-        """Push an adapter to a Hugging Face Hub repo as a folder PEFT loads (config,
-        weights, model card, ``lorahub.json``); returns the commit sha and URL and the bytes
-        uploaded. Creates the repo (``private`` applies then) and the branch ``revision`` if
-        needed, tags the commit with ``tag``; files already there are not uploaded again.
-        The token is huggingface_hub's own (``HF_TOKEN``, ``hf auth login``).
-
-        Raises:
-            RemoteError: no token or no write access, a tag already used, an unreachable Hub.
+        """Push an adapter to a Hub repo as a folder PEFT loads; returns the commit and the
+        bytes uploaded. Options and errors: :func:`lorahub.remote.push_adapter`.
 
         >>> hub.push("sql-expert:v1", "myorg/sql-expert", tag="v1").commit_url  # doctest: +SKIP
         """
         from . import remote
 
         info = self.get(reference, base=base)
-        weights = self.blobs.path(Digest.parse(info.weights_digest))
         return remote.push_adapter(
+            self.blobs,
             info,
-            weights,
             repo_id,
             private=private,
             revision=revision,
@@ -457,14 +426,8 @@ class Hub:
         subfolder: str | None = None,
         name: str | None = None,
     ) -> AdapterInfo:
-        """Import a PEFT adapter from a Hub repo (``org/name`` or ``org/name@revision``),
-        downloading only its adapter files through the shared Hugging Face cache. With a
-        ``lorahub.json`` it must have the digest stated there. ``name`` defaults to
-        ``org/name:<revision or latest>``; the origin (endpoint, repo, commit) is recorded.
-
-        Raises:
-            RemoteError: missing, private or gated repo, missing revision, hostile answers.
-            InvalidAdapter: no adapter there, or unreadable files. IntegrityError: corrupt data.
+        """Import a PEFT adapter from a Hub repo (``org/name[@revision]``), downloading its
+        adapter files only. Naming and errors: :meth:`lorahub.storing.Importer.pull`.
 
         >>> hub.pull("myorg/sql-expert@v1", name="sql-expert").digest  # doctest: +SKIP
         """

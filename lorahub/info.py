@@ -10,6 +10,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from .digest import PREFIX
+from .digest import short as short_form
 from .manifest import BaseRef
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ class AdapterInfo:
 
     @property
     def short(self) -> str:
-        return self.digest.split(":", 1)[-1][:12]
+        return short_form(self.digest)
 
     @property
     def provenance(self) -> dict[str, Any]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import layout
+from .aliases import Progress, StrPath
 from .digest import PREFIX, canonical_json, hash_bytes
 from .errors import AdapterNotFound, AmbiguousReference, InvalidReference
 from .info import AdapterInfo, MergedInfo
@@ -39,7 +40,6 @@ else:
     q = lazy_module("lorahub.catalog.queries")
 
 MIN_KEY_HEX = 8  # a merged key given by prefix: the cache is small, 8 hex digits will do
-Progress = Callable[[int, int], None]
 
 
 class MergedCache:
@@ -52,7 +52,7 @@ class MergedCache:
 
     def get(
         self,
-        base: str | os.PathLike[str],
+        base: StrPath,
         adapters: str | Sequence[str],
         weights: Sequence[float] | None = None,
         *,
@@ -100,7 +100,7 @@ class MergedCache:
             model,
             [self.store.load_adapter(i) for i in infos],
             w,
-            out=self.root / key.split(":")[1],
+            out=self.root / key.removeprefix(PREFIX),  # the full hex
             device=device,
             dtype=dtype,
             force=True,
@@ -167,7 +167,7 @@ def _find_each(s: Session, keys: Sequence[str]) -> list[MergedEntry]:
     rows: list[MergedEntry] = []
     for k in dict.fromkeys(keys):
         if len(k.removeprefix(PREFIX)) < MIN_KEY_HEX:
-            raise InvalidReference(f"merged key {k!r} is too short: give 8+ hex")
+            raise InvalidReference(f"merged key {k!r} is too short: give {MIN_KEY_HEX}+ hex")
         found = merged_q.find(s, k.lower())
         if not found:
             raise AdapterNotFound(k, f"no merged checkpoint matches {k!r}")

@@ -7,12 +7,12 @@ merged checkpoints is :mod:`lorahub.merged_cache`'s.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import MergeError
+from .aliases import Progress, StrPath
+from .errors import InvalidMergeArgument, MergeBaseNotFound
 from .info import AdapterInfo
 from .manifest import BaseRef
 from .refs import local_path
@@ -24,12 +24,10 @@ if TYPE_CHECKING:
     from .merge import MergeResult
     from .resolution import Resolver
 
-Progress = Callable[[int, int], None]
-
 
 def merge_inputs(
     resolver: Resolver,
-    base: str | os.PathLike[str],
+    base: StrPath,
     adapters: str | Sequence[str],
     weights: Sequence[float] | None,
 ) -> tuple[BaseModel, list[AdapterInfo], list[float], BaseRef]:
@@ -37,20 +35,21 @@ def merge_inputs(
     identity, all checked before a merge reads a tensor.
 
     Raises:
-        MergeError: no adapters, a weight count that does not match, a base not on disk.
+        InvalidMergeArgument: no adapters, or a weight count that does not match.
+        MergeBaseNotFound: a base whose weights are not on this machine.
         IncompatibleAdapter: an adapter has no variant that fits the base.
     """
     from .base import open_base
 
     refs = [adapters] if isinstance(adapters, str) else list(adapters)
     if not refs:
-        raise MergeError("nothing to merge: give at least one adapter")
+        raise InvalidMergeArgument("nothing to merge: give at least one adapter")
     w = [1.0] * len(refs) if weights is None else [float(x) for x in weights]
     if len(w) != len(refs):
-        raise MergeError(f"got {len(w)} weights for {len(refs)} adapters; give one each")
+        raise InvalidMergeArgument(f"got {len(w)} weights for {len(refs)} adapters; give one each")
     model = open_base(base)
     if model.root is None:
-        raise MergeError(
+        raise MergeBaseNotFound(
             f"{model.display} is not on this machine; merging needs its weights "
             f"(download it with `hf download {model.repo_id}`)"
         )
@@ -76,11 +75,11 @@ def merge_metadata(
 
 def merge_to_folder(
     resolver: Resolver,
-    base: str | os.PathLike[str],
+    base: StrPath,
     adapters: str | Sequence[str],
     weights: Sequence[float] | None,
     *,
-    out: str | os.PathLike[str],
+    out: StrPath,
     device: str,
     dtype: str | None,
     max_shard_size: int | str,
@@ -116,7 +115,7 @@ def merge_to_folder(
 
 def iter_stored(
     resolver: Resolver,
-    base: str | os.PathLike[str],
+    base: StrPath,
     adapters: str | Sequence[str],
     weights: Sequence[float] | None,
     *,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from .aliases import StrPath
 from .errors import AdapterNotFound, InvalidReference
 from .info import AdapterInfo
 from .lazy import lazy_module
@@ -40,7 +41,7 @@ def remove(
     store: Store,
     reference: str,
     variant: AdapterInfo | None = None,
-    base: str | os.PathLike[str] | None = None,
+    base: StrPath | None = None,
 ) -> list[str]:
     """Take ``reference``'s name off its adapter (the adapter goes with its last name), or for a
     digest the adapter and all its names. ``variant`` is the one it resolved to for
@@ -60,13 +61,10 @@ def remove(
     removed: list[str] = []
     with store.writing() as (s, events):
         row = q.resolve_one(s, ref if variant is None else parse("@" + variant.digest))
-        by_name = ref.name is not None and any(
-            r.name == ref.name and r.tag == ref.tag for r in row.refs
-        )
-        if by_name:
-            q.remove_ref(s, ref.name, ref.tag, row.id)  # type: ignore[arg-type]
-            removed.append(format_ref(ref.name, ref.tag))  # type: ignore[arg-type]
-            events.append(upkeep.ref_event("untag", ref.name, ref.tag, row.digest))  # type: ignore[arg-type]
+        if ref.name is not None and any(r.name == ref.name and r.tag == ref.tag for r in row.refs):
+            q.remove_ref(s, ref.name, ref.tag, row.id)
+            removed.append(format_ref(ref.name, ref.tag))
+            events.append(upkeep.ref_event("untag", ref.name, ref.tag, row.digest))
             s.expire(row)
             if q.ref_count(s, row.id) == 0:
                 q.delete_adapter(s, row)

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
+from .aliases import StrPath
 from .errors import (
     Conflict,
     LorahubError,
@@ -35,10 +36,11 @@ from .errors import (
 )
 
 Kind = Literal["merge", "export"]
-Input = tuple[str, str | os.PathLike[str]]
+Input = tuple[str, StrPath]
 
 MARKER = "lorahub.json"
 FILES_KEY = "files"
+# What an export (and a push: formats.peft_folder.FILES is this list) writes, in push order.
 EXPORT_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", MARKER)
 # A merge writes its shards, their index when there are several, and these files of the base
 # (a loader needs them next to the weights) when the base has them.
@@ -71,11 +73,11 @@ _EXAMPLE = {"merge": "merged", "export": "exported"}
 
 
 def check_output(
-    dest: str | os.PathLike[str],
+    dest: StrPath,
     *,
     force: bool,
     inputs: Iterable[Input] = (),
-    store_home: str | os.PathLike[str] | None = None,
+    store_home: StrPath | None = None,
     kind: Kind,
 ) -> bool:
     """Check that writing ``kind``'s output at ``dest`` destroys nothing lorahub did not make.
@@ -159,7 +161,7 @@ def check_output(
     )
 
 
-def check_outside(dest: str | os.PathLike[str], store_home: str | os.PathLike[str]) -> None:
+def check_outside(dest: StrPath, store_home: StrPath) -> None:
     """Raise ``OutputConflict`` (a ``StoreError``) when ``dest`` is the store, lies in it or
     holds it: an output written there would replace what the store keeps."""
     real, home = Path(dest).expanduser().resolve(), Path(store_home).expanduser().resolve()

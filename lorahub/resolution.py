@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from . import base_registry
 from . import manifest as mf
+from .aliases import StrPath
 from .catalog import reads
 from .errors import AdapterNotFound, AmbiguousReference, IncompatibleAdapter
 from .info import AdapterInfo, AddResult, BaseInfo
@@ -30,9 +31,7 @@ if TYPE_CHECKING:
 class AddPath(Protocol):
     """Adds the adapter at a path to the store (``Hub.add``)."""
 
-    def __call__(
-        self, source: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = ...
-    ) -> AddResult: ...
+    def __call__(self, source: StrPath, *, base: StrPath | None = ...) -> AddResult: ...
 
 
 @dataclass(frozen=True)
@@ -52,9 +51,7 @@ class Resolver:
         self.store = store
         self.add = add
 
-    def base_context(
-        self, base: str | os.PathLike[str], model: BaseModel | None = None
-    ) -> BaseContext:
+    def base_context(self, base: StrPath, model: BaseModel | None = None) -> BaseContext:
         """A base's tensor table and identity: from the catalog when it is recorded under
         that name (no file access), else read from disk or the Hub and recorded."""
         text = os.fspath(base)
@@ -77,10 +74,10 @@ class Resolver:
         with self.store.reading() as run:
             return BaseContext(_tensors(run, info.id), _base_ref(info), info.id)
 
-    def base_tensors(self, base: str | os.PathLike[str]) -> Mapping[str, TensorInfo]:
+    def base_tensors(self, base: StrPath) -> Mapping[str, TensorInfo]:
         return self.base_context(base).tensors
 
-    def fitting(self, infos: list[AdapterInfo], base: str | os.PathLike[str]) -> list[AdapterInfo]:
+    def fitting(self, infos: list[AdapterInfo], base: StrPath) -> list[AdapterInfo]:
         """The adapters among ``infos`` whose shapes fit ``base``."""
         from . import compat
 
@@ -92,7 +89,7 @@ class Resolver:
                 keep.append(info)
         return keep
 
-    def stored_ref(self, reference: str, base: str | os.PathLike[str] | None) -> str:
+    def stored_ref(self, reference: str, base: StrPath | None) -> str:
         """``reference`` itself, or for a path (``./my-adapter``) the ``@digest`` of that
         adapter once added to the store: merges and checks record digests, and adding is
         idempotent. Single files are read against ``base`` (kohya names need it)."""
@@ -110,7 +107,7 @@ class Resolver:
     def resolve(
         self,
         reference: str,
-        base: str | os.PathLike[str],
+        base: StrPath,
         *,
         strict: bool,
         ctx: BaseContext | None = None,
@@ -130,7 +127,7 @@ class Resolver:
 
 def _pick(
     reference: str,
-    base: str | os.PathLike[str],
+    base: StrPath,
     ctx: BaseContext,
     infos: list[AdapterInfo],
     *,

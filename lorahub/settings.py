@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .aliases import StrPath
+
 APP_NAME = "lorahub"
 DEFAULT_MERGED_MAX_BYTES = 200 * 1024**3
 
@@ -34,7 +36,7 @@ def default_home() -> Path:
     return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
 
 
-def load(home: str | os.PathLike[str] | None = None) -> Settings:
+def load(home: StrPath | None = None) -> Settings:
     """Settings from arguments first, then the environment, then defaults."""
     max_bytes = os.environ.get("LORAHUB_MERGED_MAX_BYTES")
     return Settings(

@@ -6,13 +6,13 @@ format a path holds, and naming what was found, before anything is written.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .aliases import StrPath
 from .errors import InvalidAdapter, InvalidReference
 from .formats import peft
 from .info import AddResult
@@ -23,11 +23,11 @@ if TYPE_CHECKING:
     from .base import TensorInfo
 
 # A base model's tensor table, asked for only when a single-file LoRA needs it.
-BaseTensors = Callable[[str | os.PathLike[str]], Mapping[str, "TensorInfo"]]
+BaseTensors = Callable[[StrPath], Mapping[str, "TensorInfo"]]
 
 
 def read(
-    path: Path, base: str | os.PathLike[str] | None, base_tensors: BaseTensors
+    path: Path, base: StrPath | None, base_tensors: BaseTensors
 ) -> tuple[LoraAdapter, str, list[str]]:
     """The adapter at ``path`` (a PEFT folder, its weights file, or a single-file LoRA),
     its format name, and the keys that could not be mapped (kohya).
@@ -59,7 +59,7 @@ def read(
 
 
 def read_file(
-    path: Path, base: str | os.PathLike[str] | None, base_tensors: BaseTensors
+    path: Path, base: StrPath | None, base_tensors: BaseTensors
 ) -> tuple[LoraAdapter, str, list[str]]:
     """A single-file LoRA: kohya/sd-scripts or diffusers; kohya names need a base."""
     from .formats import kohya
@@ -96,7 +96,7 @@ class Found:
 
 
 def discover(
-    sources: Sequence[str | os.PathLike[str]],
+    sources: Sequence[StrPath],
     *,
     recursive: bool,
     named: bool,

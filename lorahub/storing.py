@@ -8,7 +8,6 @@ never committed before the blob and manifest it names are on disk.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from . import manifest as mf
 from . import sources
 from .adapter import LoraAdapter
+from .aliases import StrPath
 from .digest import Digest, hash_bytes
 from .errors import InvalidReference, LorahubError
 from .formats import peft
@@ -38,7 +38,7 @@ else:
 log = logging.getLogger(__name__)
 
 # Where a base is given: a name, path or repo id, or a recorded ``BaseRef`` (pull, compose).
-BaseArg = str | os.PathLike[str] | BaseRef | None
+BaseArg = StrPath | BaseRef | None
 
 
 class Importer:
@@ -51,10 +51,10 @@ class Importer:
 
     def add(
         self,
-        source: str | os.PathLike[str],
+        source: StrPath,
         *,
         name: str | None = None,
-        base: str | os.PathLike[str] | None = None,
+        base: StrPath | None = None,
         force: bool = False,
     ) -> AddResult:
         """Import one adapter (a PEFT directory, or a kohya/diffusers file with ``base``).
@@ -110,7 +110,7 @@ class Importer:
         found: sources.Found,
         *,
         name: str | None,
-        base: str | os.PathLike[str] | None,
+        base: StrPath | None,
         force: bool,
     ) -> list[AddResult]:
         """Add every adapter :func:`sources.discover` found, after the sources it refused;
@@ -192,9 +192,9 @@ class Importer:
                         origin=origin,
                     )
                     events.append(upkeep.add_event(row))
-                if ref is not None:
-                    q.set_ref(s, ref.name, ref.tag, row)  # type: ignore[arg-type]
-                    events.append(upkeep.ref_event("tag", ref.name, ref.tag, digest))  # type: ignore[arg-type]
+                if ref is not None and ref.name is not None:  # a digest was refused above
+                    q.set_ref(s, ref.name, ref.tag, row)
+                    events.append(upkeep.ref_event("tag", ref.name, ref.tag, digest))
                 s.refresh(row)
                 return q.to_info(row), added
 
@@ -217,8 +217,18 @@ class Importer:
         subfolder: str | None = None,
         name: str | None = None,
     ) -> AdapterInfo:
-        """Download a PEFT adapter from a Hub repo and store it with the identity its
-        ``lorahub.json`` states, if any, and its origin; see ``Hub.pull``."""
+        """Download a PEFT adapter from a Hub repo (``org/name`` or ``org/name@revision``)
+        through the shared Hugging Face cache, only its adapter files, and store it. With a
+        ``lorahub.json`` it must have the digest and identity stated there. ``name`` defaults
+        to ``org/name:<revision or latest>``; the origin (endpoint, repo, commit) is recorded.
+
+        Raises:
+            RemoteError: missing, private or gated repo, missing revision, hostile answers
+                (``RemoteNotFound`` for what the Hub says is not there).
+            InvalidAdapter: no adapter there, or unreadable files.
+            CorruptData: a download cut short or altered, files that differ from their
+                ``lorahub.json``.
+        """
         from . import remote
 
         repo_id, revision = remote.split_repo_spec(repo_id, revision)
@@ -291,7 +301,7 @@ class Importer:
         return self._register_base_for(adapter, base, force)
 
     def _register_base_for(
-        self, adapter: LoraAdapter, base: str | os.PathLike[str], force: bool
+        self, adapter: LoraAdapter, base: StrPath, force: bool
     ) -> tuple[BaseRef, int | None]:
         ctx = self.resolver.base_context(base)
         from . import compat

@@ -208,6 +208,19 @@ def test_valid_handmade_header_is_accepted(tmp_path):
     assert start == path.stat().st_size - 12
 
 
+@pytest.mark.parametrize("code", ["F8_E4M3FNUZ", "F8_E5M2FNUZ"])
+def test_a_base_with_an_fnuz_float8_tensor_is_accepted(tmp_path, code):
+    path = tmp_path / "model.safetensors"
+    header = {
+        "a.weight": {"dtype": code, "shape": [2, 3], "data_offsets": [0, 6]},
+        "b.weight": {"dtype": "BF16", "shape": [3], "data_offsets": [6, 12]},
+    }
+    _write_raw(path, header, bytes(12))
+    base = open_base(path)
+    assert base.tensors["a.weight"] == TensorInfo("a.weight", code, (2, 3), path.name, (0, 6))
+    assert base.tensors["a.weight"].nbytes == 6 and base.total_bytes == 12
+
+
 def test_index_naming_a_missing_shard(llama_dirs, tmp_path):
     import shutil
 
@@ -443,6 +456,31 @@ def test_cache_survives_a_corrupt_cache_file(llama_dirs, tmp_path):
     assert content_hash(base, cache_dir=cache) == content_hash(base)
     data = json.loads((cache / "base-hashes.json").read_text())
     assert len(data["entries"]) == 1
+
+
+def test_the_hash_cache_is_readable_by_its_owner_only(llama_dirs, tmp_path):
+    # It lists the paths of the user's models, like the mkstemp-made file it replaces.
+    cache = tmp_path / "cache"
+    old = os.umask(0o022)
+    try:
+        content_hash(open_base(llama_dirs[0]), cache_dir=cache)
+    finally:
+        os.umask(old)
+    assert (cache / "base-hashes.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_write_atomic_makes_the_file_with_its_mode_less_the_umask(tmp_path):
+    from lorahub.fsutil import write_atomic
+
+    old = os.umask(0o027)
+    try:
+        write_atomic(tmp_path / "shared", b"a")
+        write_atomic(tmp_path / "private", b"b", mode=0o600)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "private").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "private").read_bytes() == b"b"
 
 
 def test_progress_callback_can_abort(tmp_path, monkeypatch):

@@ -51,6 +51,10 @@ LEAVES = [
     (E.MergeIOError("x"), (E.StoreError, E.MergeError, OSError, RuntimeError)),
     (E.BaseNotFound("x"), (E.NotFound, E.BaseModelError, LookupError, ValueError)),
     (E.IncompatibleParents("x"), (E.Incompatible, E.ComposeError, ValueError)),
+    (E.InvalidComposeArgument("x"), (E.InvalidArgument, E.ComposeError, ValueError)),
+    (E.MergeBaseNotFound("x"), (E.NotFound, E.MergeError, LookupError, RuntimeError)),
+    (E.IncompatibleMerge("x"), (E.Incompatible, E.MergeError, ValueError, RuntimeError)),
+    (E.InvalidMergeInput("x"), (E.InvalidInput, E.MergeError, ValueError, RuntimeError)),
     (E.RemoteNotFound("x"), (E.RemoteError, E.NotFound, OSError, LookupError)),
     (E.RemoteConflict("x"), (E.Conflict, E.RemoteError, OSError)),
     (E.BlobCollision("x", "xxh128:00"), (E.CorruptData, E.IntegrityError, OSError)),
@@ -262,13 +266,137 @@ def test_bad_sizes_devices_and_dtypes_are_invalid_arguments(monkeypatch):
         lambda: parse_size("5 parsecs"),
         lambda: parse_size(0),
         lambda: normalize_dtype("int8"),
-        lambda: resolve_device("tpu"),
     ):
         with pytest.raises(E.InvalidMergeArgument):
             call()
+    # Merge and compose both choose a device: the primitive's refusal belongs to neither.
+    for device, match in (("tpu", "unknown device 'tpu'"), ("meta", "device must be cpu, cuda")):
+        with pytest.raises(E.InvalidArgument, match=match) as err:
+            resolve_device(device)
+        assert not isinstance(err.value, (E.MergeError, E.ComposeError))
     monkeypatch.setenv("LORAHUB_MERGED_MAX_BYTES", "lots")
     with pytest.raises(E.InvalidArgument, match="LORAHUB_MERGED_MAX_BYTES: not a size"):
         load()
+
+
+@pytest.mark.parametrize(
+    "adapters, weights, match",
+    [([], None, "nothing to merge"), (["rs:v1"], [1.0, 2.0], "got 2 weights for 1 adapters")],
+    ids=["no-adapters", "weight-count"],
+)
+def test_a_bad_merge_call_on_the_hub_is_caught_as_an_invalid_argument(
+    hub, world, tmp_path, adapters, weights, match
+):
+    hub.add(world / "a", name="rs:v1")
+    for call in (
+        lambda: hub.merge(world / "llama", adapters, weights, out=tmp_path / "o", device="cpu"),
+        lambda: hub.iter_merged(world / "llama", adapters, weights, device="cpu"),
+    ):
+        try:
+            call()
+        except E.InvalidArgument as exc:
+            assert type(exc) is E.InvalidMergeArgument and match in str(exc)
+        else:
+            raise AssertionError("no error")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_bad_device_is_merges_or_composes_own_invalid_argument(hub, world, tmp_path):
+    hub.add(world / "a", name="rs:v1")
+    hub.add(world / "ad2", name="other:v1")
+    with pytest.raises(E.MergeError, match="device must be cpu, cuda, cuda:N or auto") as err:
+        hub.merge(world / "llama", ["rs:v1"], out=tmp_path / "o", device="meta")
+    assert type(err.value) is E.InvalidMergeArgument
+    with pytest.raises(E.ComposeError, match="device must be cpu, cuda, cuda:N or auto") as err:
+        hub.compose(["rs:v1", "other:v1"], name="c", device="meta")
+    assert type(err.value) is E.InvalidComposeArgument
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"weights": [1.0]}, "1 weights for 2 adapters"),
+        ({"weights": [1.0, "x"]}, "is not a number"),
+        ({"rank": 0}, "rank must be a positive integer"),
+        ({"method": "ties", "density": 2.0}, "density must be a number"),
+        ({"method": "blend"}, "unknown composition method"),
+    ],
+    ids=["count", "not-a-number", "rank", "density", "method"],
+)
+def test_a_bad_compose_argument_is_an_invalid_argument_and_still_a_compose_error(
+    hub, world, kwargs, match
+):
+    hub.add(world / "a", name="rs:v1")
+    hub.add(world / "ad2", name="other:v1")
+    with pytest.raises(E.InvalidArgument, match=match) as err:
+        hub.compose(["rs:v1", "other:v1"], name="c", **kwargs)
+    assert type(err.value) is E.InvalidComposeArgument
+    assert isinstance(err.value, E.ComposeError) and not isinstance(err.value, E.MergeError)
+
+
+def test_a_merge_base_with_no_local_weights_is_not_found_and_still_a_merge_error(
+    hub, world, tmp_path, monkeypatch
+):
+    import dataclasses
+
+    import lorahub.base
+    from lorahub.merge.source import Sources
+
+    hub.add(world / "a", name="rs:v1")
+    real = lorahub.base.open_base
+    # A Hub base read remotely: headers only, no files on this machine.
+    monkeypatch.setattr(
+        lorahub.base, "open_base", lambda *a, **k: dataclasses.replace(real(*a, **k), root=None)
+    )
+    with pytest.raises(E.NotFound, match="not on this machine") as err:
+        hub.merge(world / "llama", ["rs:v1"], out=tmp_path / "o", device="cpu")
+    assert type(err.value) is E.MergeBaseNotFound and isinstance(err.value, E.MergeError)
+    with pytest.raises(E.MergeBaseNotFound, match="has no local files"):
+        Sources(lorahub.base.open_base(world / "llama"), None)  # type: ignore[arg-type]
+
+
+def test_merge_inputs_that_do_not_fit_together_are_incompatible_and_still_a_merge_error(
+    world, tmp_path
+):
+    import dataclasses
+
+    from factories import random_peft_adapter
+
+    from lorahub.base import open_base
+    from lorahub.merge.plan import plan_merge
+
+    base = open_base(world / "llama")
+    one, two = (
+        read_adapter(
+            random_peft_adapter(
+                world / "llama",
+                tmp_path / n,
+                seed=s,
+                r=2,
+                target_modules=["q_proj"],
+                modules_to_save=["lm_head"],
+            )
+        )
+        for n, s in (("one", 1), ("two", 2))
+    )
+    with pytest.raises(E.Incompatible, match=r"both replace 'lm_head\.weight'") as err:
+        plan_merge(base, [one, two])
+    assert type(err.value) is E.IncompatibleMerge and isinstance(err.value, E.MergeError)
+    # A tensor an adapter replaces (modules_to_save) in a quantised base.
+    tensors = {
+        **base.tensors,
+        "lm_head.weight": dataclasses.replace(base.tensors["lm_head.weight"], dtype="I8"),
+    }
+    with pytest.raises(E.IncompatibleMerge, match=r"lorahub merges into .* weights only"):
+        plan_merge(dataclasses.replace(base, tensors=tensors), [one])
+
+
+def test_a_base_dtype_torch_lacks_is_invalid_merge_input():
+    from lorahub.merge.kernels import torch_dtype
+
+    with pytest.raises(E.InvalidInput, match="F4 is not supported") as err:
+        torch_dtype("F4")
+    assert type(err.value) is E.InvalidMergeInput and isinstance(err.value, E.MergeError)
 
 
 def test_a_missing_merge_base_shard_is_an_io_error_and_still_a_merge_error(world, tmp_path):
@@ -354,19 +482,23 @@ def test_a_repo_or_revision_not_on_the_hub_is_remote_not_found_with_its_ids(hub,
 
 
 def test_an_http_failure_carries_status_and_the_server_message():
-    from lorahub.remote.errors import _http_error
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
 
-    class Response:
-        status_code = 403
+    from lorahub.remote.errors import hub_errors
 
-    class Refused(Exception):
-        response = Response()
-        server_message = "Forbidden: no  write\naccess"
-
-    err = _http_error(Refused(), "org/x", "dev", True, "http://hub", "log in")
-    assert type(err) is E.RemoteError
-    assert (err.repo_id, err.revision, err.status) == ("org/x", "dev", 403)
-    assert err.server_message == "Forbidden: no write access"
+    request = httpx2.Request("POST", "http://hub/api/repos/create")
+    refused = HfHubHTTPError(
+        "403 Forbidden",
+        response=httpx2.Response(403, request=request),
+        server_message="Forbidden: no  write\naccess",
+    )
+    denied = pytest.raises(E.RemoteError, match="your token cannot write to org/x")
+    with denied as err, hub_errors("org/x", "dev", writing=True):
+        raise refused
+    assert type(err.value) is E.RemoteError and err.value.__cause__ is refused
+    assert (err.value.repo_id, err.value.revision, err.value.status) == ("org/x", "dev", 403)
+    assert err.value.server_message == "Forbidden: no write access"
 
 
 def test_a_tag_taken_on_the_hub_is_a_remote_conflict_naming_it(hub, seeded, tmp_path, monkeypatch):
@@ -443,6 +575,9 @@ def test_the_table_is_read_first_match_from_specific_to_general():
     assert cli_errors.outcome(E.RemoteConflict("t")).family is E.Conflict
     assert cli_errors.outcome(E.BaseNotFound("b")).family is E.NotFound
     assert cli_errors.outcome(E.MergeError("m")).family is E.LorahubError
+    assert cli_errors.outcome(E.MergeBaseNotFound("b")).family is E.NotFound
+    assert cli_errors.outcome(E.IncompatibleMerge("i")).family is E.Incompatible
+    assert cli_errors.outcome(E.InvalidComposeArgument("c")).family is E.InvalidInput
 
 
 @pytest.mark.parametrize(

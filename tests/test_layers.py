@@ -14,6 +14,7 @@ ROOT = Path(lorahub.__file__).parent
 # Import nothing of lorahub but each other: the vocabulary every other module shares.
 PRIMITIVES = {
     "_version",
+    "aliases",
     "device",
     "digest",
     "dtypes",

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import lorahub
 import lorahub.merge.writer
 from lorahub import fsutil
-from lorahub.errors import MergeError, StoreError
+from lorahub.errors import MergeError, OutputConflict, StoreError
 from lorahub.formats.lorahub_json import read as read_lorahub_json
 from lorahub.outputs import EXPORT_FILES, check_output
 
@@ -286,6 +286,33 @@ def test_files_that_appear_during_a_merge_are_not_deleted(hub, world, tmp_path, 
     with pytest.raises(MergeError, match=r"did not write: notes\.txt"):
         hub.merge(world / "llama", "other:v1", out=out, device="cpu", force=True)
     assert (out / "notes.txt").is_file() and litter(tmp_path) == []
+
+
+def test_a_destination_that_appears_during_an_export_is_an_output_conflict(
+    hub, tmp_path, monkeypatch
+):
+    import lorahub.export
+
+    out = tmp_path / "out"
+    real = lorahub.export.write_peft_folder
+
+    def meanwhile(*args, **kwargs):
+        real(*args, **kwargs)
+        out.mkdir()
+        (out / "notes.txt").write_text("written while the export ran")
+
+    monkeypatch.setattr(lorahub.export, "write_peft_folder", meanwhile)
+    with pytest.raises(StoreError, match=r"already exists and has no lorahub\.json") as err:
+        hub.export("rs:v1", out)
+    assert type(err.value) is OutputConflict and err.value.target == os.fspath(out)
+    assert os.listdir(out) == ["notes.txt"] and litter(tmp_path) == []
+
+
+def test_the_export_file_list_is_the_peft_folder_writers():
+    from lorahub.formats import lorahub_json, peft, peft_folder
+
+    assert peft_folder.FILES is EXPORT_FILES
+    assert EXPORT_FILES == (peft.CONFIG, peft.SAFETENSORS, "README.md", lorahub_json.FILENAME)
 
 
 def test_force_replaces_an_earlier_export(hub, world, tmp_path):

@@ -480,6 +480,25 @@ def test_a_lying_safetensors_header_is_refused(server, stores, tmp_path, monkeyp
         assert server.count("HEAD", "adapter_model.safetensors") == 0
 
 
+@pytest.mark.parametrize("code", ["F8_E8M0", "F8_E4M3FNUZ", "F4", "F6_E2M3", "C64"])
+def test_a_header_lying_about_a_narrow_or_complex_tensor_is_refused(
+    server, stores, monkeypatch, code
+):
+    # 16 elements of any of these take 6 to 128 bytes, never the 32 the header claims.
+    lie = {"dtype": code, "shape": [4, 4], "data_offsets": [0, 32]}
+    header = json.dumps({"base_model.model.x.lora_A.weight": lie}).encode()
+    weights = struct.pack("<Q", len(header)) + header + bytes(32)
+    config = json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}).encode()
+    server.seed_repo(
+        "eve/narrow", {"adapter_config.json": config, "adapter_model.safetensors": weights}
+    )
+    monkeypatch.setattr(remote.pull, "HEADER_CHECK_MIN_BYTES", 0)
+    hub = stores("b")
+    with pytest.raises(InvalidAdapter, match=f"header lies about tensor .*{code}"):
+        hub.pull("eve/narrow")
+    assert hub.list_adapters() == [] and server.count("HEAD", "adapter_model.safetensors") == 0
+
+
 @pytest.mark.parametrize(
     "entry",
     [
@@ -604,6 +623,38 @@ def test_offline_push_without_a_token_says_offline(stores, tmp_path, monkeypatch
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RemoteError, match="HF_HUB_OFFLINE is set"):
         hub.push("a:v1", "myorg/a")
+
+
+def test_a_push_with_hf_hub_offline_set_after_import_refuses_before_any_request(
+    server, stores, tmp_path, monkeypatch
+):
+    hub = stores("a")
+    hub.add(write_peft_adapter(tmp_path / "src"), name="a:v1")
+    server.clear_log()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # huggingface_hub read it as unset at import
+    with pytest.raises(RemoteError, match=r"HF_HUB_OFFLINE is set, so .* unset it to push"):
+        hub.push("a:v1", "myorg/a")
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_CACHE", "HF_HOME"])
+def test_a_pull_uses_the_cache_folder_set_after_import(
+    server, stores, tmp_path, monkeypatch, variable
+):
+    hub = stores("a")
+    hub.add(write_peft_adapter(tmp_path / "src"), name="a:v1")
+    hub.push("a:v1", "myorg/a")
+    # The cache as huggingface_hub read it at import: under HF_HOME, not set apart.
+    early = tmp_path / "early-home"
+    monkeypatch.setattr(constants, "HF_HOME", str(early))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(early / "hub"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    late = tmp_path / "late"
+    monkeypatch.setenv(variable, str(late))
+    cache = late if variable == "HF_HUB_CACHE" else late / "hub"
+    stores("b").pull("myorg/a")
+    assert list(cache.glob("models--myorg--a/snapshots/*/adapter_config.json"))
+    assert not list(early.rglob("models--myorg--a"))
 
 
 def test_offline_pull_says_when_it_cannot_check_identity(server, stores, tmp_path, monkeypatch):

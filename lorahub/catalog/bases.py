@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from ..digest import hex_prefix, prefix_range
 from ..info import BaseInfo
+from ..refs import MIN_PREFIX
 from .models import BaseModelRow
 from .queries import utcnow
 
@@ -84,7 +85,7 @@ def upsert(
 def find(session: Session, text: str) -> list[BaseModelRow]:
     """Bases recorded under a name, repo id, path, or fingerprint (full or 12+ hex prefix)."""
     conds = [BaseModelRow.name == text, BaseModelRow.repo_id == text, BaseModelRow.path == text]
-    hexpart = hex_prefix(text, 12)
+    hexpart = hex_prefix(text, MIN_PREFIX)
     if hexpart is not None:
         lo, hi = prefix_range(hexpart)
         for col in (BaseModelRow.signature, BaseModelRow.content_hash):
@@ -94,10 +95,6 @@ def find(session: Session, text: str) -> list[BaseModelRow]:
 
 def all_rows(session: Session) -> list[BaseModelRow]:
     return list(session.scalars(select(BaseModelRow).order_by(BaseModelRow.created_at.desc())))
-
-
-def by_id(session: Session, ident: int) -> BaseModelRow | None:
-    return session.get(BaseModelRow, ident)
 
 
 def delete(session: Session, row: BaseModelRow) -> None:

@@ -10,8 +10,6 @@ from pathlib import Path
 
 from sqlalchemy import Engine, text
 
-# Moved to .queries with the other whole-table reads; hub.py still reads it from here.
-
 
 def integrity_problems(engine: Engine, *, quick: bool = False) -> list[str]:
     """What the database itself reports as damaged (SQLite's ``quick_check`` or

@@ -19,7 +19,7 @@ from ..digest import PREFIX, hex_prefix, prefix_range, short
 from ..errors import AdapterNotFound, AmbiguousReference, InvalidReference
 from ..info import AdapterInfo, BaseInfo
 from ..manifest import BaseRef
-from ..refs import Reference, format_ref
+from ..refs import MIN_PREFIX, Reference, format_ref
 
 # Runs one statement with its parameters and returns every row.
 Run = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
@@ -255,18 +255,13 @@ def find_bases(run: Run, text: str) -> list[BaseInfo]:
     oldest first."""
     conds = ["name = ?", "repo_id = ?", "path = ?"]
     params: list[Any] = [text, text, text]
-    hexpart = hex_prefix(text, 12)
+    hexpart = hex_prefix(text, MIN_PREFIX)
     if hexpart is not None:
         for col in ("signature", "content_hash"):
             conds.append(f"({col} >= ? AND {col} < ?)")
             params += prefix_range(hexpart)
     rows = run(f"SELECT {_BASE} FROM base_models WHERE {' OR '.join(conds)} ORDER BY id", params)
     return [_base(row) for row in rows]
-
-
-def base_by_id(run: Run, ident: int) -> BaseInfo | None:
-    rows = run(f"SELECT {_BASE} FROM base_models WHERE id = ?", [ident])
-    return _base(rows[0]) if rows else None
 
 
 def tensor_table(run: Run, ident: int) -> list[tuple[str, str, tuple[int, ...]]]:

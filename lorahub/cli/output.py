@@ -6,12 +6,13 @@ import gc
 import json
 import math
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from ..aliases import Progress
 from ..errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ def show_progress(quiet: bool) -> bool:
 
 
 @contextmanager
-def progress(label: str, quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
+def progress(label: str, quiet: bool) -> Iterator[Progress | None]:
     """A ``(done, total)`` callback drawing a bar on stderr, or None when not on a TTY."""
     if not show_progress(quiet):
         yield None

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..card import adapter_card
 from ..manifest import lorahub_json_text
+from ..outputs import EXPORT_FILES
 from . import lorahub_json, peft
 
 if TYPE_CHECKING:
@@ -22,8 +23,10 @@ if TYPE_CHECKING:
 
 README = "README.md"
 LORAHUB_JSON = lorahub_json.FILENAME
-#: Every file of the folder, in the order a push commits them.
-FILES = (peft.CONFIG, peft.SAFETENSORS, README, LORAHUB_JSON)
+#: Every file of the folder, in the order a push commits them: the list ``export --force``
+#: checks an earlier export against (``peft.CONFIG``, ``peft.SAFETENSORS``, README,
+#: LORAHUB_JSON), kept in :mod:`lorahub.outputs`, which must not import the formats.
+FILES = EXPORT_FILES
 
 
 def write_peft_folder(

@@ -21,7 +21,6 @@ Example::
 
 from __future__ import annotations
 
-from ..device import resolve_device
 from ..units import parse_size
 from .plan import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -31,6 +30,7 @@ from .plan import (
     Touch,
     normalize_dtype,
     plan_merge,
+    resolve_device,
 )
 from .stream import iter_merged
 from .writer import MergeResult, merge_to_dir

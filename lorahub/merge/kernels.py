@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ..dtypes import torch_dtype as torch_dtype_or_none
-from ..errors import MergeError
+from ..errors import InvalidMergeInput, MergeError
 
 if TYPE_CHECKING:
     import torch
@@ -99,10 +99,11 @@ def compute_dtype(tp: TensorPlan) -> torch.dtype:
 
 
 def torch_dtype(code: str) -> torch.dtype:
-    """The torch dtype to view a tensor's raw bytes as; MergeError where torch has none."""
+    """The torch dtype to view a tensor's raw bytes as; InvalidMergeInput where this torch
+    has none."""
     dtype = torch_dtype_or_none(code)
     if dtype is None:
-        raise MergeError(f"dtype {code} is not supported by this version of torch")
+        raise InvalidMergeInput(f"dtype {code} is not supported by this version of torch")
     return dtype
 
 

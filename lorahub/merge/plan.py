@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..compat import check, require
+from ..device import resolve_device as choose_device
 from ..dtypes import ALIASES, DTYPE_BITS, FLOAT_DTYPES
-from ..errors import InvalidMergeArgument, MergeError
+from ..errors import IncompatibleMerge, InvalidArgument, InvalidMergeArgument
 from ..outputs import MERGE_AUX_FILES
 
 if TYPE_CHECKING:
+    import torch
+
     from ..adapter import LoraAdapter
     from ..base import BaseModel, TensorInfo
     from ..compat import CompatReport
@@ -148,7 +151,8 @@ def plan_merge(
     Raises:
         IncompatibleAdapter: an adapter does not fit the base (raised by ``compat.require``).
         InvalidMergeArgument: no adapters, or bad weights, dtype or shard size.
-        MergeError: two adapters replacing one tensor, or a base tensor that is not float.
+        IncompatibleMerge: two adapters replacing one tensor, or a base tensor that is not
+            float.
     """
     if not adapters:
         raise InvalidMergeArgument("nothing to merge: give at least one adapter")
@@ -208,7 +212,7 @@ def _collect(
         reports.append(report)
         for key, target in report.full_mapping.items():
             if target in replaced:
-                raise MergeError(
+                raise IncompatibleMerge(
                     f"adapters {replaced[target][0] + 1} and {i + 1} both replace {target!r} "
                     "(modules_to_save); merge them in separate steps or leave one out"
                 )
@@ -222,7 +226,7 @@ def _collect(
                 touches.setdefault(bias, []).append(Touch(i, name, "bias", w))
     for name in [*touches, *replaced]:
         if base.tensors[name].dtype not in FLOAT_DTYPES:
-            raise MergeError(
+            raise IncompatibleMerge(
                 f"base tensor {name!r} has dtype {base.tensors[name].dtype}; "
                 f"lorahub merges into {', '.join(sorted(FLOAT_DTYPES))} weights only"
             )
@@ -289,3 +293,16 @@ def _header(plans: Sequence[TensorPlan]) -> bytes:
     raw = json.dumps(doc, separators=(",", ":")).encode()
     # Pad to 8 bytes so the data section (and so every tensor in it) stays aligned.
     return raw + b" " * (-len(raw) % 8)
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device to merge on, by :func:`lorahub.device.resolve_device`'s rule.
+
+    Raises:
+        InvalidMergeArgument: an unknown device, or CUDA asked for where torch has none (a
+            ``MergeError``, as a merge's device errors always were).
+    """
+    try:
+        return choose_device(device)
+    except InvalidArgument as exc:
+        raise InvalidMergeArgument(str(exc)) from None

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import MergeError, MergeIOError
+from ..errors import MergeBaseNotFound, MergeIOError
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +40,7 @@ class Sources:
 
     def __init__(self, base: BaseModel, plan: MergePlan) -> None:
         if base.root is None:
-            raise MergeError(
+            raise MergeBaseNotFound(
                 f"base {base.source!r} has no local files; download it first "
                 f"(hf download {base.repo_id or base.source})"
             )
@@ -153,5 +153,5 @@ def _located(info: TensorInfo) -> tuple[str, tuple[int, int]]:
     """The base file of a tensor and its data offsets; a table read from the catalog has
     neither."""
     if info.file is None or info.offsets is None:
-        raise MergeError(f"base tensor {info.name!r} has no local file; download the base")
+        raise MergeBaseNotFound(f"base tensor {info.name!r} has no local file; download the base")
     return info.file, info.offsets

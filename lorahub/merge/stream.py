@@ -8,9 +8,8 @@ import contextlib
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..device import resolve_device
 from .kernels import Op, Scratch, matrix_shape, merge_rows, prepare_ops, row_blocks, torch_dtype
-from .plan import plan_merge
+from .plan import plan_merge, resolve_device
 from .source import Copy, Sources
 
 if TYPE_CHECKING:

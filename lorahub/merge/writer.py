@@ -21,19 +21,19 @@ import shutil
 import struct
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
-from ..device import resolve_device
+from ..aliases import Progress
 from ..dtypes import FLOAT_DTYPES, TORCH_NAMES
 from ..errors import LorahubError, MergeIOError, MergeOutputConflict
 from ..fsutil import fsync_dir, process_alive, publish_dir
 from ..outputs import FILES_KEY, MARKER, MERGE_INDEX, Input, check_output
 from ..units import human_size
-from .plan import DEFAULT_MAX_SHARD_SIZE, MergePlan, plan_merge
+from .plan import DEFAULT_MAX_SHARD_SIZE, MergePlan, plan_merge, resolve_device
 from .source import Copy, Sources
 from .stream import stream_merged
 
@@ -73,7 +73,7 @@ def merge_to_dir(
     dtype: str | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     force: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     extra_metadata: Mapping[str, Any] | None = None,
     inputs: Iterable[Input] = (),
 ) -> MergeResult:
@@ -104,7 +104,9 @@ def merge_to_dir(
             ``.target`` is ``out``.
         MergeIOError: too little free disk space, a truncated or unreadable base shard, a
             write or a move that failed.
-        MergeError: all of these are; also a base without local files.
+        IncompatibleMerge: two adapters replacing one tensor, or a base tensor not float.
+        MergeBaseNotFound: a base without local files.
+        MergeError: all of these are.
 
     Example::
 
@@ -177,7 +179,7 @@ def _write_checkpoint(
     adapters: Sequence[LoraAdapter],
     sources: Sources,
     dev: torch.device,
-    progress: Callable[[int, int], None] | None,
+    progress: Progress | None,
 ) -> int:
     total, done = plan.data_bytes, 0
     capacity = max([STAGING] + [tp.nbytes + ALIGN for tp in plan.tensors if not tp.copied])

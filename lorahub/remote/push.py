@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from .. import hfenv
-from ..digest import hash_file
+from ..digest import Digest, hash_file
 from ..errors import CorruptData, InvalidReference, RemoteConflict, RemoteError
 from ..formats.peft_folder import write_peft_folder
 from .errors import http_status, hub_errors
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoSibling
 
+    from ..blobs import BlobStore
     from ..info import AdapterInfo
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,8 @@ def write_push_files(info: AdapterInfo, weights: Path, out: Path, *, title: str)
 
 
 def push_adapter(
+    blobs: BlobStore,
     info: AdapterInfo,
-    weights: Path,
     repo_id: str,
     *,
     private: bool | None = None,
@@ -104,8 +105,22 @@ def push_adapter(
     tag: str | None = None,
     path_in_repo: str | None = None,
 ) -> PushResult:
-    """Push a stored adapter (its manifest info and weights blob) to ``repo_id``."""
+    """Push a stored adapter (its info; its weights blob is read from ``blobs``) to
+    ``repo_id`` as a folder PEFT loads: config, weights, model card and ``lorahub.json``.
+
+    The repo is created if needed (``private`` applies then), and the branch ``revision``;
+    the commit is tagged ``tag``; files already there are not uploaded again, and an
+    unchanged repo gets no commit. The token is huggingface_hub's own (``HF_TOKEN``,
+    ``hf auth login``); lorahub never handles it.
+
+    Raises:
+        RemoteConflict: ``tag`` exists at another commit, or ``private`` asked of a public
+            repo.
+        RemoteError: no token or no write access, ``HF_HUB_OFFLINE`` set, an unreachable Hub.
+        CorruptData: the weights blob does not match the adapter's digest.
+    """
     check_repo_id(repo_id)
+    weights = blobs.path(Digest.parse(info.weights_digest))
     check_weights(info, weights)
     with tempfile.TemporaryDirectory(prefix="lorahub-push-") as tmp:
         files = write_push_files(info, weights, Path(tmp), title=repo_id)

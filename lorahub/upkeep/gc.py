@@ -345,7 +345,10 @@ def collect_garbage(
 ) -> GcReport:
     """Delete blobs nothing needs, stale temp files and merge leftovers, older than
     ``grace`` seconds (with ``dry_run``, report what would go). See the module docstring
-    for what "nothing needs" means.
+    for what "nothing needs" means: a blob stays while the catalog or any manifest file
+    needs it. ``grace`` protects an ``add`` between its blob and its row. Unless ``force``,
+    gc will not delete blobs no recorded removal accounts for while the catalog is empty or
+    they are most of the store's bytes.
 
     Raises:
         StoreError: the catalog is damaged or disagrees with itself or with the store's

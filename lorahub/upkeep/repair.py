@@ -71,7 +71,8 @@ def fsck(
     scratch catalog, then add to the real one every adapter, name and base it lacks;
     rewrite missing manifest files from the catalog; re-fetch damaged or missing blobs
     from where they came from (``refetch``), else move damaged ones to ``quarantine``.
-    Nothing is removed from the catalog."""
+    Nothing is removed from the catalog. ``Hub.fsck`` first sets an unreadable SQLite
+    catalog aside and rebuilds a damaged index."""
     restored: list[str] = []
     bases: list[str] = []
     write = db.read_session if dry_run else db.write_session
@@ -164,13 +165,13 @@ def _restore_names(
             continue
         names.append(f"{ref.name}:{ref.tag} -> {ref.adapter.digest}")
         taken[key] = ref.adapter.digest
-        if not dry_run:
+        if target is not None and not dry_run:
             dst.add(
                 Ref(
                     name=ref.name,
                     tag=ref.tag,
                     variant=ref.variant,
-                    adapter_id=target.id,  # type: ignore[union-attr]
+                    adapter_id=target.id,
                     created_at=ref.created_at,
                 )
             )

@@ -5,9 +5,9 @@ file, and that every adapter the store's files hold is in the catalog."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..aliases import Progress
 from ..blobs import BlobStore
 from ..catalog import db
 from ..catalog import health as health_q
@@ -20,7 +20,6 @@ from .journal import recorded, weights_of
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-Progress = Callable[[int, int], None]
 
 # A manifest file younger than this may be an add in flight, not yet in the catalog.
 SETTLE_S = 60
