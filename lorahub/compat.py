@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .adapter import CONV2D, EMBEDDING
 from .digest import Digest
@@ -81,6 +81,18 @@ class Problem:
             msg = f"{msg}; {self.detail}"
         return f"{self.module}{target}: {msg}"
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON: shapes as lists (None where absent), and the one-line text."""
+        return {
+            "module": self.module,
+            "base_tensor": self.base_tensor,
+            "expected": list(self.expected) if self.expected is not None else None,
+            "found": list(self.found) if self.found is not None else None,
+            "reason": self.reason,
+            "detail": self.detail,
+            "text": self.text,
+        }
+
 
 @dataclass(frozen=True)
 class CompatReport:
@@ -141,6 +153,25 @@ class CompatReport:
             )
             lines.append(f"the adapter was made for another base model{made_for}; pass that base")
         return "\n".join(lines)
+
+    def to_dict(self, mapping: bool = False) -> dict[str, Any]:
+        """Plain data for JSON: the verdict, counts and every problem; with ``mapping`` also
+        the module-to-base-tensor name mappings (one entry per module: large)."""
+        d: dict[str, Any] = {
+            "status": self.status,
+            "ok": self.ok,
+            "matched": self.matched,
+            "total": self.total,
+            "missing": self.missing,
+            "mismatched": self.mismatched,
+            "prefix_note": self.prefix_note,
+            "base_model_name": self.base_model_name,
+            "problems": [p.to_dict() for p in self.problems],
+        }
+        if mapping:
+            d["mapping"] = dict(self.mapping)
+            d["full_mapping"] = dict(self.full_mapping)
+        return d
 
 
 def check(

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 
 from .adapter import CONV2D, EMBEDDING, LoraAdapter, LoraModule
+from .aliases import Progress
 from .digest import short
 from .errors import ComposeError, IncompatibleParents, InvalidComposeArgument
 from .manifest import BaseRef
@@ -152,6 +153,7 @@ def compose(
     majority_sign: str = "total",
     seed: int | None = None,
     device: str = "cpu",
+    progress: Progress | None = None,
 ) -> tuple[LoraAdapter, ComposeReport]:
     """Combine adapters into a new adapter, exactly where the method allows, and measure
     the error of each module where it does not.
@@ -170,6 +172,7 @@ def compose(
         seed: seeds DARE's drop masks and the randomized SVD; ``None`` means 0, so a
             composition is always reproducible on a given device.
         device: torch device for the arithmetic; the result is on the CPU.
+        progress: called as ``progress(modules_done, modules_in_all)`` after each module.
 
     Returns:
         The composed adapter (float32 factors, scaling 1 per module) and its report.
@@ -201,7 +204,7 @@ def compose(
     errors: list[ModuleError] = []
     exact = True
     randomized = 0
-    for name, (kind, a_shape, parts) in modules.items():
+    for done, (name, (kind, a_shape, parts)) in enumerate(modules.items(), 1):
         total_rank = sum(p.A.shape[0] for p in parts)
         limit = min(parts[0].B.shape[0], parts[0].A.shape[1])
         if method == "cat" or (method == "linear" and rank is None):
@@ -227,6 +230,8 @@ def compose(
         )
         errors.append(ModuleError(name, res.rel_error, k))
         logger.debug("compose %s: %s rank %d, error %.3g", method, name, k, res.rel_error)
+        if progress is not None:
+            progress(done, len(modules))
 
     if rank is None and method in ("svd", *_ELEMENTWISE):
         notes.append(

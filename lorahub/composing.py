@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import manifest as mf
+from .aliases import Progress
 from .errors import ComposeError
 from .info import AdapterInfo, ComposeResult
 from .lazy import lazy_module
@@ -47,9 +48,11 @@ def compose_and_store(
     weights: Sequence[float] | None,
     options: ComposeOptions,
     name: str | None = None,
+    progress: Progress | None = None,
 ) -> ComposeResult:
     """Compose the adapters ``refs`` name (a path is added first) and store the result
-    under ``name``; see ``Hub.compose``.
+    under ``name``; see ``Hub.compose``. ``progress(modules_done, modules_in_all)`` is
+    called after each module is composed.
 
     The parents must be made for one base: recorded for one architecture, naming one base
     model where they were not checked against one (and then fitting the recorded base of
@@ -81,6 +84,7 @@ def compose_and_store(
         majority_sign=o.majority_sign,
         seed=o.seed,
         device=o.device,
+        progress=progress,
     )
     provenance: dict[str, Any] = {
         "kind": "compose",

@@ -3,6 +3,10 @@
 The folder is written whole in a temp folder beside the destination, fsynced, then renamed
 into place: it appears complete or not at all, and what was at the destination is replaced
 only when :func:`lorahub.outputs.check_output` allows it, checked again just before.
+
+Its ``adapter_config.json`` names the base by its Hub repo id (``--base-model-id``, else the
+recorded base's, else the config's own value when it is one), never by the training machine's
+local path; ``lorahub.json`` records the rewrite, so importing the folder keeps the digest.
 """
 
 from __future__ import annotations
@@ -12,14 +16,19 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .aliases import StrPath
+from .aliases import Progress, StrPath
 from .blobs import BlobStore
 from .digest import Digest
 from .errors import LorahubError, StoreError
+from .formats.peft import SAFETENSORS
 from .formats.peft_folder import write_peft_folder
 from .fsutil import current_umask, publish_dir
 from .info import AdapterInfo
+
+if TYPE_CHECKING:
+    from .store import Store
 
 
 def export_adapter(
@@ -30,11 +39,20 @@ def export_adapter(
     store_home: Path,
     force: bool = False,
     base: StrPath | None = None,
+    progress: Progress | None = None,
+    base_model_id: str | None = None,
+    recorded_base: str | None = None,
 ) -> Path:
     """Write ``info``'s PEFT folder at ``out``; returns its path.
 
+    ``base_model_id`` (a Hub repo id) is written as the config's ``base_model_name_or_path``
+    and the card's ``base_model``; by default ``recorded_base`` (the recorded base's repo id,
+    :func:`recorded_base_repo`), else the config's value when it is a repo id, else none
+    (null: a local path is never written).
+
     ``base`` (the base the variant was picked for) is refused as a destination, like the
-    store at ``store_home``. See ``Hub.export``.
+    store at ``store_home``. ``progress(bytes_copied, bytes_in_all)`` follows the copy of
+    the weights. See ``Hub.export``.
 
     Raises:
         OutputConflict: ``out`` may not be replaced (a link, the current directory, files
@@ -42,8 +60,16 @@ def export_adapter(
             ``out``. A ``StoreError``, as it always was.
         StoreError: a write failed.
         IntegrityError: the adapter's blob is missing or damaged; nothing was written.
+        InvalidReference: ``base_model_id`` is not a Hub repo id; nothing was written.
     """
+    from .card import hub_base_id
     from .outputs import check_output
+    from .remote.repo import check_repo_id
+
+    if base_model_id is not None:
+        check_repo_id(base_model_id)
+    config_base = base_model_id or recorded_base or _repo_id_or_none(info)
+    card_base = base_model_id or hub_base_id(info, recorded_base)
 
     dest = Path(out).expanduser()
     given = Path(base).expanduser() if base is not None else None
@@ -61,7 +87,17 @@ def export_adapter(
     except OSError as exc:
         raise StoreError(f"cannot write {dest}: {exc.strerror or exc}") from None
     try:
-        write_peft_folder(info, blob, tmp, fsync=True)
+        _copy_weights(blob, tmp / SAFETENSORS, progress)
+        write_peft_folder(
+            info,
+            blob,
+            tmp,
+            copy_weights=False,
+            fsync=True,
+            base_model_id=card_base,
+            rewrite_base=True,
+            config_base=config_base,
+        )
         publish_dir(tmp, dest, replace=check())  # checked again: files may have come
     except LorahubError:  # OutputConflict and CorruptData are OSErrors too: keep their kind
         raise
@@ -70,3 +106,59 @@ def export_adapter(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+_CHUNK = 8 << 20
+
+
+def _copy_weights(blob: Path, dest: Path, progress: Progress | None) -> None:
+    """Copy the weights blob to ``dest`` and flush it to disk, reporting the bytes copied."""
+    total = blob.stat().st_size
+    done = 0
+    with blob.open("rb") as src, dest.open("wb") as dst:
+        while chunk := src.read(_CHUNK):
+            dst.write(chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
+        dst.flush()
+        os.fsync(dst.fileno())
+    if progress is not None and total == 0:
+        progress(0, 0)
+
+
+def recorded_base_repo(store: Store, info: AdapterInfo) -> str | None:
+    """The Hub repo id of the base ``info`` was recorded against, when that base is recorded
+    here with one (``lorahub base add org/name``); None for a local or unverified base."""
+    from .catalog import reads
+
+    ref = info.base
+    if not ref.name or ref.signature is None:
+        return None
+    with store.reading() as run:
+        rows = reads.find_bases(run, ref.name)
+    for row in rows:
+        same = (
+            row.content_hash == ref.content_hash
+            if ref.content_hash
+            else row.signature == ref.signature
+        )
+        if same and row.repo_id and row.repo_id == ref.name:
+            return row.repo_id
+    return None
+
+
+def _repo_id_or_none(info: AdapterInfo) -> str | None:
+    """The config's ``base_model_name_or_path`` when the Hub would take it as a repo id
+    (``org/name``, or a bare legacy name); None for a path (absolute, ``~``, ``./``...)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    value = info.config.get("base_model_name_or_path")
+    if not isinstance(value, str) or not value or value.startswith(("~", ".")):
+        return None
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return None
+    return value

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import builtins
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +40,9 @@ if TYPE_CHECKING:
     from .compat import CompatReport
     from .info import ComposeResult, GcReport, MergedInfo, VerifyReport
     from .merge import MergeResult
+    from .metadata import AdapterMetadata
     from .remote import PushResult
+    from .serving import ServingExport
 else:  # SQLAlchemy, behind these, takes longer to import than `show` may take in all
     upkeep = lazy_module("lorahub.upkeep")
 
@@ -114,12 +116,17 @@ class Hub:
         name: str | None = None,
         base: StrPath | None = None,
         force: bool = False,
+        progress: Progress | None = None,
+        on_result: Callable[[AddResult], None] | None = None,
     ) -> list[AddResult]:
         """Import every adapter found at ``sources``; one bad adapter does not stop the rest.
         Without ``name``, each is named as :func:`lorahub.sources.discover` says, tag ``latest``.
+        ``on_result`` gets each result as it finishes; ``progress`` gets ``(done, found)``.
         """
         found = discover(sources, recursive=recursive, named=bool(name), with_base=bool(base))
-        return self._importer.add_found(found, name=name, base=base, force=force)
+        return self._importer.add_found(
+            found, name=name, base=base, force=force, progress=progress, on_result=on_result
+        )
 
     def store(
         self,
@@ -157,6 +164,21 @@ class Hub:
             parse(reference)  # a stored reference only: a path here must not add anything
             return self.resolve(reference, base=base)
         return self._store.find_info(reference)
+
+    def metadata(self, reference: str, *, base: StrPath | None = None) -> AdapterMetadata:
+        """The adapter's safetensors header metadata (the imported file's, kept outside its
+        identity, and its blob's own) and each header rank or alpha that disagrees with its
+        config (:func:`lorahub.metadata.disagreements`).
+
+        >>> for d in hub.metadata("style:v1").disagreements:  # doctest: +SKIP
+        ...     print(d.message)
+        """
+        from . import metadata
+        from .digest import Digest
+
+        info = self.get(reference, base=base)
+        blob = self._store.blobs.checked_path(Digest.parse(info.weights_digest))
+        return metadata.of_adapter(info, blob)
 
     def list_adapters(
         self,
@@ -307,10 +329,12 @@ class Hub:
         name: str | None = None,
         device: str = "cpu",
         allow_mixed_bases: bool = False,
+        progress: Progress | None = None,
     ) -> ComposeResult:
         """Make a new adapter from several and store it, with its provenance; the same
         inputs give the same digest. Methods: :func:`lorahub.compose.compose`; base rules and
-        errors: :func:`lorahub.composing.compose_and_store`.
+        errors: :func:`lorahub.composing.compose_and_store`. ``progress(modules_done, total)``
+        follows the arithmetic.
 
         >>> hub.compose(["sql", "tone"], [1.0, 0.5], method="svd", rank=32, name="blend")
         """
@@ -319,7 +343,7 @@ class Hub:
         options = ComposeOptions(
             method, rank, density, majority_sign, seed, device, allow_mixed_bases
         )
-        return compose_and_store(self._importer, refs, weights, options, name)
+        return compose_and_store(self._importer, refs, weights, options, name, progress)
 
     def tag(self, reference: str, new: str) -> AdapterInfo:
         """Give the adapter ``reference`` names another name ``new`` (``name[:tag]``)."""
@@ -334,17 +358,79 @@ class Hub:
         return naming.remove(self._store, reference, variant, base)
 
     def export(
-        self, reference: str, out: StrPath, *, force: bool = False, base: StrPath | None = None
+        self,
+        reference: str,
+        out: StrPath,
+        *,
+        force: bool = False,
+        base: StrPath | None = None,
+        progress: Progress | None = None,
+        base_model_id: str | None = None,
     ) -> Path:
         """Write a directory ``PeftModel.from_pretrained`` loads (config, weights, model card),
         complete or not at all; ``base`` picks a name's variant. An empty folder is filled;
         with ``force`` an earlier lorahub output holding nothing else is replaced; anything
         else at ``out`` (a link, the current directory, other files) raises
-        ``OutputConflict`` (a ``StoreError``)."""
-        from .export import export_adapter
+        ``OutputConflict`` (a ``StoreError``). ``progress(bytes_copied, total)`` follows
+        the weights' copy. ``base_model_id`` (default: the recorded base's Hub repo id) is
+        the config's ``base_model_name_or_path``: see :func:`lorahub.export.export_adapter`."""
+        from .export import export_adapter, recorded_base_repo
 
         info = self.get(reference, base=base)
-        return export_adapter(self.blobs, info, out, store_home=self.home, force=force, base=base)
+        return export_adapter(
+            self.blobs,
+            info,
+            out,
+            store_home=self.home,
+            force=force,
+            base=base,
+            progress=progress,
+            base_model_id=base_model_id,
+            recorded_base=recorded_base_repo(self._store, info),
+        )
+
+    def path(self, reference: str, *, base: StrPath | None = None) -> Path:
+        """A folder ``PeftModel.from_pretrained`` loads, without a copy of the weights:
+        ``<home>/paths/<digest>/`` with the config, card and ``lorahub.json`` written
+        read-only and the weights a hard link to the store's blob (a symbolic link across
+        filesystems). Made once; later calls return the same folder. ``base`` picks a
+        name's variant. Do not write into it; ``gc`` removes it once the adapter is removed.
+        Details: :mod:`lorahub.paths`.
+
+        >>> PeftModel.from_pretrained(model, hub.path("sql-expert:v1"))  # doctest: +SKIP
+        """
+        from .paths import FOLDER, adapter_path
+
+        info = self.get(reference, base=base)
+        return adapter_path(self.blobs, info, self.home / FOLDER)
+
+    def export_layout(
+        self,
+        out: StrPath,
+        *,
+        base: StrPath | None = None,
+        served_model_id: str | None = None,
+        references: Sequence[str] = (),
+        layout: str = "vllm",
+    ) -> ServingExport:
+        """Keep ``out`` a folder of every adapter name that fits ``base``, as serving engines
+        read it (vLLM's filesystem resolver, LoRAX): ``out/<name>/adapter_config.json`` with
+        ``base_model_name_or_path = served_model_id`` and the weights linked from the store.
+        Again later, it changes only what changed. Layout, names and errors:
+        :func:`lorahub.serving.export_layout`.
+
+        >>> hub.export_layout("/srv/loras", base="meta-llama/Llama-3.2-1B")  # doctest: +SKIP
+        """
+        from .serving import export_layout
+
+        return export_layout(
+            self._resolver,
+            out,
+            base=base,
+            served_model_id=served_model_id,
+            references=references,
+            layout=layout,
+        )
 
     def verify(self, *, quick: bool = False, progress: Progress | None = None) -> VerifyReport:
         """Check the catalog database's own integrity, re-hash every blob (or, ``quick``,
@@ -406,6 +492,7 @@ class Hub:
         >>> hub.push("sql-expert:v1", "myorg/sql-expert", tag="v1").commit_url  # doctest: +SKIP
         """
         from . import remote
+        from .export import recorded_base_repo
 
         info = self.get(reference, base=base)
         return remote.push_adapter(
@@ -416,6 +503,7 @@ class Hub:
             revision=revision,
             tag=tag,
             path_in_repo=path_in_repo,
+            recorded_base=recorded_base_repo(self._store, info),
         )
 
     def pull(

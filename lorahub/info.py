@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +15,14 @@ from .manifest import BaseRef
 
 if TYPE_CHECKING:
     from .compose import ComposeReport
+
+
+def iso_utc(moment: datetime) -> str:
+    """ISO 8601 with its UTC offset (``2026-01-02T03:04:05.123456+00:00``); a naive value
+    is taken as UTC, as the catalog always stored them."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat()
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,9 @@ class AdapterInfo:
     created_at: datetime
     manifest_text: str = field(repr=False, compare=False)
     match: str | None = field(default=None, compare=False)  # set by resolve: exact|compatible
+    # ``(rank, modules)`` pairs, by rank, when the modules' ranks differ (a rank_pattern);
+    # empty when every module has ``rank``.
+    rank_counts: tuple[tuple[int, int], ...] = ()
 
     @cached_property
     def manifest(self) -> dict[str, Any]:
@@ -58,6 +69,17 @@ class AdapterInfo:
         return short_form(self.digest)
 
     @property
+    def ranks(self) -> dict[int, int]:
+        """How many modules have each rank, by rank: ``{16: 4, 8: 20}`` for an adapter
+        whose ``rank_pattern`` gives 4 modules rank 16; ``{rank: module_count}`` when all
+        share the config's ``r``. Engines size LoRA slots by the largest."""
+        return dict(self.rank_counts) if self.rank_counts else {self.rank: self.module_count}
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.ranks)
+
+    @property
     def provenance(self) -> dict[str, Any]:
         if "manifest" in self.__dict__:  # already parsed
             return dict(self.manifest.get("provenance", {}))
@@ -71,13 +93,18 @@ class AdapterInfo:
     def modules(self) -> dict[str, dict[str, Any]]:
         return dict(self.manifest.get("modules", {}))
 
-    def to_dict(self, manifest: bool = False) -> dict[str, Any]:
+    def to_dict(self, manifest: bool = False, card: bool = False) -> dict[str, Any]:
         """Plain data for JSON: every field but the manifest (unless ``manifest``), with the
-        provenance. Built field by field: ``asdict`` would deep-copy the manifest."""
+        provenance. Built field by field: ``asdict`` would deep-copy the manifest. The model
+        card kept from the source (``origin["card"]``, kilobytes of text) is given only with
+        ``card``; otherwise its size, so a listing of thousands stays small."""
+        origin = json.loads(self.origin_text)  # a copy, without caching it here
+        card_text = origin.pop("card", None)
         d: dict[str, Any] = {
             "digest": self.digest,
             "refs": list(self.refs),
             "rank": self.rank,
+            "ranks": {str(r): n for r, n in self.ranks.items()},  # JSON keys are strings
             "alpha": self.alpha,
             "use_rslora": self.use_rslora,
             "use_dora": self.use_dora,
@@ -87,13 +114,16 @@ class AdapterInfo:
             "weights_digest": self.weights_digest,
             "base": self.base.to_dict(),
             "origin_kind": self.origin_kind,
-            "origin": json.loads(self.origin_text),  # a copy, without caching it here
-            "created_at": self.created_at.isoformat() + "Z",
+            "origin": origin,
+            "card_bytes": len(card_text.encode()) if isinstance(card_text, str) else None,
+            "created_at": iso_utc(self.created_at),
             "match": self.match,
             "provenance": self.provenance,
         }
         if manifest:
             d["manifest"] = self.manifest
+        if card:
+            d["card"] = card_text
         return d
 
     def to_json(self) -> str:
@@ -156,9 +186,14 @@ class VerifyProblem:
     digest: str
     problem: str
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"what": self.what, "digest": self.digest, "problem": self.problem}
+
 
 @dataclass(frozen=True)
 class VerifyReport:
+    """What ``verify`` checked and every problem it found."""
+
     checked_blobs: int
     checked_adapters: int
     problems: tuple[VerifyProblem, ...]
@@ -166,6 +201,15 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON: ``ok``, the counts (``blobs``, ``adapters``) and problems."""
+        return {
+            "ok": self.ok,
+            "blobs": self.checked_blobs,
+            "adapters": self.checked_adapters,
+            "problems": [p.to_dict() for p in self.problems],
+        }
 
 
 @dataclass(frozen=True)
@@ -178,6 +222,15 @@ class GcReport:
     dry_run: bool
     # Adapters the store's files hold that the catalog does not: `lorahub fsck` restores them.
     unrecorded: tuple[str, ...] = ()
+    # Unused blobs kept because they are younger than ``grace`` seconds (an add may be
+    # about to use one), and their bytes: `lorahub gc --grace 0` frees them.
+    kept_blobs: tuple[str, ...] = ()
+    kept_bytes: int = 0
+    grace: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON: every field, tuples as lists."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
 
 
 @dataclass(frozen=True)
@@ -197,7 +250,7 @@ class BaseInfo:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["created_at"] = self.created_at.isoformat() + "Z"
+        d["created_at"] = iso_utc(self.created_at)
         return d
 
 
@@ -218,8 +271,8 @@ class MergedInfo:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["adapters"] = [{"digest": a, "weight": w} for a, w in self.adapters]
-        d["created_at"] = self.created_at.isoformat() + "Z"
-        d["last_used_at"] = self.last_used_at.isoformat() + "Z"
+        d["created_at"] = iso_utc(self.created_at)
+        d["last_used_at"] = iso_utc(self.last_used_at)
         return d
 
 

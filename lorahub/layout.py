@@ -1,8 +1,9 @@
 """The store's folders: made on open, and refused when a link leads out of the store.
 
-``gc`` and the other cleanups delete old files under ``tmp/``, ``blobs/`` and ``merged/``;
-if one of them were a link to somewhere else they would delete there. A store whose folders
-are links out of it on purpose (blobs on another disk) says so with ``LORAHUB_ALLOW_SYMLINKS=1``.
+``gc`` and the other cleanups delete old files under ``tmp/``, ``blobs/``, ``merged/`` and
+``paths/``; if one of them were a link to somewhere else they would delete there. A store
+whose folders are links out of it on purpose (blobs on another disk) says so with
+``LORAHUB_ALLOW_SYMLINKS=1``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from .errors import StoreError
 
-FOLDERS = ("blobs", "tmp", "merged", "manifests", "bases")
+FOLDERS = ("blobs", "tmp", "merged", "manifests", "bases", "paths")
 
 
 def prepare(home: Path, *, allow_symlinks: bool = False) -> None:

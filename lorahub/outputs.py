@@ -8,7 +8,8 @@ folder holding it, the store, or an input of the command (the base model, an ada
 
 Each output's ``lorahub.json`` lists the files it wrote (``"files"``); readers that predate the
 list ignore it. Outputs written before the list existed are recognised by their fixed file
-sets (:func:`legacy_files`).
+sets (:func:`legacy_files`). What a merge copies from its base is decided here too
+(:func:`merge_aux_files`), so that list and the guard agree.
 
 Example::
 
@@ -42,9 +43,11 @@ MARKER = "lorahub.json"
 FILES_KEY = "files"
 # What an export (and a push: formats.peft_folder.FILES is this list) writes, in push order.
 EXPORT_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", MARKER)
-# A merge writes its shards, their index when there are several, and these files of the base
-# (a loader needs them next to the weights) when the base has them.
+# A merge writes its shards (named as the base's), their index when there are several, a model
+# card, and every other file of the base folder but weights (merge_aux_files). Before "files"
+# was recorded a merge wrote "model" shards, that index and these files of the base.
 MERGE_INDEX = "model.safetensors.index.json"
+MERGE_CARD = "README.md"
 MERGE_AUX_FILES = (
     "config.json",
     "generation_config.json",
@@ -62,6 +65,30 @@ MERGE_AUX_FILES = (
     "chat_template.json",
     "preprocessor_config.json",
     "processor_config.json",
+)
+# Weights in any format (never copied: the merge writes its own), and their shard indexes.
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".keras",
+    ".msgpack",
+    ".onnx",
+    ".onnx_data",
+    ".gguf",
+    ".ggml",
+    ".tflite",
+    ".ot",
+    ".pb",
+    ".npz",
+    ".npy",
+    ".pkl",
+    ".pickle",
+    ".joblib",
+    ".mlmodel",
 )
 MAX_MARKER_BYTES = 64 << 20  # as lorahub.formats.lorahub_json: larger is none of ours
 _SHARD_RE = re.compile(r"^model(?:-\d{5}-of-\d{5})?\.safetensors$")
@@ -210,6 +237,36 @@ def legacy_files(doc: dict[str, Any], names: set[str]) -> set[str] | None:
         fixed = {MARKER, MERGE_INDEX, *MERGE_AUX_FILES}
         return fixed | {n for n in names if _SHARD_RE.match(n)}
     return None
+
+
+def merge_aux_files(root: Path, *, whole_folder: bool = True) -> tuple[str, ...]:
+    """The files of the base folder ``root`` a merge copies beside its weights: every plain
+    file (configs, tokenizer assets of any name, ``*.py`` for ``trust_remote_code``...) but
+    weights of any format and their indexes, hidden files, a model card (the merge writes its
+    own) and ``lorahub.json``; in name order. Subfolders are not copied: a transformers or
+    diffusers component folder is flat, and a repo's subfolders hold other formats
+    (``original/``, ``onnx/``) or other components.
+
+    ``whole_folder`` False (a base given as one ``.safetensors`` file, whose folder may hold
+    anything): only the config and tokenizer files of :data:`MERGE_AUX_FILES`.
+    """
+    if not whole_folder:
+        return tuple(n for n in MERGE_AUX_FILES if (root / n).is_file())
+    try:
+        with os.scandir(root) as it:
+            names = sorted(e.name for e in it if e.is_file())  # links followed: HF cache
+    except OSError as exc:
+        raise MergeIOError(f"cannot read the base folder {root}: {exc.strerror or exc}") from None
+    return tuple(n for n in names if _is_aux(n))
+
+
+def _is_aux(name: str) -> bool:
+    lower = name.lower()
+    if name.startswith(".") or name == MARKER or lower == MERGE_CARD.lower():
+        return False
+    if lower.endswith(".index.json"):
+        lower = lower.removesuffix(".index.json")
+    return not lower.endswith(WEIGHT_SUFFIXES)
 
 
 def _cwd() -> Path | None:

@@ -118,8 +118,8 @@ class Resolver:
         ref = parse(self.stored_ref(reference, base))
         with self.store.reading() as run:
             infos, named = reads.candidate_infos(run, ref)
-        if not infos:
-            raise AdapterNotFound(ref.text)
+            if not infos:
+                raise reads.not_found(run, ref)
         if not named and len(infos) > 1:  # a prefix of several digests, not base variants
             raise AmbiguousReference(ref.text, [i.digest for i in infos])
         return _pick(reference, base, ctx, infos, strict=strict)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from . import manifest as mf
 from . import sources
 from .adapter import LoraAdapter
-from .aliases import StrPath
+from .aliases import Progress, StrPath
 from .digest import Digest, hash_bytes
 from .errors import InvalidReference, LorahubError
 from .formats import peft
@@ -74,6 +74,12 @@ class Importer:
         if unmapped:
             origin["unmapped_keys"] = unmapped
         folder = path if path.is_dir() else path.parent
+        if path.is_dir():  # the card of the folder, not of whatever holds a lone file
+            from .card import ORIGIN_KEY, README, read_card
+
+            card = read_card(folder / README)
+            if card is not None:  # kept beside the identity (origin), never part of it
+                origin[ORIGIN_KEY] = card
         recorded = None
         if fmt.startswith("peft") and (folder / lorahub_json.FILENAME).is_file():
             recorded = lorahub_json.identity(
@@ -112,24 +118,45 @@ class Importer:
         name: str | None,
         base: StrPath | None,
         force: bool,
+        progress: Progress | None = None,
+        on_result: Callable[[AddResult], None] | None = None,
     ) -> list[AddResult]:
         """Add every adapter :func:`sources.discover` found, after the sources it refused;
-        one bad adapter does not stop the rest."""
-        results = list(found.refused)
+        one bad adapter does not stop the rest. Returns every result, in that order.
+
+        ``on_result`` gets each result as soon as it is known (the refused sources first),
+        so a caller can report it before the next adapter is read; ``progress`` gets
+        ``(adapters_done, adapters_found)``.
+        """
         if name and len(found.adapters) > 1:
             raise InvalidReference(
                 f"--name {name} names one adapter, but {len(found.adapters)} were found; "
                 "leave it out to name each after its directory"
             )
-        for path, default in found.adapters:
+        results: list[AddResult] = []
+
+        def report(result: AddResult) -> None:
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+
+        for refused in found.refused:
+            report(refused)
+        total = len(found.adapters)
+        if progress is not None:
+            progress(0, total)
+        for done, (path, default) in enumerate(found.adapters, 1):
             try:
-                results.append(self.add(path, name=name or default, base=base, force=force))
+                result = self.add(path, name=name or default, base=base, force=force)
             except (LorahubError, OSError) as exc:
-                results.append(AddResult(str(path), "refused", reason=str(exc)))
+                result = AddResult(str(path), "refused", reason=str(exc))
             except Exception as exc:  # a bug, but one adapter's bug must not stop the batch
                 log.debug("adding %s failed", path, exc_info=True)
                 reason = f"unexpected {type(exc).__name__}: {exc} (a lorahub bug; please report it)"
-                results.append(AddResult(str(path), "refused", reason=reason))
+                result = AddResult(str(path), "refused", reason=reason)
+            report(result)
+            if progress is not None:
+                progress(done, total)
         return results
 
     def store_adapter(

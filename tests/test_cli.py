@@ -71,7 +71,7 @@ def test_errors_are_one_line_without_traceback(run, tmp_path):
     assert "refused" in res.stderr and "not valid JSON" in res.stderr
     assert "added" in res.stdout
     res = run("ls", "--filter", "colour=red", code=None)
-    assert res.exit_code == 1 and "unknown filter" in res.stderr
+    assert res.exit_code == 2 and "unknown filter" in res.stderr  # a usage error
 
 
 def test_verify_exits_nonzero_and_names_bad_blob(run, store_home, tmp_path):

@@ -195,6 +195,6 @@ def test_cli_adds_at_once_on_a_fresh_store(tmp_path):
     assert ls.returncode == 0, ls.stderr
     assert sorted(ls.stdout.split()) == sorted({"@" + x["digest"] for x in rows})
     assert len(ls.stdout.split()) == 5
-    verify = _lorahub(home, "verify", "-q")
+    verify = _lorahub(home, "verify")
     assert verify.returncode == 0, verify.stderr
     assert "5 blobs, 5 adapters: ok" in verify.stdout

@@ -130,10 +130,10 @@ def test_every_third_party_import_in_lorahub_is_a_declared_dependency():
 
 @pytest.mark.slow
 def test_quickstart_and_cli_run_with_only_the_declared_dependencies(tmp_path):
-    """What `pip install -e .` (no test extra) gives must run the README's first command and
+    """What `pip install -e .` (no dev group) gives must run the README's first command and
     the tensor-touching CLI commands, with no NumPy warning from torch."""
     hidden = _undeclared_modules()
-    assert "pytest" in hidden  # the hiding works: the test extra is not a lorahub dependency
+    assert "pytest" in hidden  # the hiding works: the dev group is not a lorahub dependency
 
     res = _run_hiding(str(ROOT / "examples" / "quickstart.py"), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -176,7 +176,7 @@ def test_wheel_install_into_fresh_venv_runs_ls(tmp_path):
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(ROOT)],
         check=True,
     )
-    (wheel,) = dist.glob("lorahub-*.whl")
+    (wheel,) = dist.glob("lorahub_store-*.whl")  # the distribution's name; the import's is lorahub
     names = zipfile.ZipFile(wheel).namelist()
     assert "lorahub/_migrations/env.py" in names
     assert any(n.startswith("lorahub/_migrations/versions/0001") for n in names)
@@ -214,3 +214,20 @@ def test_wheel_install_into_fresh_venv_runs_ls(tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
     assert (home / "lorahub.db").is_file()
+
+    # The wheel's metadata names lorahub-store; `--version` reads the package's own version.
+    res = subprocess.run(
+        [py, "-c", "import importlib.metadata as md; print(md.version('lorahub-store'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
+    import lorahub
+
+    assert res.stdout.strip() == lorahub.__version__
+    res = subprocess.run(
+        [venv / "bin" / "lorahub", "--version"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"lorahub, version {lorahub.__version__}"

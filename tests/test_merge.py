@@ -373,6 +373,7 @@ def test_output_has_config_tokenizer_and_metadata(bases, tmp_path):
             "tokenizer.json",
             "tokenizer_config.json",
             "lorahub.json",
+            "README.md",  # the merged checkpoint's card
         ]
     )
     for name in ("config.json", "generation_config.json", "tokenizer.json"):

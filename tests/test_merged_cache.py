@@ -87,7 +87,7 @@ def test_merge_cli(run, tmp_path, world):
     assert "already exists" in run("merge", world / "llama", "a", "-o", out, code=1).stderr
     run("merge", world / "llama", "a", "-o", out, "--force", "--dtype", "bfloat16")
     assert load_file(out / "model.safetensors")["lm_head.weight"].dtype == torch.bfloat16
-    bad = run("merge", world / "llama", "a", "b", "--weights", "1", "-o", tmp_path / "x", code=1)
+    bad = run("merge", world / "llama", "a", "b", "--weights", "1", "-o", tmp_path / "x", code=2)
     assert "give one each" in bad.stderr
     path = run("merged", "get", world / "llama", "a").stdout.strip()
     assert run("merged", "get", world / "llama", "a").stdout.strip() == path

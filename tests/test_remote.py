@@ -253,6 +253,10 @@ def test_round_trip_same_digest_same_show_same_logits(server, tmp_path, monkeypa
     assert a["digest"] == b["digest"] and a["manifest"] == b["manifest"]
     sha = server.commit_sha("myorg/sql-expert", "v1")
     assert b["origin_kind"] == "pull"
+    # The model card PEFT saved beside the adapter went along (kept apart from identity).
+    assert "# Model Card for Model ID" in b["card"]
+    listed = json.loads(lh(on_b, "ls", "--json"))[0]  # a listing gives the card's size only
+    assert "card" not in listed and listed["card_bytes"] == len(b["card"].encode())
     assert b["origin"] == {
         "endpoint": server.url,
         "repo_id": "myorg/sql-expert",
@@ -353,8 +357,15 @@ def test_pull_from_a_subfolder_downloads_only_the_adapter_files(server, stores, 
     assert info.digest == expected
     assert info.refs == ("someone/their-peft-adapter-my_adapter:latest",)
     downloads = [p for p in resolved_paths(server) if "/resolve/" in p]
+    # (and one ask for my_adapter/lorahub.json, whose 404 the client records in its cache)
     assert downloads and all(
-        p.endswith(("my_adapter/adapter_config.json", "my_adapter/adapter_model.safetensors"))
+        p.endswith(
+            (
+                "my_adapter/adapter_config.json",
+                "my_adapter/adapter_model.safetensors",
+                "my_adapter/lorahub.json",
+            )
+        )
         for p in downloads
     ), downloads
     assert server.bytes_downloaded == len(files["my_adapter/adapter_model.safetensors"])

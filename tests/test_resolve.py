@@ -108,9 +108,9 @@ def test_base_commands(run, tmp_path, world):
     assert "llama" in run("base", "ls").stdout
     run("add", world / "a", "-n", "sql", "--base", world / "llama")
     assert run("check", "sql", "--base", "llama").stdout.startswith("exact")
-    bad = run("check", "sql", "--base", world / "wide", code=1)
+    bad = run("check", "sql", "--base", world / "wide", code=3)  # checked: incompatible
     assert "incompatible" in bad.stdout and "[48, 48]" in bad.stdout
-    report = json.loads(run("check", "sql", "--base", world / "wide", "--json", code=1).stdout)
+    report = json.loads(run("check", "sql", "--base", world / "wide", "--json", code=3).stdout)
     assert report["status"] == "incompatible" and report["mismatched"] == 2
     assert report["problems"][0]["expected"] == [32, 32]
     got = json.loads(run("resolve", "sql", "--base", world / "llama-instruct", "--json").stdout)

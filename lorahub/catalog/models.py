@@ -7,21 +7,76 @@ Alembic revisions in ``migrations/``; a test checks they produce exactly these m
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Dialect,
     Float,
     ForeignKey,
     Index,
     Integer,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeEngine
+
+# Databases whose timestamps carry no time zone: there the column holds UTC, naive.
+_NAIVE_DIALECTS = frozenset({"mysql", "mariadb"})
+# SQLite keeps text: ISO 8601 in UTC with its offset, one fixed width, so text order is time
+# order (the index on adapters.created_at depends on it) and a reader sees the time zone.
+SQLITE_FORMAT = (
+    "%(year)04d-%(month)02d-%(day)02d %(hour)02d:%(minute)02d:%(second)02d.%(microsecond)06d+00:00"
+)
+_SQLITE_UTC = sqlite.DATETIME(
+    storage_format=SQLITE_FORMAT,
+    regexp=r"(\d+)-(\d+)-(\d+)[ T](\d+):(\d+):(\d+)(?:\.(\d+))?(?:\+00:00|Z)?$",
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A moment in time, always timezone-aware UTC in Python.
+
+    ``TIMESTAMP WITH TIME ZONE`` where the database has one (PostgreSQL); on SQLite, text
+    like ``2026-01-02 03:04:05.000000+00:00``; on MySQL, a UTC ``DATETIME``. A naive value
+    given to it is taken as UTC, as lorahub stored them before revision 0002 (which converts
+    older catalogs).
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(_SQLITE_UTC)
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = as_utc(value)
+        return value.replace(tzinfo=None) if dialect.name in _NAIVE_DIALECTS else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):  # a driver that hands back SQLite's text as is
+            value = datetime.fromisoformat(value)
+        return as_utc(value)
+
+
+def as_utc(value: datetime) -> datetime:
+    """``value`` as an aware UTC datetime; a naive one is taken to be UTC already."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
 
 
 class Base(DeclarativeBase):
@@ -35,7 +90,7 @@ class Blob(Base):
 
     digest: Mapped[str] = mapped_column(String(40), primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
-    created_at: Mapped[datetime] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class BaseModelRow(Base):
@@ -53,7 +108,7 @@ class BaseModelRow(Base):
     tensor_count: Mapped[int] = mapped_column(Integer)
     total_bytes: Mapped[int] = mapped_column(BigInteger)
     tensor_table: Mapped[str] = mapped_column(Text)  # JSON: [[name, dtype, [shape...]], ...]
-    created_at: Mapped[datetime] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class Adapter(Base):
@@ -79,7 +134,7 @@ class Adapter(Base):
     base_id: Mapped[int | None] = mapped_column(ForeignKey("base_models.id"), index=True)
     origin_kind: Mapped[str] = mapped_column(String(32), index=True)  # import | compose | pull
     origin: Mapped[str] = mapped_column(Text)  # JSON: where it came from (path, repo, ...)
-    created_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
     modules: Mapped[list[AdapterModule]] = relationship(
         back_populates="adapter", cascade="all, delete-orphan", passive_deletes=True
@@ -89,7 +144,8 @@ class Adapter(Base):
     )
 
     __table_args__ = (
-        # `ls --filter rank=N --limit K` walks this in created_at order and stops after K.
+        # `ls --filter rank=N --limit K` walks the adapters whose config says r = N in
+        # created_at order; those with a module of rank N come from ix_adapter_modules_rank.
         Index("ix_adapters_rank_created_at", "rank", "created_at"),
     )
 
@@ -115,6 +171,8 @@ class AdapterModule(Base):
         Index("ix_adapter_modules_adapter", "adapter_id"),
         Index("ix_adapter_modules_leaf", "leaf", "adapter_id"),
         Index("ix_adapter_modules_module", "module", "adapter_id"),
+        # `--filter rank=N` also matches any module of rank N (an EXISTS over this table).
+        Index("ix_adapter_modules_rank", "rank", "adapter_id"),
     )
 
 
@@ -130,7 +188,7 @@ class Ref(Base):
     adapter_id: Mapped[int] = mapped_column(
         ForeignKey("adapters.id", ondelete="CASCADE"), index=True
     )
-    created_at: Mapped[datetime] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
     adapter: Mapped[Adapter] = relationship(back_populates="refs")
 
@@ -150,5 +208,5 @@ class MergedEntry(Base):
     base_name: Mapped[str] = mapped_column(String(512))
     adapters: Mapped[str] = mapped_column(Text)  # JSON: [[digest, weight], ...]
     dtype: Mapped[str] = mapped_column(String(16))
-    created_at: Mapped[datetime] = mapped_column(DateTime)
-    last_used_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

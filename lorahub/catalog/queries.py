@@ -4,6 +4,7 @@ one transaction)."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, cast
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    """Now, timezone-aware in UTC (what the catalog's ``UTCDateTime`` columns hold)."""
+    return datetime.now(timezone.utc)
 
 
 def ensure_blob(session: Session, digest: str, size: int) -> None:
@@ -158,7 +160,8 @@ def resolve_one(session: Session, ref: Reference) -> Adapter:
     """The single adapter a reference names; errors list what it could mean."""
     rows = candidates(session, ref)
     if len(rows) != 1:
-        reads.not_one(ref, ref.name is not None, [(r.digest, base_of(r)) for r in rows])
+        found = [(r.digest, base_of(r)) for r in rows]
+        reads.not_one(runner(session), ref, ref.name is not None, found)
     return rows[0]
 
 
@@ -213,7 +216,14 @@ def to_info(row: Adapter) -> AdapterInfo:
         origin_text=row.origin,
         created_at=row.created_at,
         manifest_text=row.manifest,
+        rank_counts=rank_counts(row),
     )
+
+
+def rank_counts(row: Adapter) -> tuple[tuple[int, int], ...]:
+    """``(rank, modules)`` pairs when the adapter's modules have several ranks, else ()."""
+    counts = Counter(m.rank for m in row.modules)
+    return tuple(sorted(counts.items())) if len(counts) > 1 else ()
 
 
 def remove_ref(session: Session, name: str, tag: str, adapter_id: int | None = None) -> int:

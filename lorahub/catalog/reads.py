@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from ..digest import PREFIX, hex_prefix, prefix_range, short
@@ -27,6 +27,8 @@ Run = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
 FILTER_KEYS = ("rank", "alpha", "target", "module", "base", "dora", "rslora", "origin", "name")
 _TRUE, _FALSE = ("1", "true", "yes", "y", "on"), ("0", "false", "no", "n", "off")
 _IN_BATCH = 500  # ids per IN (...): well under every SQLite build's variable limit
+_RANK_PATTERN = '"rank_pattern":{"'  # a non-empty rank_pattern, in canonical JSON
+_SHOWN_TAGS = 10  # tags a "no adapter matches" error lists, at most
 _INFO = (
     "a.id, a.digest, a.manifest, a.weights_digest, a.size, a.rank, a.alpha, a.use_rslora, "
     "a.use_dora, a.targets, a.module_count, a.base_name, a.base_revision, a.base_signature, "
@@ -82,9 +84,12 @@ def _where(filters: Sequence[tuple[str, str]]) -> tuple[str, list[Any]]:
     conds: list[str] = []
     params: list[Any] = []
     for key, value in filters:
-        if key == "rank":
-            conds.append("a.rank = ?")
-            params.append(int(float(value)))
+        if key == "rank":  # the config's r, or any module's own (a rank_pattern)
+            conds.append(
+                "(a.rank = ? OR EXISTS (SELECT 1 FROM adapter_modules m "
+                "WHERE m.adapter_id = a.id AND m.rank = ?))"
+            )
+            params += [int(float(value))] * 2
         elif key == "alpha":
             conds.append("a.alpha = ?")
             params.append(float(value))
@@ -150,15 +155,44 @@ def resolve_info(run: Run, ref: Reference) -> AdapterInfo:
     """The single adapter a reference names; errors list what it could mean."""
     infos, by_name = candidate_infos(run, ref)
     if len(infos) != 1:
-        not_one(ref, by_name, [(i.digest, i.base) for i in infos])
+        not_one(run, ref, by_name, [(i.digest, i.base) for i in infos])
     return infos[0]
 
 
-def not_one(ref: Reference, by_name: bool, found: Sequence[tuple[str, BaseRef]]) -> None:
-    """Raise for a reference that matched nothing, or several ``(digest, base)``: by name,
-    they are variants of one ``name:tag``; else a prefix of several digests."""
+def tags_of(run: Run, name: str) -> list[str]:
+    """Every tag stored under ``name``, the most recently set first (once each, however
+    many base variants it has)."""
+    rows = run(
+        "SELECT tag FROM refs WHERE name = ? GROUP BY tag ORDER BY MAX(created_at) DESC, tag",
+        [name],
+    )
+    return [tag for (tag,) in rows]
+
+
+def not_found(run: Run, ref: Reference) -> AdapterNotFound:
+    """The error for a reference that matched nothing: for a name whose other tags exist,
+    it lists them (and says a bare name means ``:latest``), so the next try is obvious."""
+    tags = tags_of(run, ref.name) if ref.name is not None else []
+    if not tags:
+        return AdapterNotFound(ref.text)
+    bare = ":" not in ref.text
+    shown = ", ".join(format_ref(ref.name or "", t) for t in tags[:_SHOWN_TAGS])
+    more = f" and {len(tags) - _SHOWN_TAGS} more" if len(tags) > _SHOWN_TAGS else ""
+    means = f" (a bare name means {format_ref(ref.name or '', ref.tag)!r})" if bare else ""
+    return AdapterNotFound(
+        ref.text,
+        f"no adapter matches {ref.text!r}{means}; {ref.name} has tag(s): {shown}{more}. "
+        f"Name one, e.g. `{format_ref(ref.name or '', tags[0])}`, or see `lorahub ls "
+        f"--filter name={ref.name}`",
+    )
+
+
+def not_one(run: Run, ref: Reference, by_name: bool, found: Sequence[tuple[str, BaseRef]]) -> None:
+    """Raise for a reference that matched nothing (listing the name's other tags), or
+    several ``(digest, base)``: by name, they are variants of one ``name:tag``; else a
+    prefix of several digests."""
     if not found:
-        raise AdapterNotFound(ref.text)
+        raise not_found(run, ref)
     if by_name:
         lines = [f"{short(d)}  for base {b.name or b.variant or '?'}" for d, b in found]
         raise AmbiguousReference(
@@ -174,7 +208,26 @@ def not_one(ref: Reference, by_name: bool, found: Sequence[tuple[str, BaseRef]])
 def _infos(run: Run, rows: list[tuple[Any, ...]]) -> list[AdapterInfo]:
     rows = list({row[0]: row for row in rows}.values())
     refs = _refs_of(run, [row[0] for row in rows])
-    return [_info(row, refs.get(row[0], ())) for row in rows]
+    # Only a manifest whose config spells out a rank_pattern (manifest.explicit_patterns
+    # writes one whenever a module's rank is not r) can have modules of other ranks; a
+    # substring test on canonical JSON may say yes wrongly (a nested key), never no.
+    mixed = _rank_counts(run, [row[0] for row in rows if _RANK_PATTERN in row[2]])
+    return [_info(row, refs.get(row[0], ()), mixed.get(row[0], ())) for row in rows]
+
+
+def _rank_counts(run: Run, ids: Sequence[int]) -> dict[int, tuple[tuple[int, int], ...]]:
+    """``(rank, modules)`` pairs of each adapter id whose modules have several ranks."""
+    counts: dict[int, list[tuple[int, int]]] = {}
+    for chunk in (ids[i : i + _IN_BATCH] for i in range(0, len(ids), _IN_BATCH)):
+        rows = run(
+            # m.rank qualified: RANK is a reserved word in MySQL, except after a period
+            "SELECT m.adapter_id, m.rank, COUNT(*) FROM adapter_modules m WHERE m.adapter_id "
+            f"IN ({', '.join('?' * len(chunk))}) GROUP BY m.adapter_id, m.rank",
+            list(chunk),
+        )
+        for adapter_id, rank, n in rows:
+            counts.setdefault(adapter_id, []).append((int(rank), int(n)))
+    return {k: tuple(sorted(v)) for k, v in counts.items() if len(v) > 1}
 
 
 def _refs_of(run: Run, ids: Sequence[int]) -> dict[int, list[str]]:
@@ -200,7 +253,9 @@ def _refs_of(run: Run, ids: Sequence[int]) -> dict[int, list[str]]:
     return out
 
 
-def _info(row: Sequence[Any], refs: Iterable[str]) -> AdapterInfo:
+def _info(
+    row: Sequence[Any], refs: Iterable[str], rank_counts: tuple[tuple[int, int], ...] = ()
+) -> AdapterInfo:
     """An info from a row of ``_INFO`` (unpacked by position: by name costs more than the
     rest of the work when there are 100,000 rows)."""
     (
@@ -239,12 +294,18 @@ def _info(row: Sequence[Any], refs: Iterable[str]) -> AdapterInfo:
         origin_text=origin,
         created_at=_datetime(created_at),
         manifest_text=manifest,
+        rank_counts=rank_counts,
     )
 
 
 def _datetime(value: Any) -> datetime:
-    """SQLite keeps SQLAlchemy's DateTime as ISO text; other databases return datetimes."""
-    return datetime.fromisoformat(value) if isinstance(value, str) else value
+    """An aware UTC datetime, as the ORM's ``UTCDateTime`` reads it: SQLite keeps ISO text
+    (with ``+00:00`` since revision 0002), other databases return datetimes (naive ones,
+    as MySQL's, hold UTC)."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
 
 
 # ------------------------------------------------------------------------- bases

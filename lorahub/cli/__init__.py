@@ -1,8 +1,9 @@
 """The ``lorahub`` command line: thin click commands over ``lorahub.Hub``.
 
 Every ``LorahubError`` becomes ``Error: ...`` on stderr and an exit status, in one place
-(``LorahubGroup.invoke``, by the table in ``cli/errors.py``); ``LORAHUB_DEBUG=1`` shows the
-traceback instead.
+(``LorahubGroup.invoke``, by the table in ``cli/errors.py``); ``LORAHUB_DEBUG=1`` (or
+``HF_DEBUG=1``) shows the traceback instead. ``-v``/``-vv`` (or ``LORAHUB_LOG_LEVEL``) show
+the library's log records (``cli/logs.py``). Shared options: ``cli/options.py``.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from typing import Any
 
 import click
 
+from .._version import __version__
 from ..errors import LorahubError
-from .errors import EXIT_INTERRUPTED, INTERRUPTED, debugging, report
+from .errors import EXIT_CODES_HELP, EXIT_INTERRUPTED, INTERRUPTED, debugging, report
+from .options import environment_help, verbose_option
 
 # The modules that register commands, in the order a command is looked for: `ls`, `show`
 # and `resolve` load the first two only, never merge or compose code.
-COMMAND_MODULES = ("store", "base", "health", "remote", "merge", "compose")
+COMMAND_MODULES = ("store", "base", "path", "health", "remote", "merge", "compose", "env")
 
 
 class LorahubGroup(click.Group):
@@ -85,16 +88,41 @@ def _interrupted(exc: BaseException) -> bool:
     return False
 
 
-@click.group(cls=LorahubGroup, context_settings={"help_option_names": ["-h", "--help"]})
+EPILOG = "\n\n".join(
+    (
+        environment_help(
+            (
+                "LORAHUB_HOME",
+                "LORAHUB_DATABASE_URL",
+                "LORAHUB_LOG_LEVEL",
+                "LORAHUB_DEBUG",
+                "HF_DEBUG",
+                "HF_HUB_DISABLE_PROGRESS_BARS",
+            )
+        )
+        + "\n  (each command's --help lists the ones it reads)",
+        EXIT_CODES_HELP,
+        "\b\nShell completion (bash; zsh_source, fish_source likewise):\n"
+        '  eval "$(_LORAHUB_COMPLETE=bash_source lorahub)"',
+    )
+)
+
+
+@click.group(
+    cls=LorahubGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=EPILOG,
+)
 @click.option(
     "--home",
     type=click.Path(file_okay=False),
     envvar="LORAHUB_HOME",
     help="Store directory (default: $LORAHUB_HOME, else the user data directory).",
 )
-@click.version_option(package_name="lorahub", prog_name="lorahub")
+@verbose_option
+@click.version_option(__version__, prog_name="lorahub")
 @click.pass_context
-def cli(ctx: click.Context, home: str | None) -> None:
+def cli(ctx: click.Context, home: str | None, verbose: int) -> None:
     """Store, check, merge, compose and share LoRA adapters.
 
     \b
@@ -102,7 +130,15 @@ def cli(ctx: click.Context, home: str | None) -> None:
       lorahub add ./my-peft-adapter --name sql-expert:v1
       lorahub ls
     """
+    import logging
+
+    from . import logs
+
+    ctx.call_on_close(logs.configure(verbose))
     ctx.obj = {"home": home}
+    logging.getLogger(__name__).debug(
+        "lorahub %s, store %s, %s", __version__, home or "(default)", ctx.invoked_subcommand
+    )
 
 
 def main() -> None:
@@ -112,13 +148,7 @@ def main() -> None:
 
     from . import output
 
-    # The library logs; the CLI shows lorahub's warnings as one plain line each on stderr.
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("warning: %(message)s"))
-    library = logging.getLogger("lorahub")
-    library.addHandler(handler)
-    library.setLevel(logging.WARNING)
-    library.propagate = False
+    # The library logs; the group's callback shows lorahub's records on stderr (cli/logs.py).
     if not debugging():
         # SQLAlchemy's pool logs a Ctrl-C that lands while it closes a connection as an
         # error with a traceback; the CLI already says "Interrupted.".

@@ -8,7 +8,18 @@ import click
 
 from ..digest import short
 from ..units import human_size
-from .output import echo_json, hub_from, progress, table
+from .errors import EXIT_INCOMPATIBLE
+from .options import (
+    HF_CACHE_ENV,
+    STORE_ENV,
+    base_option,
+    env_vars,
+    json_option,
+    quiet_option,
+    reference_argument,
+)
+from .output import echo_json, hub_from, table
+from .progress import progress_bar
 
 
 @click.group("base")
@@ -21,12 +32,13 @@ def base_group() -> None:
     """
 
 
+@env_vars(*STORE_ENV, *HF_CACHE_ENV, "HF_HUB_DISABLE_PROGRESS_BARS")
 @base_group.command("add")
 @click.argument("source")
 @click.option("--revision", help="Branch, tag or commit, for a Hub repo id.")
 @click.option("-n", "--name", help="Name to refer to it by (default: repo id or folder name).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+@quiet_option
+@json_option
 @click.pass_context
 def base_add(
     ctx: click.Context,
@@ -39,29 +51,34 @@ def base_add(
     """Record a base model (folder, .safetensors file or Hub repo id in the HF cache).
 
     Reads the safetensors headers for the tensor table and signature, and hashes the
-    weights once (cached by file size and time) for the content hash.
+    weights once (cached by file size and time) for the content hash. -q prints the
+    content hash (the signature when the weights are not local).
 
     \b
     Examples:
       lorahub base add ./Llama-3.2-1B
       lorahub base add meta-llama/Llama-3.2-1B --revision main
     """
-    with progress("hashing", quiet) as cb:
+    with progress_bar("hashing") as cb:
         info = hub_from(ctx).add_base(source, revision=revision, name=name, progress=cb)
     if as_json:
         echo_json(info.to_dict())
+        return
+    if quiet:
+        click.echo(info.content_hash or info.signature)
         return
     click.echo(f"{info.name}: {info.tensor_count} tensors, {human_size(info.total_bytes)}")
     click.echo(f"  signature     {info.signature}")
     click.echo(f"  content hash  {info.content_hash or '(not computed: weights not local)'}")
 
 
+@env_vars(*STORE_ENV)
 @base_group.command("ls")
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="Print one content hash (or signature) per line.")
+@json_option
+@quiet_option
 @click.pass_context
 def base_ls(ctx: click.Context, as_json: bool, quiet: bool) -> None:
-    """List recorded base models.
+    """List recorded base models. -q prints each content hash (or signature).
 
     \b
     Example:
@@ -89,27 +106,43 @@ def base_ls(ctx: click.Context, as_json: bool, quiet: bool) -> None:
     table(rows, ["NAME", "CONTENT", "SIGNATURE", "TENSORS", "SIZE", "WHERE"])
 
 
+@env_vars(*STORE_ENV)
 @base_group.command("rm")
 @click.argument("reference")
+@quiet_option
+@json_option
 @click.pass_context
-def base_rm(ctx: click.Context, reference: str) -> None:
+def base_rm(ctx: click.Context, reference: str, quiet: bool, as_json: bool) -> None:
     """Forget a recorded base model (adapters made for it are kept).
+
+    -q prints its content hash (or signature); --json its record.
 
     \b
     Example:
       lorahub base rm llama-old
     """
     info = hub_from(ctx).remove_base(reference)
+    if as_json:
+        echo_json(info.to_dict())
+        return
+    if quiet:
+        click.echo(info.content_hash or info.signature)
+        return
     click.echo(f"removed base {info.name} ({short(info.content_hash or info.signature)})")
 
 
+@env_vars(*STORE_ENV, *HF_CACHE_ENV)
 @click.command()
-@click.argument("reference")
-@click.option("--base", required=True, help="Base model: folder, file, repo id or recorded name.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@reference_argument()
+@base_option(required=True)
+@quiet_option
+@json_option
 @click.pass_context
-def check(ctx: click.Context, reference: str, base: str, as_json: bool) -> None:
-    """Say whether an adapter fits a base: exact, compatible or incompatible (exit 1).
+def check(ctx: click.Context, reference: str, base: str, quiet: bool, as_json: bool) -> None:
+    """Say whether an adapter fits a base: exact, compatible or incompatible.
+
+    Exits 0 when it fits, 3 when it was checked and does not fit, 1 on an error (the
+    adapter or base could not be read). -q prints the status only.
 
     \b
     Example:
@@ -117,39 +150,26 @@ def check(ctx: click.Context, reference: str, base: str, as_json: bool) -> None:
     """
     report = hub_from(ctx).check(reference, base=base)
     if as_json:
-        echo_json(
-            {
-                "status": report.status,
-                "matched": report.matched,
-                "total": report.total,
-                "missing": report.missing,
-                "mismatched": report.mismatched,
-                "prefix_note": report.prefix_note,
-                "problems": [
-                    {
-                        "module": p.module,
-                        "base_tensor": p.base_tensor,
-                        "expected": list(p.expected) if p.expected else None,
-                        "found": list(p.found) if p.found else None,
-                        "reason": p.reason,
-                    }
-                    for p in report.problems
-                ],
-            }
-        )
+        echo_json(report.to_dict())
+    elif quiet:
+        click.echo(report.status)
     else:
         click.echo(report.summary)
     if not report.ok:
-        sys.exit(1)
+        sys.exit(EXIT_INCOMPATIBLE)
 
 
+@env_vars(*STORE_ENV, *HF_CACHE_ENV)
 @click.command()
-@click.argument("reference")
-@click.option("--base", required=True, help="Base model: folder, file, repo id or recorded name.")
-@click.option("--json", "as_json", is_flag=True, help="Print the adapter record as JSON.")
+@reference_argument()
+@base_option(required=True)
+@quiet_option
+@json_option
 @click.pass_context
-def resolve(ctx: click.Context, reference: str, base: str, as_json: bool) -> None:
+def resolve(ctx: click.Context, reference: str, base: str, quiet: bool, as_json: bool) -> None:
     """Pick the variant of NAME[:TAG] made for a base (or one that fits it).
+
+    -q prints its digest reference (@xxh128:...); --json its record.
 
     \b
     Example:
@@ -158,6 +178,9 @@ def resolve(ctx: click.Context, reference: str, base: str, as_json: bool) -> Non
     info = hub_from(ctx).resolve(reference, base=base)
     if as_json:
         echo_json(info.to_dict())
+        return
+    if quiet:
+        click.echo(f"@{info.digest}")
         return
     click.echo(f"{info.digest}  {', '.join(info.refs)}  ({info.match})")
 

@@ -5,12 +5,24 @@ from __future__ import annotations
 import click
 
 from ..compose import METHODS
+from .options import (
+    HF_CACHE_ENV,
+    STORE_ENV,
+    device_option,
+    env_vars,
+    json_option,
+    quiet_option,
+    reference_argument,
+    weights_option,
+)
 from .output import echo_json, hub_from, parse_weights, table
+from .progress import progress_bar
 
 
+@env_vars(*STORE_ENV, *HF_CACHE_ENV, "HF_HUB_DISABLE_PROGRESS_BARS")
 @click.command()
-@click.argument("adapters", nargs=-1, required=True)
-@click.option("-w", "--weights", help="One weight per adapter, comma-separated (default 1 each).")
+@reference_argument("adapters", nargs=-1, required=True)
+@weights_option
 @click.option("-m", "--method", type=click.Choice(METHODS), default="cat", show_default=True)
 @click.option("--rank", type=int, help="Rank of the result (svd, ties, dare_*, magnitude_prune).")
 @click.option("--density", type=float, help="Fraction kept by ties, dare_* and magnitude_prune.")
@@ -23,13 +35,14 @@ from .output import echo_json, hub_from, parse_weights, table
 )
 @click.option("--seed", type=int, help="Seed for dare_* (same seed, same result).")
 @click.option("-n", "--name", help="Reference for the new adapter (name or name:tag).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1...")
+@device_option(default="cpu")
 @click.option(
     "--allow-mixed-bases",
     is_flag=True,
     help="Compose adapters recorded for different base models or fan_in_fan_out layouts.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the adapter and report as JSON.")
+@quiet_option
+@json_option
 @click.pass_context
 def compose(
     ctx: click.Context,
@@ -43,12 +56,14 @@ def compose(
     name: str | None,
     device: str,
     allow_mixed_bases: bool,
+    quiet: bool,
     as_json: bool,
 ) -> None:
     """Make a new adapter from several, exactly (cat, linear) or approximately.
 
     Approximate methods print each module's relative error against the exact blend.
-    The adapters must be made for one base model (see --allow-mixed-bases).
+    The adapters must be made for one base model (see --allow-mixed-bases). -q prints the
+    new adapter's digest reference (@xxh128:...); --json the adapter and the report.
 
     \b
     Examples:
@@ -56,20 +71,25 @@ def compose(
       lorahub compose a b c --method svd --rank 32 -n blend:small
       lorahub compose a b --method ties --density 0.3 --rank 16 -n blend:ties
     """
-    result = hub_from(ctx).compose(
-        list(adapters),
-        parse_weights(weights, len(adapters)),
-        method=method,
-        rank=rank,
-        density=density,
-        majority_sign=majority_sign,
-        seed=seed,
-        name=name,
-        device=device,
-        allow_mixed_bases=allow_mixed_bases,
-    )
+    with progress_bar("composing", unit="module") as cb:
+        result = hub_from(ctx).compose(
+            list(adapters),
+            parse_weights(weights, len(adapters)),
+            method=method,
+            rank=rank,
+            density=density,
+            majority_sign=majority_sign,
+            seed=seed,
+            name=name,
+            device=device,
+            allow_mixed_bases=allow_mixed_bases,
+            progress=cb,
+        )
     if as_json:
         echo_json(result.to_dict())
+        return
+    if quiet:
+        click.echo(f"@{result.adapter.digest}")
         return
     report, info = result.report, result.adapter
     if not report.exact:

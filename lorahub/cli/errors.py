@@ -5,8 +5,16 @@ went wrong and what to do; where it summarises a lower-level failure (a database
 error, a Hub request) that the traceback shows in full, one more line says how to see it.
 Errors that are not ``LorahubError`` are bugs: the CLI lets them show, traceback and all.
 
-Every family exits with status 1 today, as before the families existed: scripts and tests
-rely on it. The table is the one place to give a family its own status.
+Exit statuses (``lorahub --help`` lists them too)::
+
+    0  success
+    1  error: the operation failed (not found, conflict, corrupt data, the Hub, the store...)
+    2  usage: a bad option, argument or --filter (click's own status for these), or a bad
+       value of one (``InvalidArgument``: --weights, --dtype, --device, a size)
+    3  `lorahub check`: checked, and the adapter does not fit the base
+    130  interrupted (Ctrl-C)
+
+The table is the one place to give a family its own status.
 
 Example::
 
@@ -23,6 +31,7 @@ from ..errors import (
     Conflict,
     CorruptData,
     Incompatible,
+    InvalidArgument,
     InvalidInput,
     LorahubError,
     NotFound,
@@ -33,9 +42,11 @@ from ..errors import (
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2  # click's own status for a bad option or argument
+EXIT_INCOMPATIBLE = 3  # `check`: the adapter was read and does not fit the base
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 DEBUG_ENV = "LORAHUB_DEBUG"
+HF_DEBUG_ENV = "HF_DEBUG"  # huggingface_hub's own debug switch shows tracebacks too
 DEBUG_HINT = f"(set {DEBUG_ENV}=1 for the traceback)"
 INTERRUPTED = "Interrupted."
 
@@ -56,6 +67,7 @@ TABLE: tuple[Outcome, ...] = (
     Outcome(Conflict, EXIT_ERROR, hint=False),
     Outcome(NotFound, EXIT_ERROR, hint=False),
     Outcome(Incompatible, EXIT_ERROR, hint=False),
+    Outcome(InvalidArgument, EXIT_USAGE, hint=False),
     Outcome(InvalidInput, EXIT_ERROR, hint=False),
     Outcome(CorruptData, EXIT_ERROR, hint=False),
     Outcome(RemoteError, EXIT_ERROR, hint=True),
@@ -78,6 +90,20 @@ def report(exc: LorahubError) -> tuple[int, str]:
     return row.code, text
 
 
+#: The exit statuses as ``lorahub --help`` shows them (its epilog).
+EXIT_CODES_HELP = (
+    "\b\nExit status:\n"
+    f"  {EXIT_OK:>3}  success\n"
+    f"  {EXIT_ERROR:>3}  error (not found, conflict, corrupt data, Hub or store failure)\n"
+    f"  {EXIT_USAGE:>3}  usage: a bad option, argument, --filter or option value\n"
+    f"  {EXIT_INCOMPATIBLE:>3}  `lorahub check`: the adapter does not fit the base\n"
+    f"  {EXIT_INTERRUPTED:>3}  interrupted (Ctrl-C)"
+)
+
+
 def debugging() -> bool:
-    """True when the user asked for tracebacks (``LORAHUB_DEBUG`` set, to anything)."""
-    return bool(os.environ.get(DEBUG_ENV))
+    """True when the user asked for tracebacks: ``LORAHUB_DEBUG`` set (to anything but
+    empty or 0), or huggingface_hub's ``HF_DEBUG``."""
+    return any(
+        os.environ.get(name, "").strip() not in ("", "0") for name in (DEBUG_ENV, HF_DEBUG_ENV)
+    )

@@ -8,21 +8,33 @@ from typing import TYPE_CHECKING
 import click
 
 from ..units import human_size
-from .output import echo_json, hub_from, parse_duration, progress
+from .options import (
+    STORE_ENV,
+    dry_run_option,
+    env_vars,
+    json_option,
+    quick_option,
+    quiet_option,
+)
+from .output import echo_json, hub_from, parse_duration
+from .progress import progress_bar
 
 if TYPE_CHECKING:
     from ..upkeep import FsckReport
 
 
+@env_vars(*STORE_ENV, "HF_HUB_DISABLE_PROGRESS_BARS")
 @click.command()
-@click.option("--quick", is_flag=True, help="Check existence and size only, no re-hashing.")
+@quick_option
 @click.option("--repair", is_flag=True, help="Run `lorahub fsck` first, then verify.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@quiet_option
+@json_option
 @click.pass_context
 def verify(ctx: click.Context, quick: bool, repair: bool, quiet: bool, as_json: bool) -> None:
     """Check the catalog, re-hash every blob and check every adapter; exit 1 if anything
     is wrong.
+
+    -q prints the digest of each bad blob or adapter (nothing when all is well).
 
     \b
     Example:
@@ -31,19 +43,15 @@ def verify(ctx: click.Context, quick: bool, repair: bool, quiet: bool, as_json: 
     hub = hub_from(ctx)
     if repair:
         fixed = hub.fsck(quick=quick)
-        if not as_json:
+        if not as_json and not quiet:
             _print_fsck(fixed)
-    with progress("verifying", quiet) as cb:
+    with progress_bar("verifying") as cb:
         report = hub.verify(quick=quick, progress=cb)
     if as_json:
-        echo_json(
-            {
-                "ok": report.ok,
-                "blobs": report.checked_blobs,
-                "adapters": report.checked_adapters,
-                "problems": [p.__dict__ for p in report.problems],
-            }
-        )
+        echo_json(report.to_dict())
+    elif quiet:
+        for digest in dict.fromkeys(p.digest for p in report.problems):
+            click.echo(digest)
     else:
         for p in report.problems:
             click.echo(f"BAD {p.what} {p.digest}: {p.problem}", err=True)
@@ -55,6 +63,7 @@ def verify(ctx: click.Context, quick: bool, repair: bool, quiet: bool, as_json: 
         sys.exit(1)
 
 
+@env_vars(*STORE_ENV)
 @click.command()
 @click.option(
     "--grace",
@@ -62,19 +71,23 @@ def verify(ctx: click.Context, quick: bool, repair: bool, quiet: bool, as_json: 
     show_default=True,
     help="Keep unreferenced blobs younger than this (90s, 30m, 1h).",
 )
-@click.option("--dry-run", is_flag=True, help="Only print what would be freed.")
+@dry_run_option
 @click.option(
     "--force",
     is_flag=True,
     help="Delete unaccounted blobs even when the catalog is empty or they are most of the store.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@quiet_option
+@json_option
 @click.pass_context
-def gc(ctx: click.Context, grace: str, dry_run: bool, force: bool, as_json: bool) -> None:
+def gc(
+    ctx: click.Context, grace: str, dry_run: bool, force: bool, quiet: bool, as_json: bool
+) -> None:
     """Delete blobs no adapter uses, stale temporary files and merge leftovers.
 
     Refuses to run on a damaged catalog, or one that cannot account for what it would
-    delete (run `lorahub fsck` first).
+    delete (run `lorahub fsck` first). -q prints each blob digest and leftover path
+    deleted (or, with --dry-run, that would be).
 
     \b
     Example:
@@ -82,7 +95,11 @@ def gc(ctx: click.Context, grace: str, dry_run: bool, force: bool, as_json: bool
     """
     report = hub_from(ctx).gc(grace=parse_duration(grace), dry_run=dry_run, force=force)
     if as_json:
-        echo_json(report.__dict__)
+        echo_json(report.to_dict())
+        return
+    if quiet:
+        for item in (*report.blobs, *report.temp_files):
+            click.echo(item)
         return
     verb = "would free" if dry_run else "freed"
     for b in report.blobs:
@@ -93,6 +110,14 @@ def gc(ctx: click.Context, grace: str, dry_run: bool, force: bool, as_json: bool
         f"{verb} {human_size(report.bytes_freed)} "
         f"({len(report.blobs)} blobs, {len(report.temp_files)} leftovers)"
     )
+    if report.kept_blobs:
+        n = len(report.kept_blobs)
+        click.echo(
+            f"note: {'would keep' if dry_run else 'kept'} {n} unused blob(s) "
+            f"({human_size(report.kept_bytes)}) younger than the {grace} grace period; "
+            f"`lorahub gc --grace 0` frees {'it' if n == 1 else 'them'} now",
+            err=True,
+        )
     if report.unrecorded:
         click.echo(
             f"note: {len(report.unrecorded)} adapter(s) in the store's files are missing from "
@@ -101,10 +126,11 @@ def gc(ctx: click.Context, grace: str, dry_run: bool, force: bool, as_json: bool
         )
 
 
+@env_vars(*STORE_ENV)
 @click.command()
-@click.option("--dry-run", is_flag=True, help="Only print what would be repaired.")
-@click.option("--quick", is_flag=True, help="Check blobs by size only, no re-hashing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@dry_run_option
+@quick_option
+@json_option
 @click.pass_context
 def fsck(ctx: click.Context, dry_run: bool, quick: bool, as_json: bool) -> None:
     """Rebuild a missing or damaged catalog from the store's own files.

@@ -8,16 +8,31 @@ import click
 
 from ..digest import short
 from ..units import human_size
-from .output import echo_json, hub_from, parse_weights, progress, table
+from .options import (
+    HF_CACHE_ENV,
+    STORE_ENV,
+    device_option,
+    dtype_option,
+    env_vars,
+    force_out_option,
+    json_option,
+    quiet_option,
+    reference_argument,
+    weights_option,
+    yes_option,
+)
+from .output import echo_json, hub_from, parse_weights, table
+from .progress import progress_bar
 
 
+@env_vars(*STORE_ENV, *HF_CACHE_ENV, "HF_HUB_DISABLE_PROGRESS_BARS")
 @click.command()
 @click.argument("base")
-@click.argument("adapters", nargs=-1, required=True)
+@reference_argument("adapters", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("-w", "--weights", help="One weight per adapter, comma-separated (default 1 each).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1...")
-@click.option("--dtype", help="Output dtype (bfloat16, float16, float32); default: the base's.")
+@weights_option
+@device_option
+@dtype_option
 @click.option(
     "--max-shard-size",
     default="5GB",
@@ -25,13 +40,9 @@ from .output import echo_json, hub_from, parse_weights, progress, table
     callback=lambda ctx, param, value: _size(value),
     help="Largest output file (5GB, 500MB, 2GiB).",
 )
-@click.option(
-    "--force",
-    is_flag=True,
-    help="Replace OUT if it is an earlier lorahub output (never other files, the base or '.').",
-)
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@force_out_option
+@quiet_option
+@json_option
 @click.pass_context
 def merge(
     ctx: click.Context,
@@ -50,7 +61,7 @@ def merge(
 
     Streams one tensor at a time (memory bounded by the largest tensor), on the GPU when
     there is one; the folder appears only when complete. OUT must be new or empty; --force
-    replaces an earlier lorahub output there, nothing else.
+    replaces an earlier lorahub output there, nothing else. -q prints the folder's path.
 
     \b
     Examples:
@@ -60,7 +71,7 @@ def merge(
       lorahub merge ./Llama-3.2-1B ./my-peft-adapter -o ./merged   (added to the store first)
     """
     hub = hub_from(ctx)
-    with progress("merging", quiet) as cb:
+    with progress_bar("merging") as cb:
         result = hub.merge(
             base,
             list(adapters),
@@ -73,17 +84,10 @@ def merge(
             progress=cb,
         )
     if as_json:
-        echo_json(
-            {
-                "path": str(result.path),
-                "tensors": result.tensors,
-                "merged": result.merged,
-                "bytes_written": result.bytes_written,
-                "seconds": result.seconds,
-                "device": result.device,
-                "dtype": result.dtype,
-            }
-        )
+        echo_json(result.to_dict())
+        return
+    if quiet:
+        click.echo(str(result.path))
         return
     click.echo(
         f"{result.path}: {result.merged} of {result.tensors} tensors merged, "
@@ -113,13 +117,15 @@ def merged_group() -> None:
     """
 
 
+@env_vars(*STORE_ENV, *HF_CACHE_ENV, "LORAHUB_MERGED_MAX_BYTES", "HF_HUB_DISABLE_PROGRESS_BARS")
 @merged_group.command("get")
 @click.argument("base")
-@click.argument("adapters", nargs=-1, required=True)
-@click.option("-w", "--weights", help="One weight per adapter, comma-separated.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", help="Output dtype; default: the base's.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@reference_argument("adapters", nargs=-1, required=True)
+@weights_option
+@device_option
+@dtype_option
+@quiet_option
+@json_option
 @click.pass_context
 def merged_get(
     ctx: click.Context,
@@ -129,14 +135,17 @@ def merged_get(
     device: str,
     dtype: str | None,
     quiet: bool,
+    as_json: bool,
 ) -> None:
     """Print the path of the merged checkpoint, merging only the first time.
+
+    -q prints the path too, with no progress; --json the path and the inputs.
 
     \b
     Example:
       vllm serve "$(lorahub merged get ./Llama-3.2-1B sql-expert)"
     """
-    with progress("merging", quiet) as cb:
+    with progress_bar("merging") as cb:
         path = hub_from(ctx).merged(
             base,
             list(adapters),
@@ -145,15 +154,19 @@ def merged_get(
             dtype=dtype,
             progress=cb,
         )
+    if as_json:
+        echo_json({"path": str(path), "base": base, "adapters": list(adapters), "weights": weights})
+        return
     click.echo(str(path))
 
 
+@env_vars(*STORE_ENV)
 @merged_group.command("ls")
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="Print one key per line.")
+@json_option
+@quiet_option
 @click.pass_context
 def merged_ls(ctx: click.Context, as_json: bool, quiet: bool) -> None:
-    """List merged checkpoints, most recently used first.
+    """List merged checkpoints, most recently used first. -q prints each key.
 
     \b
     Example:
@@ -181,13 +194,25 @@ def merged_ls(ctx: click.Context, as_json: bool, quiet: bool) -> None:
     table(rows, ["KEY", "BASE", "ADAPTERS", "DTYPE", "SIZE", "LAST USED"])
 
 
+@env_vars(*STORE_ENV)
 @merged_group.command("rm")
 @click.argument("keys", nargs=-1)
 @click.option("--all", "everything", is_flag=True, help="Remove every merged checkpoint.")
-@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@yes_option
+@quiet_option
+@json_option
 @click.pass_context
-def merged_rm(ctx: click.Context, keys: tuple[str, ...], everything: bool, yes: bool) -> None:
+def merged_rm(
+    ctx: click.Context,
+    keys: tuple[str, ...],
+    everything: bool,
+    yes: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
     """Delete merged checkpoints by key (8+ hex) or all of them.
+
+    -q prints each removed key; --json the list of them.
 
     \b
     Example:
@@ -201,8 +226,12 @@ def merged_rm(ctx: click.Context, keys: tuple[str, ...], everything: bool, yes: 
         what = "every merged checkpoint" if everything else ", ".join(keys)
         if not click.confirm(f"Remove {what}?", default=False, err=True):
             sys.exit(1)
-    for key in hub_from(ctx).merged_remove(list(keys), all=everything):
-        click.echo(f"removed {key}")
+    removed = hub_from(ctx).merged_remove(list(keys), all=everything)
+    if as_json:
+        echo_json(list(removed))
+        return
+    for key in removed:
+        click.echo(key if quiet else f"removed {key}")
 
 
 def register(group: click.Group) -> None:

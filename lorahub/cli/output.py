@@ -1,18 +1,15 @@
-"""Printing helpers for the CLI: tables, JSON, sizes and progress bars."""
+"""Printing helpers for the CLI: tables, JSON and sizes (progress bars: :mod:`.progress`)."""
 
 from __future__ import annotations
 
 import gc
 import json
 import math
-import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..aliases import Progress
 from ..errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -62,33 +59,6 @@ def table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> None:
     widths = [max(map(len, column)) for column in zip(headers, *rows, strict=True)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     click.echo("\n".join(fmt.format(*row).rstrip() for row in (headers, *rows)))
-
-
-def show_progress(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
-
-
-@contextmanager
-def progress(label: str, quiet: bool) -> Iterator[Progress | None]:
-    """A ``(done, total)`` callback drawing a bar on stderr, or None when not on a TTY."""
-    if not show_progress(quiet):
-        yield None
-        return
-    bar_holder: dict[str, Any] = {}
-
-    def update(done: int, total: int) -> None:
-        bar = bar_holder.get("bar")
-        if bar is None:
-            bar = click.progressbar(length=max(total, 1), label=label, file=sys.stderr)
-            bar.__enter__()
-            bar_holder["bar"] = bar
-        bar.update(done - bar.pos)
-
-    try:
-        yield update
-    finally:
-        if "bar" in bar_holder:
-            bar_holder["bar"].__exit__(None, None, None)
 
 
 def parse_duration(text: str) -> float:

@@ -5,19 +5,31 @@ from __future__ import annotations
 import click
 
 from ..units import human_size
-from .output import echo_json, hub_from, show_progress
+from . import progress
+from .logs import hf_duplicates_dropped
+from .options import (
+    HUB_ENV,
+    STORE_ENV,
+    base_option,
+    env_vars,
+    json_option,
+    quiet_option,
+    reference_argument,
+)
+from .output import echo_json, hub_from
 
 
+@env_vars(*STORE_ENV, *HUB_ENV, "HF_HUB_DISABLE_PROGRESS_BARS")
 @click.command()
-@click.argument("reference")
+@reference_argument()
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo private (when it is created).")
 @click.option("--revision", help="Branch to push to (default main; created if missing).")
 @click.option("--tag", help="Tag the pushed commit (e.g. v1).")
 @click.option("--path-in-repo", help="Folder inside the repo to push into.")
-@click.option("--base", help="Push the variant of REFERENCE made for this base model.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="Print only the commit URL; no progress bars.")
+@base_option
+@json_option
+@quiet_option
 @click.pass_context
 def push(
     ctx: click.Context,
@@ -35,6 +47,8 @@ def push(
 
     Creates the repo if needed. Files already there are not uploaded again; an unchanged
     adapter makes no commit. Uses your Hugging Face token (HF_TOKEN or `hf auth login`).
+    --base pushes the variant of REFERENCE made for that base model. -q prints the commit
+    URL (the pushed state's identifier: it names the repo and the commit).
 
     \b
     Examples:
@@ -44,7 +58,7 @@ def push(
     from ..remote import progress_bars
 
     hub = hub_from(ctx)
-    with progress_bars(show_progress(quiet or as_json)):
+    with progress_bars(progress.enabled(quiet or as_json)), hf_duplicates_dropped():
         result = hub.push(
             reference,
             repo_id,
@@ -79,13 +93,14 @@ def push(
     click.echo(result.commit_url)
 
 
+@env_vars(*STORE_ENV, *HUB_ENV, "HF_HUB_DISABLE_PROGRESS_BARS")
 @click.command()
 @click.argument("repo_id")
 @click.option("--revision", help="Branch, tag or commit (or write REPO_ID@REVISION).")
 @click.option("--subfolder", help="Folder of the repo that holds the adapter.")
 @click.option("-n", "--name", help="Reference to give it (default: the repo id, tag = revision).")
-@click.option("--json", "as_json", is_flag=True, help="Print the stored adapter as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="Print only the digest; no progress bars.")
+@json_option
+@quiet_option
 @click.pass_context
 def pull(
     ctx: click.Context,
@@ -99,7 +114,8 @@ def pull(
     """Import a PEFT adapter from a Hugging Face Hub repo (any PEFT adapter repo works).
 
     Downloads only the adapter files, through the Hugging Face cache: a repo already there
-    costs no download. With HF_HUB_OFFLINE=1 the cache alone is used.
+    costs no download. With HF_HUB_OFFLINE=1 the cache alone is used. -q prints the
+    stored adapter's digest reference (@xxh128:...).
 
     \b
     Examples:
@@ -109,7 +125,7 @@ def pull(
     from ..remote import progress_bars
 
     hub = hub_from(ctx)
-    with progress_bars(show_progress(quiet or as_json)):
+    with progress_bars(progress.enabled(quiet or as_json)), hf_duplicates_dropped():
         info = hub.pull(repo_id, revision=revision, subfolder=subfolder, name=name)
     if as_json:
         echo_json(info.to_dict())

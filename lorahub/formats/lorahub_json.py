@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FILENAME = "lorahub.json"
+#: The config values an export wrote instead of the stored ones (``export --base-model-id``):
+#: ``{"base_model_name_or_path": <value in adapter_config.json>}``. No part of the digest.
+REWRITTEN = "rewritten"
+_REWRITABLE = ("base_model_name_or_path",)
 #: A manifest is a few hundred bytes per module; anything this large is not one of ours.
 MAX_BYTES = 64 << 20
 
@@ -46,6 +50,11 @@ def read(path: Path, label: str) -> tuple[str, dict[str, Any]]:
         InvalidAdapter: not JSON, not a lorahub.json, or written by a newer lorahub.
         CorruptData: the manifest does not hash to the digest stated.
     """
+    digest, manifest, _ = _read(path, label)
+    return digest, manifest
+
+
+def _read(path: Path, label: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     try:
         size = path.stat().st_size
         if size > MAX_BYTES:
@@ -92,7 +101,7 @@ def read(path: Path, label: str) -> tuple[str, dict[str, Any]]:
             actual=actual,
             path=path,
         )
-    return digest, manifest
+    return digest, manifest, doc
 
 
 def identity(adapter: LoraAdapter, path: Path, label: str, *, cause: str) -> Recorded | None:
@@ -108,13 +117,14 @@ def identity(adapter: LoraAdapter, path: Path, label: str, *, cause: str) -> Rec
     Returns:
         The recorded digest, base and provenance; None for a manifest of another schema (an
         older lorahub's identity rules: it cannot be recomputed, so the adapter comes in as
-        plain PEFT, with a warning logged).
+        plain PEFT, with a warning logged). A config value an export rewrote (see
+        :data:`REWRITTEN`) is set back in ``adapter.config`` to the stored one first.
 
     Raises:
         CorruptData: the files do not make the adapter lorahub.json describes.
         InvalidAdapter: an unreadable lorahub.json, or one without a provenance object.
     """
-    digest, manifest = read(path, label)
+    digest, manifest, doc = _read(path, label)
     if manifest.get("schema") != mf.SCHEMA:
         log.warning(
             "%s: lorahub.json uses manifest schema %r, this lorahub writes %d; imported as a "
@@ -131,6 +141,7 @@ def identity(adapter: LoraAdapter, path: Path, label: str, *, cause: str) -> Rec
     provenance = manifest.get("provenance")
     if not isinstance(provenance, dict):
         raise InvalidAdapter(f"{label}: lorahub.json has no provenance object")
+    _restore(adapter, doc.get(REWRITTEN), manifest.get("config"))
     data = peft.canonical_weights(adapter)
     weights = hash_bytes(data)
     ours = mf.build(adapter, weights, len(data), base, provenance)
@@ -150,3 +161,16 @@ def identity(adapter: LoraAdapter, path: Path, label: str, *, cause: str) -> Rec
             path=path,
         )
     return Recorded(digest, base, provenance)
+
+
+def _restore(adapter: LoraAdapter, rewritten: Any, config: Any) -> None:
+    """Set back the config values an export rewrote, where the files hold exactly the value
+    lorahub.json says was written; anything else is left for the digest check to refuse."""
+    if not isinstance(rewritten, dict) or not isinstance(config, dict):
+        return
+    for key in _REWRITABLE:
+        if key in rewritten and adapter.config.get(key) == rewritten[key]:
+            if key in config:
+                adapter.config[key] = config[key]
+            else:
+                adapter.config.pop(key, None)

@@ -3,17 +3,23 @@
 One function writes both, so an exported folder and a pushed repo hold the same files with the
 same bytes: ``adapter_config.json``, ``adapter_model.safetensors``, a ``README.md`` model card
 and ``lorahub.json`` (the digest and manifest, for a lorahub that imports it later). Every file
-is a pure function of the adapter and the title, so writing twice gives identical bytes.
+is a pure function of the adapter and the arguments, so writing twice gives identical bytes.
+
+An export may write another ``base_model_name_or_path`` than the stored config's (a Hub repo id
+rather than the training machine's path: ``export --base-model-id``); ``lorahub.json`` then
+records the value written (``"rewritten"``), so an import restores the stored one and keeps the
+adapter's digest.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ..card import adapter_card
+from ..card import README, adapter_card
 from ..manifest import lorahub_json_text
 from ..outputs import EXPORT_FILES
 from . import lorahub_json, peft
@@ -21,12 +27,12 @@ from . import lorahub_json, peft
 if TYPE_CHECKING:
     from ..info import AdapterInfo
 
-README = "README.md"
 LORAHUB_JSON = lorahub_json.FILENAME
 #: Every file of the folder, in the order a push commits them: the list ``export --force``
 #: checks an earlier export against (``peft.CONFIG``, ``peft.SAFETENSORS``, README,
 #: LORAHUB_JSON), kept in :mod:`lorahub.outputs`, which must not import the formats.
 FILES = EXPORT_FILES
+BASE_KEY = "base_model_name_or_path"
 
 
 def write_peft_folder(
@@ -38,6 +44,11 @@ def write_peft_folder(
     title: str | None = None,
     list_files: bool = True,
     fsync: bool = False,
+    repo_id: str | None = None,
+    subfolder: str | None = None,
+    base_model_id: str | None = None,
+    rewrite_base: bool = False,
+    config_base: str | None = None,
 ) -> dict[str, Path]:
     """Write ``info``'s PEFT folder into the existing directory ``out``.
 
@@ -53,6 +64,12 @@ def write_peft_folder(
             leaves them out.
         fsync: flush every file written to disk before returning (before a rename publishes
             the folder).
+        repo_id, subfolder: where the folder is published (a push's repo), for the card's
+            usage snippet.
+        base_model_id: the base's Hub repo id for the card's ``base_model`` (default: the
+            config's ``base_model_name_or_path`` when it is a repo id).
+        rewrite_base: write ``config_base`` as the config's ``base_model_name_or_path``
+            (None writes null), recorded in ``lorahub.json``; an export's.
 
     Returns:
         Each file's name in the folder mapped to its local path, in :data:`FILES` order.
@@ -68,12 +85,24 @@ def write_peft_folder(
     if copy_weights:
         shutil.copyfile(weights, out / peft.SAFETENSORS)
         written.append(out / peft.SAFETENSORS)
-    peft.write_config(info.config, out)
+    config = info.config
+    rewritten: dict[str, Any] = {}
+    if rewrite_base and config.get(BASE_KEY) != config_base:
+        config[BASE_KEY] = rewritten[BASE_KEY] = config_base
+    peft.write_config(config, out)
     written.append(out / peft.CONFIG)
-    (out / README).write_text(adapter_card(info, title=title), encoding="utf-8")
+    card = adapter_card(
+        info, title=title, repo_id=repo_id, subfolder=subfolder, base_model_id=base_model_id
+    )
+    (out / README).write_text(card, encoding="utf-8")
     written.append(out / README)
     names = FILES if list_files else None
-    (out / LORAHUB_JSON).write_text(lorahub_json_text(info.digest, info.manifest, names), "utf-8")
+    text = lorahub_json_text(info.digest, info.manifest, names)
+    if rewritten:
+        doc = json.loads(text)
+        doc[lorahub_json.REWRITTEN] = rewritten
+        text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    (out / LORAHUB_JSON).write_text(text, "utf-8")
     written.append(out / LORAHUB_JSON)
     if fsync:
         for path in written:

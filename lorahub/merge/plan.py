@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..compat import check, require
 from ..device import resolve_device as choose_device
 from ..dtypes import ALIASES, DTYPE_BITS, FLOAT_DTYPES
 from ..errors import IncompatibleMerge, InvalidArgument, InvalidMergeArgument
-from ..outputs import MERGE_AUX_FILES
+from ..outputs import merge_aux_files
 
 if TYPE_CHECKING:
     import torch
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
     from ..compat import CompatReport
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
+# A checkpoint file's name: its stem, then a shard number.
+_WEIGHTS_NAME = re.compile(r"^(?P<stem>[^/\\]+?)(?:-\d{5}-of-\d{5})?\.safetensors$")
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,12 @@ class MergePlan:
     dtype: str | None
     aux_files: tuple[str, ...]
     aux_bytes: int
+    stem: str = "model"  # the base's weight file naming: model, diffusion_pytorch_model...
+
+    @property
+    def index_name(self) -> str:
+        """The shard index's name (``model.safetensors.index.json``), written with shards."""
+        return f"{self.stem}.safetensors.index.json"
 
     @property
     def merged(self) -> int:
@@ -175,10 +185,29 @@ def plan_merge(
         raise InvalidMergeArgument(f"max_shard_size must be positive, got {max_shard_size}")
 
     touches, replaced, reports = _collect(base, adapters, weights)
-    plans, shards = _layout(base, touches, replaced, out_dtype, max_shard_size)
-    aux = tuple(a for a in MERGE_AUX_FILES if base.root is not None and (base.root / a).is_file())
+    stem = weights_stem(base.files)
+    plans, shards = _layout(base, touches, replaced, out_dtype, max_shard_size, stem)
+    aux: tuple[str, ...] = ()
+    if base.root is not None:
+        aux = merge_aux_files(base.root, whole_folder=not one_file(base))
     aux_bytes = sum((base.root / a).stat().st_size for a in aux) if base.root else 0
-    return MergePlan(plans, shards, weights, reports, out_dtype, aux, aux_bytes)
+    return MergePlan(plans, shards, weights, reports, out_dtype, aux, aux_bytes, stem)
+
+
+def one_file(base: BaseModel) -> bool:
+    """Whether the base was given as one ``.safetensors`` file: its folder may hold anything,
+    so a merge copies only known config and tokenizer files from it."""
+    if base.root is None or len(base.files) != 1:
+        return False
+    return base.root / base.files[0] == Path(base.source).expanduser().absolute()
+
+
+def weights_stem(files: Sequence[str]) -> str:
+    """The base's weight file naming, which the output keeps so that the loader of its kind
+    finds it: ``diffusion_pytorch_model`` for a diffusers folder, ``model`` otherwise (also
+    when the base's files have no one stem)."""
+    stems = {m.group("stem") for m in map(_WEIGHTS_NAME.match, files) if m is not None}
+    return stems.pop() if len(stems) == 1 else "model"
 
 
 def normalize_dtype(dtype: str | None) -> str | None:
@@ -239,6 +268,7 @@ def _layout(
     replaced: Mapping[str, tuple[int, str]],
     out_dtype: str | None,
     max_shard_size: int,
+    stem: str = "model",
 ) -> tuple[tuple[TensorPlan, ...], tuple[ShardPlan, ...]]:
     """Output tensors in the order they lie in the base files, packed greedily into shards."""
     file_index: dict[str | None, int] = {name: k for k, name in enumerate(base.files)}
@@ -268,7 +298,7 @@ def _layout(
         )
         size += nbytes
     bounds.append((first, len(plans) - first, size))
-    names = _shard_names(len(bounds))
+    names = _shard_names(len(bounds), stem)
     shards = tuple(
         ShardPlan(names[k], f, c, b, _header(plans[f : f + c]))
         for k, (f, c, b) in enumerate(bounds)
@@ -276,10 +306,10 @@ def _layout(
     return tuple(plans), shards
 
 
-def _shard_names(count: int) -> list[str]:
+def _shard_names(count: int, stem: str = "model") -> list[str]:
     if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
 
 
 def _header(plans: Sequence[TensorPlan]) -> bytes:

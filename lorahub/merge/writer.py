@@ -31,9 +31,9 @@ from ..aliases import Progress
 from ..dtypes import FLOAT_DTYPES, TORCH_NAMES
 from ..errors import LorahubError, MergeIOError, MergeOutputConflict
 from ..fsutil import fsync_dir, process_alive, publish_dir
-from ..outputs import FILES_KEY, MARKER, MERGE_INDEX, Input, check_output
+from ..outputs import FILES_KEY, MARKER, MERGE_CARD, Input, check_output
 from ..units import human_size
-from .plan import DEFAULT_MAX_SHARD_SIZE, MergePlan, plan_merge, resolve_device
+from .plan import DEFAULT_MAX_SHARD_SIZE, MergePlan, one_file, plan_merge, resolve_device
 from .source import Copy, Sources
 from .stream import stream_merged
 
@@ -62,6 +62,18 @@ class MergeResult:
     device: str
     dtype: str
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON (the path as a string)."""
+        return {
+            "path": str(self.path),
+            "tensors": self.tensors,
+            "merged": self.merged,
+            "bytes_written": self.bytes_written,
+            "seconds": self.seconds,
+            "device": self.device,
+            "dtype": self.dtype,
+        }
+
 
 def merge_to_dir(
     base: BaseModel,
@@ -79,12 +91,15 @@ def merge_to_dir(
 ) -> MergeResult:
     """Merge adapters into the base and write a checkpoint directory transformers can load.
 
-    The output holds safetensors shards (``model.safetensors``, or ``model-0000k-of-0000n``
-    plus ``model.safetensors.index.json``), the base's config, generation config and
-    tokenizer files, and ``lorahub.json`` describing the merge (``extra_metadata`` keys are
-    added at its top level, e.g. ``base_content_hash`` and ``adapters`` digests). It is
-    written to a temporary directory beside ``out``, synced, then renamed into place: an
-    interrupted merge never leaves a directory at ``out``.
+    The output holds safetensors shards named as the base's (``model.safetensors``, or
+    ``model-0000k-of-0000n`` plus ``model.safetensors.index.json``; a diffusers folder's
+    ``diffusion_pytorch_model...``), every other file of the base folder but weights (configs,
+    tokenizer files, ``*.py`` for ``trust_remote_code``: :func:`lorahub.outputs.merge_aux_files`),
+    a ``README.md`` model card (``base_model_relation: merge``, the inputs), and
+    ``lorahub.json`` describing the merge (``extra_metadata`` keys are added at its top level,
+    e.g. ``base_content_hash`` and ``adapters`` digests). It is written to a temporary
+    directory beside ``out``, synced, then renamed into place: an interrupted merge never
+    leaves a directory at ``out``.
 
     Args:
         out: the directory to create.
@@ -133,6 +148,7 @@ def merge_to_dir(
         try:
             written = _write_checkpoint(tmp, plan, adapters, sources, dev, progress)
             doc = _metadata(base, plan, adapters, dev, extra_metadata)
+            written += _write_file(tmp / MERGE_CARD, _card(base, plan, doc).encode())
             written += _write_file(tmp / MARKER, json.dumps(doc, indent=2).encode())
             fsync_dir(tmp)
             # Checked again: during a long merge someone may have put files at ``out``.
@@ -209,7 +225,7 @@ def _write_checkpoint(
             "metadata": {"total_size": plan.data_bytes},
             "weight_map": {tp.name: plan.shards[tp.shard].name for tp in plan.tensors},
         }
-        written += _write_file(tmp / MERGE_INDEX, json.dumps(index, indent=2).encode())
+        written += _write_file(tmp / plan.index_name, json.dumps(index, indent=2).encode())
     for name in plan.aux_files:
         written += _copy_aux(sources.root / name, tmp / name, plan.dtype)
     return written
@@ -385,9 +401,34 @@ def _metadata(
     }
     doc.update(extra or {})
     # What this merge writes, so a later --force knows the folder holds nothing else.
-    files = [s.name for s in plan.shards] + ([MERGE_INDEX] if len(plan.shards) > 1 else [])
-    doc[FILES_KEY] = sorted([*files, *plan.aux_files, MARKER])
+    files = [s.name for s in plan.shards] + ([plan.index_name] if len(plan.shards) > 1 else [])
+    doc[FILES_KEY] = sorted([*files, *plan.aux_files, MERGE_CARD, MARKER])
     return doc
+
+
+def _card(base: BaseModel, plan: MergePlan, doc: Mapping[str, Any]) -> str:
+    """The merged checkpoint's model card, from the base's card and config and the inputs
+    ``doc`` (this merge's ``lorahub.json``) records."""
+    from ..card import README, merged_card, read_card
+
+    config: dict[str, Any] | None = None
+    card = None
+    if base.root is not None:
+        if not one_file(base):  # a lone file's folder may hold another model's card
+            card = read_card(base.root / README)
+        with contextlib.suppress(OSError, ValueError, RecursionError):
+            loaded = json.loads((base.root / "config.json").read_bytes())
+            config = loaded if isinstance(loaded, dict) else None
+    inputs = doc.get("adapters")
+    return merged_card(
+        base_repo_id=base.repo_id,
+        base_revision=base.revision,
+        base_card=card,
+        base_config=config,
+        adapters=[a for a in inputs if isinstance(a, dict)] if isinstance(inputs, list) else [],
+        weights=plan.weights,
+        dtype=str(doc.get("dtype")),
+    )
 
 
 def _result_dtype(plan: MergePlan) -> str:

@@ -8,7 +8,6 @@ against the size and hash the Hub lists; with ``HF_HUB_OFFLINE`` the cache alone
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import logging
 import os
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import hfenv
 from .. import manifest as mf
+from ..card import MAX_CARD_BYTES, ORIGIN_KEY, README, read_card
 from ..dtypes import is_known, nbytes
 from ..errors import CorruptData, InvalidAdapter, LorahubError, RemoteError
 from ..formats import lorahub_json, peft
@@ -30,10 +30,8 @@ from .repo import (
     DEFAULT_REVISION,
     check_repo_id,
     clean_subpath,
-    git_blob_oid,
     is_safe_repo_path,
     public_url,
-    sha256_file,
 )
 
 if TYPE_CHECKING:
@@ -65,6 +63,7 @@ class RemoteAdapter:
     weights: Path
     lorahub_json: Path | None
     offline: bool = False
+    card: Path | None = None  # the README.md beside the adapter, when it has one
 
     @property
     def label(self) -> str:
@@ -87,6 +86,9 @@ class RemoteAdapter:
         }
         if self.subfolder:
             origin["subfolder"] = self.subfolder
+        card = read_card(self.card) if self.card is not None else None
+        if card is not None:  # kept beside the identity, never part of it
+            origin[ORIGIN_KEY] = card
         return origin
 
 
@@ -95,9 +97,9 @@ def download_adapter(
 ) -> RemoteAdapter:
     """Fetch the adapter files of ``repo_id`` at ``revision`` into the Hugging Face cache.
 
-    Only ``adapter_config.json``, the weights (safetensors, else ``.bin``) and ``lorahub.json``
-    are downloaded, each checked against the size and hash the Hub lists. With
-    ``HF_HUB_OFFLINE`` the cache alone is used.
+    Only ``adapter_config.json``, the weights (safetensors, else ``.bin``), ``lorahub.json``
+    and the model card (``README.md``) beside them are downloaded, each checked against the
+    size and hash the Hub lists. With ``HF_HUB_OFFLINE`` the cache alone is used.
 
     Raises:
         RemoteError: missing or private repo, missing revision, gated repo, hostile listing,
@@ -165,7 +167,8 @@ def _download(repo_id: str, rev: str, sub: str | None) -> RemoteAdapter:
         _verify(folder / path, siblings[path], label)
     manifest = _in(sub, LORAHUB_JSON)
     if manifest not in chosen:
-        _remember_absent(folder, manifest)
+        _ask_absent(repo_id, manifest, str(info.sha), ep, cache_dir)
+    card = _in(sub, README)
     return RemoteAdapter(
         endpoint=public_url(ep),
         repo_id=repo_id,
@@ -175,16 +178,27 @@ def _download(repo_id: str, rev: str, sub: str | None) -> RemoteAdapter:
         folder=folder / sub if sub else folder,
         weights=folder / weights,
         lorahub_json=folder / manifest if manifest in chosen else None,
+        card=folder / card if card in chosen else None,
     )
 
 
-def _remember_absent(snapshot: Path, name: str) -> None:
-    """Record in the cache, as huggingface_hub does after a 404, that this commit has no
-    ``name``: an offline pull can then tell "absent" from "never asked for"."""
-    marker = snapshot.parent.parent / ".no_exist" / snapshot.name / name
-    with contextlib.suppress(OSError):
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
+def _ask_absent(repo_id: str, name: str, commit: str, ep: str, cache_dir: str) -> None:
+    """Ask the Hub for ``name``, which the listing of ``commit`` lacks, so that its 404 is
+    recorded in the cache by huggingface_hub itself: an offline pull can then tell "absent"
+    from "never asked for". One small request, once per commit; best effort."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError
+
+    known = try_to_load_from_cache(repo_id, name, revision=commit, cache_dir=cache_dir)
+    if known is not None:  # already known absent (or, oddly, present)
+        return
+    try:
+        hf_hub_download(repo_id, name, revision=commit, endpoint=ep, cache_dir=cache_dir)
+        log.debug("%s@%s has %s although its listing did not", repo_id, commit[:12], name)
+    except (EntryNotFoundError, OSError) as exc:
+        # The 404 is the expected answer (now in the cache as .no_exist/<commit>/<name>);
+        # any other failure only means a later offline pull warns that it cannot tell.
+        log.debug("asked %s@%s for %s: %s", repo_id, commit[:12], name, exc)
 
 
 def _refuse_hostile(repo_id: str, ep: str, siblings: Mapping[str, Any]) -> None:
@@ -224,6 +238,9 @@ def _choose(label: str, sub: str | None, siblings: Mapping[str, Any]) -> list[st
     chosen = [config, weights]
     if _in(sub, LORAHUB_JSON) in siblings:
         chosen.append(_in(sub, LORAHUB_JSON))
+    card = siblings.get(_in(sub, README))
+    if card is not None and (card.size or 0) <= MAX_CARD_BYTES:
+        chosen.append(_in(sub, README))
     return chosen
 
 
@@ -278,9 +295,9 @@ def _verify(path: Path, sibling: Any, label: str) -> None:
             path=path,
         )
     if sibling.lfs is not None:
-        expected, got = sibling.lfs.sha256, sha256_file(path)
+        expected, got = sibling.lfs.sha256, _sha256(path)
     elif sibling.blob_id:
-        expected, got = sibling.blob_id, git_blob_oid(path)
+        expected, got = sibling.blob_id, _git_oid(path)
     else:
         return
     if expected != got:
@@ -303,9 +320,9 @@ def _verify_cached(path: Path, label: str) -> None:
     """
     blob = Path(os.path.realpath(path)).name
     if _SHA256.match(blob):
-        got = sha256_file(path)
+        got = _sha256(path)
     elif COMMIT.match(blob):
-        got = git_blob_oid(path)
+        got = _git_oid(path)
     else:
         return
     if got != blob:
@@ -317,6 +334,21 @@ def _verify_cached(path: Path, label: str) -> None:
             actual=got,
             path=path,
         )
+
+
+def _sha256(path: Path) -> str:
+    """The LFS oid of a file: huggingface_hub's sha256, read in chunks."""
+    from huggingface_hub.utils.sha import sha_fileobj
+
+    with path.open("rb") as f:
+        return sha_fileobj(f).hex()
+
+
+def _git_oid(path: Path) -> str:
+    """The git blob id of a small (non-LFS) file, as huggingface_hub computes it."""
+    from huggingface_hub.utils.sha import git_hash
+
+    return git_hash(path.read_bytes())
 
 
 def _drop(path: Path) -> None:
@@ -352,6 +384,7 @@ def _from_cache(repo_id: str, rev: str, sub: str | None) -> RemoteAdapter:
             revision=rev,
         )
     manifest = cached(LORAHUB_JSON)
+    card = cached(README)
     known = try_to_load_from_cache(
         repo_id, _in(sub, LORAHUB_JSON), revision=rev, cache_dir=cache_dir
     )
@@ -365,7 +398,7 @@ def _from_cache(repo_id: str, rev: str, sub: str | None) -> RemoteAdapter:
         )
     folder = config.parent
     snapshot = config.parents[len(sub.split("/")) if sub else 0]
-    for path in (config, weights, manifest):
+    for path in (config, weights, manifest, card):
         if path is not None:
             _verify_cached(path, label)
     log.info("offline: using the cached %s (commit %s)", label, snapshot.name)
@@ -379,6 +412,7 @@ def _from_cache(repo_id: str, rev: str, sub: str | None) -> RemoteAdapter:
         weights=weights,
         lorahub_json=manifest,
         offline=True,
+        card=card,
     )
 
 

@@ -25,7 +25,6 @@ from .repo import (
     DEFAULT_REVISION,
     check_repo_id,
     clean_subpath,
-    git_blob_oid,
     public_url,
 )
 
@@ -60,6 +59,7 @@ class PushResult:
     digest: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON (every field; the uploaded files as a list)."""
         d = asdict(self)
         d["files_uploaded"] = list(self.files_uploaded)
         return d
@@ -89,10 +89,34 @@ def check_weights(info: AdapterInfo, weights: Path) -> None:
         )
 
 
-def write_push_files(info: AdapterInfo, weights: Path, out: Path, *, title: str) -> dict[str, Path]:
+def write_push_files(
+    info: AdapterInfo,
+    weights: Path,
+    out: Path,
+    *,
+    title: str,
+    path_in_repo: str | None = None,
+    recorded_base: str | None = None,
+) -> dict[str, Path]:
     """The files a push uploads, by name in the repo: small ones written to ``out``, the
-    weights read straight from the blob (no copy). Nothing depends on time or local names."""
-    return write_peft_folder(info, weights, out, copy_weights=False, title=title, list_files=False)
+    weights read straight from the blob (no copy). Nothing depends on time or local names.
+
+    ``title`` is the repo id (the card's heading and its usage snippet's adapter id);
+    ``recorded_base`` the recorded base's Hub repo id, for the card's ``base_model``.
+    """
+    from ..card import hub_base_id
+
+    return write_peft_folder(
+        info,
+        weights,
+        out,
+        copy_weights=False,
+        title=title,
+        list_files=False,
+        repo_id=title,
+        subfolder=path_in_repo,
+        base_model_id=hub_base_id(info, recorded_base),
+    )
 
 
 def push_adapter(
@@ -104,6 +128,7 @@ def push_adapter(
     revision: str | None = None,
     tag: str | None = None,
     path_in_repo: str | None = None,
+    recorded_base: str | None = None,
 ) -> PushResult:
     """Push a stored adapter (its info; its weights blob is read from ``blobs``) to
     ``repo_id`` as a folder PEFT loads: config, weights, model card and ``lorahub.json``.
@@ -111,7 +136,8 @@ def push_adapter(
     The repo is created if needed (``private`` applies then), and the branch ``revision``;
     the commit is tagged ``tag``; files already there are not uploaded again, and an
     unchanged repo gets no commit. The token is huggingface_hub's own (``HF_TOKEN``,
-    ``hf auth login``); lorahub never handles it.
+    ``hf auth login``); lorahub never handles it. The card names the base by its Hub repo
+    id only: ``recorded_base`` (the recorded base's), else the config's when it is one.
 
     Raises:
         RemoteConflict: ``tag`` exists at another commit, or ``private`` asked of a public
@@ -123,7 +149,14 @@ def push_adapter(
     weights = blobs.path(Digest.parse(info.weights_digest))
     check_weights(info, weights)
     with tempfile.TemporaryDirectory(prefix="lorahub-push-") as tmp:
-        files = write_push_files(info, weights, Path(tmp), title=repo_id)
+        files = write_push_files(
+            info,
+            weights,
+            Path(tmp),
+            title=repo_id,
+            path_in_repo=clean_subpath(path_in_repo, "path in repo"),
+            recorded_base=recorded_base,
+        )
         result = push_files(
             repo_id,
             files,
@@ -244,7 +277,9 @@ def _unchanged(sibling: RepoSibling | None, op: Any, local: Path) -> bool:
         return False
     if sibling.lfs is not None:
         return bool(sibling.lfs.sha256 == op.upload_info.sha256.hex())
-    return sibling.blob_id is not None and sibling.blob_id == git_blob_oid(local)
+    from huggingface_hub.utils.sha import git_hash
+
+    return sibling.blob_id is not None and sibling.blob_id == git_hash(local.read_bytes())
 
 
 def _tag_target(api: HfApi, repo_id: str, tag: str) -> str | None:

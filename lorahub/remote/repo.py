@@ -4,9 +4,7 @@ pull both need. Nothing here makes a request."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import InvalidReference
@@ -99,16 +97,3 @@ def default_name(repo_id: str, revision: str | None, subfolder: str | None) -> s
         with contextlib.suppress(InvalidReference):
             tag = validate_tag(revision)
     return f"{text}:{tag}"
-
-
-def git_blob_oid(path: Path) -> str:
-    data = path.read_bytes()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from .. import paths
 from ..blobs import BlobInfo, BlobStore
 from ..catalog import db
 from ..catalog import health as health_q
@@ -147,11 +148,12 @@ class GcManifest:
 
 @dataclass(frozen=True)
 class Leftover:
-    """A stale temp file (``tmp/``) or merge leftover (``merged/``) and its size."""
+    """A stale temp file (``tmp/``), merge leftover (``merged/``) or the path folder of a
+    removed adapter (``paths/``, :mod:`lorahub.paths`), and the bytes it frees."""
 
     path: Path
     size: int
-    kind: Literal["temp", "merged"]
+    kind: Literal["temp", "merged", "path"]
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,13 @@ class GcPlan:
     leftovers: tuple[Leftover, ...] = ()
     # Adapters the store's files hold that the catalog lost: kept, `lorahub fsck` restores.
     unrecorded: tuple[str, ...] = ()
+    # Blobs nothing needs that are younger than the grace period, kept for now.
+    young: tuple[GcBlob, ...] = ()
+
+    @property
+    def kept_bytes(self) -> int:
+        """The bytes of the unused blobs the grace period keeps."""
+        return sum(b.size for b in self.young)
 
     @property
     def bytes_freed(self) -> int:
@@ -184,6 +193,9 @@ class GcPlan:
             self.bytes_freed,
             True,
             unrecorded=self.unrecorded,
+            kept_blobs=tuple(b.digest for b in self.young),
+            kept_bytes=self.kept_bytes,
+            grace=self.grace,
         )
 
 
@@ -216,11 +228,14 @@ def plan_gc(
             accounted.add(m.weights)
         if m.mtime < cutoff:
             manifests.append(GcManifest(m.digest, m.path, status))
-    doomed = [b for b in store.blobs if str(b.digest) not in needed and b.mtime < cutoff]
-    blobs = tuple(
+    unused = [
         GcBlob(str(b.digest), b.size, "unused" if str(b.digest) in accounted else "unaccounted")
-        for b in doomed
-    )
+        for b in store.blobs
+        if str(b.digest) not in needed
+    ]
+    old = {str(b.digest) for b in store.blobs if b.mtime < cutoff}
+    blobs = tuple(b for b in unused if b.digest in old)
+    young = tuple(b for b in unused if b.digest not in old)
     if not force:
         _refuse_unaccounted(blobs, sum(b.size for b in store.blobs), bool(catalog.adapters))
     on_disk = {str(b.digest) for b in store.blobs}
@@ -233,6 +248,7 @@ def plan_gc(
         rows=tuple(rows),
         manifests=tuple(manifests),
         unrecorded=tuple(unrecorded),
+        young=young,
     )
 
 
@@ -259,9 +275,18 @@ def with_leftovers(plan: GcPlan, engine: Engine, blobs: BlobStore, merged_dir: P
     a catalog write transaction, which a writer holding one of them may be waiting for."""
     temps = blobs.sweep_temp(plan.grace, dry_run=True)
     merged = sweep_merged(engine, merged_dir, plan.grace, dry_run=True)
+    with db.read_session(engine) as s:
+        live = q.adapter_digests(s)
+    linked = paths.sweep(_paths_dir(merged_dir), live, grace=plan.grace, dry_run=True)
     found = [Leftover(p, n, "temp") for p, n in temps]
     found += [Leftover(p, n, "merged") for p, n in merged]
+    found += [Leftover(p, n, "path") for p, n in linked]
     return replace(plan, leftovers=tuple(found))
+
+
+def _paths_dir(merged_dir: Path) -> Path:
+    """``paths/``, ``merged/``'s sibling in the store's home (:mod:`lorahub.layout`)."""
+    return merged_dir.parent / paths.FOLDER
 
 
 # ------------------------------------------------------------------------- carrying it out
@@ -276,7 +301,8 @@ def forget(session: Session, plan: GcPlan) -> None:
 def execute(plan: GcPlan, engine: Engine, blobs: BlobStore, merged_dir: Path) -> GcReport:
     """Phase two, once :func:`forget` committed: delete the plan's blob and manifest files,
     each checked again under the write lock (an add that committed since uses the blob, or
-    refreshed its mtime; a removed adapter may have been added again), then sweep temp
+    refreshed its mtime; a removed adapter may have been added again) and the ``paths/``
+    folders of adapters the catalog no longer lists (:mod:`lorahub.paths`), then sweep temp
     files and merge leftovers, each judged again under its own lock as it goes.
 
     Returns:
@@ -285,13 +311,17 @@ def execute(plan: GcPlan, engine: Engine, blobs: BlobStore, merged_dir: Path) ->
     """
     freed: list[str] = []
     size = 0
+    young = list(plan.young)
     with db.write_session(engine) as s:
         still = q.referenced_weights(s) | set(q.blob_rows(s))
         live = q.adapter_digests(s)
         for b in plan.blobs:
             path = blobs.path(Digest.parse(b.digest))
             with contextlib.suppress(FileNotFoundError):
-                if b.digest in still or path.lstat().st_mtime >= plan.cutoff:
+                if b.digest in still:
+                    continue
+                if path.lstat().st_mtime >= plan.cutoff:  # refreshed since: young again
+                    young.append(b)
                     continue
                 path.unlink()
                 freed.append(b.digest)
@@ -300,8 +330,11 @@ def execute(plan: GcPlan, engine: Engine, blobs: BlobStore, merged_dir: Path) ->
             if m.digest not in live:
                 with contextlib.suppress(FileNotFoundError):
                     m.path.unlink()
+        # Under the write lock, after the blobs: no add commits meanwhile, and a removed
+        # adapter's weights link is the last name of its bytes by now.
+        linked = paths.sweep(_paths_dir(merged_dir), live, grace=plan.grace)
     temps = blobs.sweep_temp(plan.grace)
-    leftovers = sweep_merged(engine, merged_dir, plan.grace)
+    leftovers = sweep_merged(engine, merged_dir, plan.grace) + linked
     size += sum(n for _, n in temps) + sum(n for _, n in leftovers)
     return GcReport(
         tuple(freed),
@@ -309,6 +342,9 @@ def execute(plan: GcPlan, engine: Engine, blobs: BlobStore, merged_dir: Path) ->
         size,
         False,
         unrecorded=plan.unrecorded,
+        kept_blobs=tuple(b.digest for b in young),
+        kept_bytes=sum(b.size for b in young),
+        grace=plan.grace,
     )
 
 

@@ -54,7 +54,12 @@ class FsckReport:
         return not self.unrecovered
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "ok": self.ok}
+        """Plain data for JSON: each field (tuples as lists) and ``ok``."""
+        d: dict[str, Any] = {
+            k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()
+        }
+        d["ok"] = self.ok
+        return d
 
 
 def fsck(
