@@ -4,6 +4,11 @@ Layout ``blobs/xxh128/<2 hex>/<30 hex>``, like git and dvc. A blob path only eve
 full, verified content: bytes go to a unique temp file in ``tmp/`` (same filesystem), are
 hashed while written, fsynced, then published with ``link`` (which never overwrites) and the
 directory is fsynced. A crash leaves at most a stray temp file, collected by ``gc``.
+A blob is published read-only (0o444 less the umask): ``lorahub path`` and ``export --layout
+vllm`` hard-link it into folders users see, and a tool rewriting such a file in place would
+otherwise rewrite the store. Nothing here opens a blob for writing: a damaged one is replaced
+by ``rename``, and quarantine and ``gc`` move or unlink it, which need only the folder's
+permission.
 
 A name is an xxh3 digest, which is not cryptographic: when a blob of that name exists, new
 bytes are compared with it byte for byte before they are dropped as duplicates. Equal: the
@@ -31,7 +36,7 @@ from typing import BinaryIO
 
 from .digest import ALGO, Digest, hash_bytes, hash_file, hash_stream
 from .errors import BlobCollision, CorruptData, IntegrityError, StoreError
-from .fsutil import fsync_dir
+from .fsutil import current_umask, fsync_dir
 
 log = logging.getLogger(__name__)
 WRITERS_LOCK = ".tmp.lock"
@@ -95,6 +100,7 @@ class BlobStore:
                     if sync:
                         f.flush()
                         os.fsync(f.fileno())
+                _read_only(tmp)
                 if not self._reuse(tmp, actual, source) and not self._publish(tmp, actual, sync):
                     self._reuse(tmp, actual, source)
             return actual
@@ -138,6 +144,7 @@ class BlobStore:
                         expected=str(expect),
                         actual=str(digest),
                     )
+                _read_only(tmp)
                 # Published by another writer between the check and the link: compare again.
                 if not self._reuse(tmp, digest, source) and not self._publish(tmp, digest):
                     self._reuse(tmp, digest, source)
@@ -319,6 +326,12 @@ def _flock(path: Path, *, shared: bool) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _read_only(path: Path) -> None:
+    """Make a temp file read-only (0o444 less the umask) before it is published, so the
+    blob appears with that mode in one step and never holds a write bit."""
+    os.chmod(path, 0o444 & ~current_umask())
 
 
 def _same_bytes(a: Path, b: Path, chunk: int = 4 << 20) -> bool:

@@ -14,9 +14,12 @@ date, no local path, so pushing one adapter twice uploads a byte-identical READM
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,8 +43,20 @@ _FRONT = re.compile(r"\A\s*---\s*\n(.*?\n)?---\s*(?:\n|\Z)", re.DOTALL)
 # A Hub repo id as ``base_model`` takes it: ``namespace/name``, never a path. A bare name is
 # refused too: it is as likely a local folder or a lorahub base label as a legacy repo id.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-_RESERVED = {"to_dict", "to_yaml", "get", "pop", "ignore_metadata_errors", "self"}
-_STRING_FIELDS = {"license", "license_name", "license_link", "library_name", "pipeline_tag"}
+# Keys ModelCardData would take as its own methods or arguments, and ``eval_results``, its
+# EvalResult objects (never YAML: the Hub's key is ``model-index``).
+_RESERVED = {"to_dict", "to_yaml", "get", "pop", "ignore_metadata_errors", "self", "eval_results"}
+# ModelCardData's typed fields by what each takes from YAML (tests/test_cards.py checks these
+# against the installed huggingface_hub), and lorahub's own ``base_model_relation``.
+_STRING_FIELDS = {
+    "license",
+    "license_name",
+    "license_link",
+    "library_name",
+    "pipeline_tag",
+    "model_name",
+    "base_model_relation",
+}
 _STRINGS_FIELDS = {"datasets", "language", "tags", "metrics", "base_model"}
 # PEFT's task_type -> the Hub's pipeline tag and the transformers class that loads the base.
 TASKS: dict[str, tuple[str, str]] = {
@@ -74,14 +89,22 @@ def is_repo_id(name: Any) -> bool:
 
 def read_card(path: Path) -> str | None:
     """The text of the model card at ``path``, or None when there is none to keep (missing,
-    not a file, over :data:`MAX_CARD_BYTES`, not UTF-8); a refusal is logged, never raised."""
+    not a regular file, over :data:`MAX_CARD_BYTES`, not UTF-8, or a symbolic link that leads
+    out of its folder); a refusal is logged, never raised.
+
+    A ``README.md`` that is a symbolic link is read only when its target lies inside the
+    card's folder, or, for a snapshot of the Hugging Face cache (whose files link into the
+    repo's ``blobs/``), inside that cache repo's folder: a link to ``~/.aws/credentials``
+    would otherwise be kept in the origin and published by ``export`` and ``push``."""
     try:
-        if not path.is_file():
+        real = _inside(path, card_root(path.parent))
+        if real is None:
             return None
-        with path.open("rb") as f:
-            data = f.read(MAX_CARD_BYTES + 1)
+        data = _read_regular(real)
     except OSError as exc:
         log.warning("cannot read the model card %s: %s", path, exc)
+        return None
+    if data is None:
         return None
     if len(data) > MAX_CARD_BYTES:
         log.warning("%s is larger than a model card (%d bytes): not kept", path, MAX_CARD_BYTES)
@@ -92,6 +115,55 @@ def read_card(path: Path) -> str | None:
         log.warning("%s is not UTF-8 text: the model card was not kept", path)
         return None
     return text if _worth_keeping(text) else None
+
+
+_CACHE_REPO = re.compile(r"^(models|datasets|spaces)--.+")
+
+
+def card_root(folder: Path) -> Path:
+    """The folder a card in ``folder`` may link within: the Hugging Face cache repo folder
+    (``models--org--name``) when ``folder`` lies in one of its ``snapshots/<commit>/``,
+    else ``folder`` itself (both as real paths)."""
+    folder = Path(os.path.realpath(folder))
+    for parent in folder.parents:
+        if parent.name == "snapshots" and _CACHE_REPO.match(parent.parent.name):
+            return parent.parent
+    return folder
+
+
+def _inside(path: Path, root: Path) -> Path | None:
+    """``path``'s real path when it lies within ``root``'s (a link leading out is refused,
+    logged), or None when there is no file to read."""
+    if not path.is_symlink():
+        return path if path.exists() else None
+    real = Path(os.path.realpath(path))
+    if not real.is_relative_to(root):
+        log.warning(
+            "%s is a symbolic link to %s, outside %s: the model card was not kept",
+            path,
+            real,
+            root,
+        )
+        return None
+    return real
+
+
+def _read_regular(path: Path) -> bytes | None:
+    """At most :data:`MAX_CARD_BYTES` + 1 bytes of ``path``, opened without following a
+    link (where the platform can) and read only when it is a regular file."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    flags |= getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # swapped for a link since it was checked
+            log.warning("%s became a symbolic link: the model card was not kept", path)
+            return None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        return f.read(MAX_CARD_BYTES + 1)
 
 
 # What lorahub writes into a card by itself: a card holding no more is not kept.
@@ -147,13 +219,20 @@ def _parse_yaml(inner: str) -> dict[str, Any]:
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         log.warning("the model card's YAML metadata is not a mapping of names: dropped")
         return {}
-    # Keys ModelCardData would take as its own methods or arguments are no metadata, and a
-    # field of the wrong type would have the Hub refuse the README at push.
-    return {
-        k: v
-        for k, v in data.items()
-        if not k.startswith("_") and k not in _RESERVED and _well_typed(k, v)
-    }
+    # Each key checked on its own: one ModelCardData cannot take (its methods and arguments,
+    # a field of the wrong type, which would also have the Hub refuse the README at push)
+    # is dropped, logged, and the rest kept.
+    kept: dict[str, Any] = {}
+    for k, v in data.items():
+        if k.startswith("_") or k in _RESERVED or not _well_typed(k, v):
+            log.warning(
+                "the model card's metadata field %r (%s) is not one a card takes: dropped",
+                k,
+                type(v).__name__,
+            )
+        else:
+            kept[k] = v
+    return kept
 
 
 def _well_typed(key: str, value: Any) -> bool:
@@ -163,6 +242,8 @@ def _well_typed(key: str, value: Any) -> bool:
         return isinstance(value, str) or (
             isinstance(value, list) and all(isinstance(v, str) for v in value)
         )
+    if key == "model-index":
+        return isinstance(value, list) and all(isinstance(v, dict) for v in value)
     return True
 
 
@@ -382,11 +463,31 @@ def _merged_snippet(config: Mapping[str, Any], diffusers: bool) -> list[str]:
 
 
 def _render(data: Mapping[str, Any], text: str) -> str:
+    """The card of ``data`` and ``text``. Metadata ModelCardData cannot take (a value the
+    checks of :func:`_parse_yaml` let through, such as a ``model-index`` of the wrong shape)
+    never stops an export or a push: the card is made again from the known, well-typed
+    fields only (lorahub's own among them), logged."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    card_data = ModelCardData(ignore_metadata_errors=True, **data)
-    content = f"---\n{card_data.to_yaml()}\n---\n\n{text}"
-    return str(ModelCard(content, ignore_metadata_errors=True))
+    try:
+        card_data = ModelCardData(ignore_metadata_errors=True, **data)
+        content = f"---\n{card_data.to_yaml()}\n---\n\n{text}"
+        return str(ModelCard(content, ignore_metadata_errors=True))
+    except Exception as exc:  # any failure of a third party's card code
+        if not data:
+            raise
+        known = _STRING_FIELDS | _STRINGS_FIELDS
+        kept = {k: v for k, v in data.items() if k in known and _well_typed(k, v)}
+        if kept == dict(data):  # nothing to drop: the card goes out without metadata
+            kept = {}
+        dropped = sorted(set(data) - set(kept))
+        log.warning(
+            "the model card's metadata could not be written (%s: %s): dropped %s",
+            type(exc).__name__,
+            exc,
+            ", ".join(dropped),
+        )
+        return _render(kept, text)
 
 
 def _provenance_line(prov: dict[str, Any]) -> str:

@@ -179,6 +179,7 @@ def compose(
 
     Raises:
         InvalidComposeArgument: unknown method, bad weights, rank, density, seed or device.
+        ComposeDeviceUnavailable: a CUDA device this machine does not have.
         ComposeError: those; also DoRA parents, parents whose shared modules differ in kind
             or shape, or that disagree on ``modules_to_save``.
 
@@ -805,9 +806,11 @@ def _full_tensors(adapters: Sequence[LoraAdapter]) -> dict[str, torch.Tensor]:
 
 def _device(device: str) -> torch.device:
     from .device import resolve_device
-    from .errors import InvalidArgument
+    from .errors import ComposeDeviceUnavailable, DeviceUnavailable, InvalidArgument
 
     try:
         return resolve_device(device)
+    except DeviceUnavailable as exc:
+        raise ComposeDeviceUnavailable(str(exc)) from None
     except InvalidArgument as exc:
         raise InvalidComposeArgument(str(exc)) from None

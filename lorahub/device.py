@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import InvalidArgument
+from .errors import DeviceUnavailable, InvalidArgument
 
 if TYPE_CHECKING:
     import torch
@@ -21,9 +21,10 @@ def resolve_device(device: str) -> torch.device:
     Imports torch.
 
     Raises:
-        InvalidArgument: an unknown device, or CUDA asked for where torch has none (merge
-            and compose raise it as their own ``InvalidMergeArgument``,
-            ``InvalidComposeArgument``).
+        InvalidArgument: an unknown device (merge and compose raise it as their own
+            ``InvalidMergeArgument``, ``InvalidComposeArgument``).
+        DeviceUnavailable: CUDA asked for where torch has none, or a CUDA index past the
+            last device (raised as ``MergeDeviceUnavailable``, ``ComposeDeviceUnavailable``).
 
     Example::
 
@@ -40,12 +41,12 @@ def resolve_device(device: str) -> torch.device:
         raise InvalidArgument(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise InvalidArgument(
+            raise DeviceUnavailable(
                 f"device {device!r} asked for, but torch sees no CUDA GPU; use cpu"
             )
         index = torch.cuda.current_device() if dev.index is None else dev.index
         if index >= torch.cuda.device_count():
-            raise InvalidArgument(
+            raise DeviceUnavailable(
                 f"device {device!r}: there are only {torch.cuda.device_count()} CUDA device(s)"
             )
         dev = torch.device("cuda", index)

@@ -8,7 +8,9 @@ family             what went wrong                              data
 =================  ===========================================  ==========================
 ``NotFound``       a reference, base or repo that is not there  (leaf: ``.reference``)
 ``InvalidInput``   a value or file lorahub cannot accept        (``InvalidArgument``: an
-                                                                argument of the call)
+                                                                argument of the call;
+                                                                ``DeviceUnavailable``: a
+                                                                device this machine lacks)
 ``Conflict``       the destination exists, the name is taken    ``.target``
 ``CorruptData``    bytes that do not match their digest/size    ``.expected``, ``.actual``,
                                                                 ``.path``
@@ -67,6 +69,11 @@ class InvalidInput(LorahubError, ValueError):
 
 class InvalidArgument(InvalidInput):
     """An argument or option of the call itself (``--weights``, a dtype, a device, a size)."""
+
+
+class DeviceUnavailable(InvalidInput):
+    """A well-formed device this machine does not have: CUDA asked for where torch sees no
+    GPU, or a CUDA index past the last device. The machine, not the call, is at fault."""
 
 
 class Conflict(LorahubError):
@@ -217,6 +224,10 @@ class InvalidMergeArgument(InvalidArgument, MergeError):
     size, device. A ``MergeError`` too, as it always was."""
 
 
+class MergeDeviceUnavailable(DeviceUnavailable, MergeError):
+    """A merge asked to run on a device this machine does not have."""
+
+
 class InvalidMergeInput(InvalidInput, MergeError):
     """A merge input lorahub cannot compute with: a base tensor of a dtype this torch lacks."""
 
@@ -248,6 +259,10 @@ class OutputConflict(Conflict, StoreError):
 class InvalidComposeArgument(InvalidArgument, ComposeError):
     """A composition argument that cannot be used: method, weights, rank, density, majority
     sign, seed, device. A ``ComposeError`` too, as it always was."""
+
+
+class ComposeDeviceUnavailable(DeviceUnavailable, ComposeError):
+    """A composition asked to run on a device this machine does not have."""
 
 
 class IncompatibleParents(Incompatible, ComposeError):

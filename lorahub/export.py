@@ -23,9 +23,9 @@ from .blobs import BlobStore
 from .digest import Digest
 from .errors import LorahubError, StoreError
 from .formats.peft import SAFETENSORS
-from .formats.peft_folder import write_peft_folder
+from .formats.peft_folder import published_base, write_peft_folder
 from .fsutil import current_umask, publish_dir
-from .info import AdapterInfo
+from .info import AdapterInfo, ExportResult
 
 if TYPE_CHECKING:
     from .store import Store
@@ -43,12 +43,41 @@ def export_adapter(
     base_model_id: str | None = None,
     recorded_base: str | None = None,
 ) -> Path:
-    """Write ``info``'s PEFT folder at ``out``; returns its path.
+    """Write ``info``'s PEFT folder at ``out``; returns its absolute path. The same as
+    :func:`export_folder`, whose result also says what was written."""
+    return export_folder(
+        blobs,
+        info,
+        out,
+        store_home=store_home,
+        force=force,
+        base=base,
+        progress=progress,
+        base_model_id=base_model_id,
+        recorded_base=recorded_base,
+    ).path
+
+
+def export_folder(
+    blobs: BlobStore,
+    info: AdapterInfo,
+    out: StrPath,
+    *,
+    store_home: Path,
+    force: bool = False,
+    base: StrPath | None = None,
+    progress: Progress | None = None,
+    base_model_id: str | None = None,
+    recorded_base: str | None = None,
+) -> ExportResult:
+    """Write ``info``'s PEFT folder at ``out``; returns the adapter, the folder's absolute
+    path and the ``base_model_name_or_path`` written.
 
     ``base_model_id`` (a Hub repo id) is written as the config's ``base_model_name_or_path``
     and the card's ``base_model``; by default ``recorded_base`` (the recorded base's repo id,
     :func:`recorded_base_repo`), else the config's value when it is a repo id, else none
-    (null: a local path is never written).
+    (null: a local path is never written); the rule of
+    :func:`lorahub.formats.peft_folder.published_base`, which ``push`` shares.
 
     ``base`` (the base the variant was picked for) is refused as a destination, like the
     store at ``store_home``. ``progress(bytes_copied, bytes_in_all)`` follows the copy of
@@ -62,14 +91,11 @@ def export_adapter(
         IntegrityError: the adapter's blob is missing or damaged; nothing was written.
         InvalidReference: ``base_model_id`` is not a Hub repo id; nothing was written.
     """
-    from .card import hub_base_id
     from .outputs import check_output
-    from .remote.repo import check_repo_id
 
-    if base_model_id is not None:
-        check_repo_id(base_model_id)
-    config_base = base_model_id or recorded_base or _repo_id_or_none(info)
-    card_base = base_model_id or hub_base_id(info, recorded_base)
+    config_base, card_base = published_base(
+        info, base_model_id=base_model_id, recorded_base=recorded_base
+    )
 
     dest = Path(out).expanduser()
     given = Path(base).expanduser() if base is not None else None
@@ -105,7 +131,7 @@ def export_adapter(
         raise StoreError(f"cannot write {dest}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return ExportResult(adapter=info, path=dest.absolute(), base_model_name_or_path=config_base)
 
 
 _CHUNK = 8 << 20
@@ -146,19 +172,3 @@ def recorded_base_repo(store: Store, info: AdapterInfo) -> str | None:
         if same and row.repo_id and row.repo_id == ref.name:
             return row.repo_id
     return None
-
-
-def _repo_id_or_none(info: AdapterInfo) -> str | None:
-    """The config's ``base_model_name_or_path`` when the Hub would take it as a repo id
-    (``org/name``, or a bare legacy name); None for a path (absolute, ``~``, ``./``...)."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    value = info.config.get("base_model_name_or_path")
-    if not isinstance(value, str) or not value or value.startswith(("~", ".")):
-        return None
-    try:
-        validate_repo_id(value)
-    except HFValidationError:
-        return None
-    return value

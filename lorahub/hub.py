@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from . import upkeep
     from .compat import CompatReport
-    from .info import ComposeResult, GcReport, MergedInfo, VerifyReport
+    from .info import ComposeResult, ExportResult, GcReport, MergedInfo, VerifyReport
     from .merge import MergeResult
     from .metadata import AdapterMetadata
     from .remote import PushResult
@@ -373,11 +373,28 @@ class Hub:
         else at ``out`` (a link, the current directory, other files) raises
         ``OutputConflict`` (a ``StoreError``). ``progress(bytes_copied, total)`` follows
         the weights' copy. ``base_model_id`` (default: the recorded base's Hub repo id) is
-        the config's ``base_model_name_or_path``: see :func:`lorahub.export.export_adapter`."""
-        from .export import export_adapter, recorded_base_repo
+        the config's ``base_model_name_or_path``: see :func:`lorahub.export.export_adapter`.
+        Returns the folder's absolute path; :meth:`export_result` says what was written."""
+        return self.export_result(
+            reference, out, force=force, base=base, progress=progress, base_model_id=base_model_id
+        ).path
+
+    def export_result(
+        self,
+        reference: str,
+        out: StrPath,
+        *,
+        force: bool = False,
+        base: StrPath | None = None,
+        progress: Progress | None = None,
+        base_model_id: str | None = None,
+    ) -> ExportResult:
+        """:meth:`export`, returning an :class:`~lorahub.info.ExportResult`: the adapter,
+        the folder and the ``base_model_name_or_path`` written (``lorahub export --json``)."""
+        from .export import export_folder, recorded_base_repo
 
         info = self.get(reference, base=base)
-        return export_adapter(
+        return export_folder(
             self.blobs,
             info,
             out,
@@ -485,9 +502,12 @@ class Hub:
         tag: str | None = None,
         path_in_repo: str | None = None,
         base: StrPath | None = None,
+        base_model_id: str | None = None,
     ) -> PushResult:
         """Push an adapter to a Hub repo as a folder PEFT loads; returns the commit and the
-        bytes uploaded. Options and errors: :func:`lorahub.remote.push_adapter`.
+        bytes uploaded. ``base_model_id`` (default: the recorded base's Hub repo id) is the
+        config's ``base_model_name_or_path``, never a local path, as in :meth:`export`.
+        Options and errors: :func:`lorahub.remote.push_adapter`.
 
         >>> hub.push("sql-expert:v1", "myorg/sql-expert", tag="v1").commit_url  # doctest: +SKIP
         """
@@ -504,6 +524,7 @@ class Hub:
             tag=tag,
             path_in_repo=path_in_repo,
             recorded_base=recorded_base_repo(self._store, info),
+            base_model_id=base_model_id,
         )
 
     def pull(

@@ -7,6 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .digest import PREFIX
@@ -289,4 +290,22 @@ class ComposeResult:
             "adapter": self.adapter.to_dict(),
             "report": self.report.to_dict(),
             "added": self.added,
+        }
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """An adapter written out as a PEFT folder (``lorahub export``): the adapter, the
+    folder, and the ``base_model_name_or_path`` its ``adapter_config.json`` now holds (a Hub
+    repo id, or None when none is known: a local path is never written)."""
+
+    adapter: AdapterInfo
+    path: Path
+    base_model_name_or_path: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "adapter": self.adapter.to_dict(),
+            "path": str(self.path),
+            "base_model_name_or_path": self.base_model_name_or_path,
         }

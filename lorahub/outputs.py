@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable
@@ -35,6 +36,8 @@ from .errors import (
     OutputConflict,
     StoreError,
 )
+
+log = logging.getLogger(__name__)
 
 Kind = Literal["merge", "export"]
 Input = tuple[str, StrPath]
@@ -92,6 +95,9 @@ WEIGHT_SUFFIXES = (
 )
 MAX_MARKER_BYTES = 64 << 20  # as lorahub.formats.lorahub_json: larger is none of ours
 _SHARD_RE = re.compile(r"^model(?:-\d{5}-of-\d{5})?\.safetensors$")
+# The folder names of a Hugging Face cache repo (models--org--name...), whose snapshot files
+# link to ../../blobs/<sha>.
+_HF_REPO_PREFIXES = ("models--", "datasets--", "spaces--")
 # What a refused destination raises (a Conflict, and the older name each command raised), and
 # what a destination that cannot be read raises (a disk error, under the same older name).
 _ERRORS: dict[str, type[Conflict]] = {"merge": MergeOutputConflict, "export": OutputConflict}
@@ -249,15 +255,45 @@ def merge_aux_files(root: Path, *, whole_folder: bool = True) -> tuple[str, ...]
 
     ``whole_folder`` False (a base given as one ``.safetensors`` file, whose folder may hold
     anything): only the config and tokenizer files of :data:`MERGE_AUX_FILES`.
+
+    A symbolic link is followed only to a file inside the base folder or inside the Hugging Face
+    cache repo folder holding it (``snapshots/<rev>/x -> ../../blobs/<sha>``); any other link
+    (``notes.txt -> ~/secret``) is left out, with a warning, so that it does not leak into the
+    output.
     """
-    if not whole_folder:
-        return tuple(n for n in MERGE_AUX_FILES if (root / n).is_file())
     try:
-        with os.scandir(root) as it:
-            names = sorted(e.name for e in it if e.is_file())  # links followed: HF cache
+        if not whole_folder:
+            names = [n for n in MERGE_AUX_FILES if (root / n).is_file()]
+        else:
+            with os.scandir(root) as it:
+                names = sorted(e.name for e in it if e.is_file() and _is_aux(e.name))
+        inside = _link_roots(root)
     except OSError as exc:
         raise MergeIOError(f"cannot read the base folder {root}: {exc.strerror or exc}") from None
-    return tuple(n for n in names if _is_aux(n))
+    return tuple(n for n in names if _link_ok(root / n, inside))
+
+
+def _link_roots(root: Path) -> tuple[Path, ...]:
+    """The folders a link of the base folder ``root`` may point into: the folder itself and,
+    when it is (in) a snapshot of a Hugging Face cache repo, that repo's folder."""
+    real = root.resolve(strict=True)
+    for parent in real.parents:
+        if parent.name == "snapshots":
+            if parent.parent.name.startswith(_HF_REPO_PREFIXES):
+                return (real, parent.parent)
+            break
+    return (real,)
+
+
+def _link_ok(path: Path, inside: tuple[Path, ...]) -> bool:
+    """Whether ``path`` is a plain file, or a link to a file within one of ``inside``."""
+    if not path.is_symlink():
+        return True
+    target = path.resolve()
+    if any(target.is_relative_to(folder) for folder in inside):
+        return True
+    log.warning("not copying %s: a link to %s, outside the base folder", path, target)
+    return False
 
 
 def _is_aux(name: str) -> bool:

@@ -410,20 +410,18 @@ def _read_marker(folder: Path) -> dict[str, Any] | None:
 
 def _ours(folder: Path) -> dict[str, Any] | None:
     """The marker of ``folder`` when lorahub made it and it holds nothing else (a real
-    folder, not a link, with only the files the marker lists); else None."""
+    folder, not a link, with only files serving writes: ``FILES``, never the marker's own
+    list, which anyone can edit to name their files); else None."""
     if folder.is_symlink() or not folder.is_dir():
         return None
     doc = _read_marker(folder)
     if doc is None:
         return None
-    listed = doc.get("files")
-    if not isinstance(listed, list):
-        return None
     try:
         names = {e.name for e in os.scandir(folder)}
     except OSError:
         return None
-    return doc if names <= set(listed) | {MARKER} else None
+    return doc if names <= set(FILES) else None
 
 
 def _current(folder: Path, ref: str, info: AdapterInfo, served: str, blob: Path) -> str | None:

@@ -154,7 +154,7 @@ def settle(cli: Cli, tally: Tally, *, lag_allowed: bool) -> bool:
     problems are adapters the store's files hold and the catalog lacks (a kill between the
     manifest and the commit), ``fsck`` then ``verify`` must be clean. True when fsck ran."""
     age_manifests(cli.home)
-    first = cli("verify", "-q")
+    first = cli("verify")
     _traceback(tally, first)
     if first.code == 0:
         return False
@@ -164,7 +164,7 @@ def settle(cli: Cli, tally: Tally, *, lag_allowed: bool) -> bool:
         return False
     tally.counts["catalog behind the records, fixed by fsck"] += 1
     repaired = cli("fsck")
-    again = cli("verify", "-q")
+    again = cli("verify")
     if repaired.code != 0 or again.code != 0:
         tally.violation(f"fsck did not repair what verify found: {repaired}\nthen {again}")
     return True
@@ -542,7 +542,7 @@ def _damage_blob(cli: Cli, tally: Tally, world: World, rng: random.Random, repai
     else:
         flip_bytes(blob, rng, rng.randint(1, 4))
         tally.counts["bytes changed"] += 1
-    found = cli("verify", "-q")
+    found = cli("verify")
     _traceback(tally, found)
     if found.code == 0 or world.weights[src] not in found.output:
         tally.violation(f"verify missed the damaged blob {world.weights[src]}: {found}")
@@ -566,7 +566,7 @@ def _damage_index(cli: Cli, tally: Tally, world: World, rng: random.Random) -> N
     if gc.code and "fsck" not in gc.output:
         tally.violation(f"gc on a damaged index failed without naming fsck ({where}): {gc}")
     _check_live_blobs(tally, world, home, f"gc after {where}")
-    found = cli("verify", "-q")
+    found = cli("verify")
     if found.code == 0:
         tally.counts["verify missed the damage"] += 1  # an index SQLite still finds sound
     fix = cli("fsck")
@@ -690,7 +690,7 @@ def test_damaged_blobs_and_catalog_are_found_and_repaired(zygote, world, damage_
                     if not _blob_path(home, world.weights[src]).is_file():
                         tally.violation(f"gc deleted the blob of {name}, lost from the WAL")
                 age_manifests(home)
-                if cli("verify", "-q").code != 0:
+                if cli("verify").code != 0:
                     tally.counts["adds lost from the WAL, restored by fsck"] += 1
                 fix = cli("fsck")
                 if fix.code != 0:
@@ -842,7 +842,7 @@ def test_fsck_replays_removals_exactly(zygote, world, tmp_path):
     _drop_catalog(home)
     cli.ok("fsck")
     assert snapshot(home).refs == expected
-    assert cli("verify", "-q").code == 0
+    assert cli("verify").code == 0
 
 
 def _drop_catalog(home: Path) -> None:
@@ -877,7 +877,7 @@ def test_an_rm_killed_before_its_commit_survives_a_catalog_rebuild(zygote, world
     assert died.returncode == -signal.SIGKILL, died.stderr
     held = snapshot(home).refs
     assert held["x:latest"] == world.digest[world.pool[1]]  # the rm did not commit
-    assert cli("verify", "-q").code == 0
+    assert cli("verify").code == 0
     _drop_catalog(home)
     cli.ok("fsck")
     assert snapshot(home).refs == held  # the catalog that was lost held x

@@ -320,3 +320,129 @@ def test_a_bad_card_never_stops_an_add_or_an_export(run, tmp_path, readme):
     assert c.data.pipeline_tag == "text-generation"
     if readme.startswith(b"---"):
         assert "Still text." in c.text
+
+
+# ------------------------------------------------------------ symlinked and badly typed cards
+
+CANARY = "aws_secret_access_key = CANARY-card-secret-0123456789"
+
+
+def test_a_readme_linked_out_of_the_folder_is_not_kept(server, tmp_path):
+    secret = tmp_path / "credentials"
+    secret.write_text(f"---\nlicense: mit\n---\n\n{CANARY}\n")
+    src = sql_adapter(tmp_path / "src", card=None)
+    (src / "README.md").symlink_to(secret)
+    run = cli_runner(tmp_path / "home")
+    added = run("add", src, "-n", "sql:v1")  # the add succeeds, without the card
+    assert "outside" in added.stderr and "not kept" in added.stderr
+    assert CANARY not in run("show", "sql:v1", "--json").output
+    run("export", "sql:v1", tmp_path / "out")
+    folder = Path(run("path", "sql:v1", "-q").stdout.strip())
+    run("push", "sql:v1", "myorg/sql")
+    published = [
+        *(p.read_bytes() for p in (tmp_path / "out").iterdir()),
+        *(p.read_bytes() for p in folder.iterdir()),
+        *server.repo_files("myorg/sql").values(),
+    ]
+    assert published and not [b for b in published if CANARY.encode() in b]
+    assert not [
+        p
+        for p in (tmp_path / "home").rglob("*")
+        if p.is_file() and CANARY.encode() in p.read_bytes()
+    ], "the secret was stored"
+
+
+def test_a_readme_linked_inside_the_folder_is_kept(run, tmp_path):
+    src = sql_adapter(tmp_path / "src", card=None)
+    (src / "docs").mkdir()
+    (src / "docs" / "card.md").write_text(ORIGINAL)
+    (src / "README.md").symlink_to(Path("docs") / "card.md")
+    run("add", src, "-n", "sql:v1")
+    run("export", "sql:v1", tmp_path / "out")
+    assert_original_metadata(card((tmp_path / "out" / "README.md").read_text()))
+
+
+def test_a_hf_cache_snapshot_card_linking_into_its_blobs_is_kept(run, tmp_path):
+    # The layout huggingface_hub's cache has: snapshot files link into the repo's blobs/.
+    repo = tmp_path / "hub" / "models--someone--peft-sql"
+    snapshot = sql_adapter(repo / "snapshots" / ("a" * 40), card=None)
+    (repo / "blobs").mkdir()
+    (repo / "blobs" / "f00d").write_text(ORIGINAL)
+    (snapshot / "README.md").symlink_to(Path("..", "..", "blobs", "f00d"))
+    run("add", snapshot, "-n", "sql:v1")
+    run("export", "sql:v1", tmp_path / "out")
+    assert_original_metadata(card((tmp_path / "out" / "README.md").read_text()))
+    # Out of the cache repo's folder, refused all the same.
+    (tmp_path / "hub" / "secret").write_text(CANARY)
+    (snapshot / "README.md").unlink()
+    (snapshot / "README.md").symlink_to(Path("..", "..", "..", "secret"))
+    other = cli_runner(tmp_path / "home-b")
+    other("add", snapshot, "-n", "sql:v1")
+    other("export", "sql:v1", tmp_path / "out2")
+    assert CANARY not in (tmp_path / "out2" / "README.md").read_text()
+
+
+def test_a_pulled_card_linking_out_of_the_cache_repo_is_not_kept(server, tmp_path, monkeypatch):
+    from lorahub import remote
+
+    src = sql_adapter(tmp_path / "src", card=None, base_model_name_or_path="tiny/llama")
+    files = {p.name: p.read_bytes() for p in src.iterdir()}
+    server.seed_repo("someone/peft-sql", files | {"README.md": b"---\nlicense: mit\n---\nhi\n"})
+    secret = tmp_path / "secret"
+    secret.write_text(CANARY)
+    download = remote.download_adapter
+
+    def swapped(*args, **kwargs):  # the cached README replaced by a link out of the cache
+        got = download(*args, **kwargs)
+        assert got.card is not None
+        got.card.unlink()
+        got.card.symlink_to(secret)
+        return got
+
+    monkeypatch.setattr(remote, "download_adapter", swapped)
+    run = cli_runner(tmp_path / "home")
+    run("pull", "someone/peft-sql", "--name", "sql:v1")
+    run("push", "sql:v1", "myorg/copy")
+    assert CANARY.encode() not in server.repo_files("myorg/copy")["README.md"]
+
+
+@pytest.mark.parametrize(
+    "front",
+    [
+        "eval_results: 3",
+        "license: [1, 2]",
+        "tags: 5",
+        "eval_results: 3\nlicense: [1, 2]\ntags: 5\nmodel_name: [x]",
+        "model-index: [{name: [1], results: [{task: {type: [1]}, dataset: {name: d, type: d},"
+        " metrics: [{type: m, value: 1}]}]}]",
+    ],
+)
+def test_a_badly_typed_card_adds_exports_paths_and_pushes(server, tmp_path, front):
+    src = sql_adapter(tmp_path / "src", card=f"---\n{front}\ndatasets: [a/b]\n---\n\nKept.\n")
+    run = cli_runner(tmp_path / "home")
+    run("add", src, "-n", "sql:v1")
+    run("export", "sql:v1", tmp_path / "out")
+    folder = Path(run("path", "sql:v1", "-q").stdout.strip())
+    run("push", "sql:v1", "myorg/sql")
+    for text in (
+        (tmp_path / "out" / "README.md").read_text(),
+        (folder / "README.md").read_text(),
+        server.repo_files("myorg/sql")["README.md"].decode(),
+    ):
+        c = card(text)
+        assert c.data.library_name == "peft" and c.data.datasets == ["a/b"]
+        assert c.data.license is None and "Kept." in c.text
+        assert "lora" in c.data.tags and c.data.get("eval_results") is None
+
+
+def test_the_typed_fields_match_model_card_data():
+    """Every typed field of the installed ModelCardData is checked at parse time."""
+    import inspect
+
+    from huggingface_hub import ModelCardData
+
+    from lorahub import card as cards
+
+    params = set(inspect.signature(ModelCardData.__init__).parameters) - {"kwargs"}
+    checked = cards._STRING_FIELDS | cards._STRINGS_FIELDS | cards._RESERVED
+    assert params <= checked, params - checked

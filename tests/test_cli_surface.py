@@ -20,6 +20,7 @@ import pytest
 import lorahub
 from lorahub.cli import cli, options
 from lorahub.cli import errors as cli_errors
+from lorahub.digest import Digest
 
 DIGEST_REF = re.compile(r"^@xxh128:[0-9a-f]{32}$")
 HEX_ID = re.compile(r"^[\w-]+:[0-9a-f]{16,}$")  # a base's content hash or signature
@@ -94,40 +95,151 @@ def test_help_texts_list_the_environment_variables_read(run):
 # ------------------------------------------------------------------ -q and --json
 
 
-def test_quiet_prints_identifiers_only_on_every_adapter_command(run, world, tmp_path):
-    added = lines(run("add", world / "a", world / "b", "-q").stdout)
-    assert len(added) == 2 and all(DIGEST_REF.match(x) for x in added)
+# What -q prints on each command that has it: one pattern per kind of identifier, as
+# lorahub/cli/options.py and README's "What -q prints" table state. "" means no output.
+BLOB = re.compile(r"^xxh128:[0-9a-f]{32}$")
+BLOB_OR_LEFTOVER = re.compile(r"^(xxh128:[0-9a-f]{32}|/.+)$")  # gc: blobs, then leftover paths
+MERGED_KEY = re.compile(r"^(xxh128:)?[0-9a-f]{16,}$")
+COMMIT_URL = re.compile(r"^https?://\S+/commit/[0-9a-f]{40}$")
+ABS_DIR = "an absolute folder path"
+NOTHING = "no output (the exit status answers)"
+QUIET_IDENTIFIERS: dict[str, object] = {
+    "add": DIGEST_REF,
+    "ls": DIGEST_REF,
+    "show": DIGEST_REF,
+    "tag": DIGEST_REF,
+    "resolve": DIGEST_REF,
+    "pull": DIGEST_REF,
+    "compose": DIGEST_REF,
+    "rm": DIGEST_REF,
+    "export": ABS_DIR,
+    "merge": ABS_DIR,
+    "merged get": ABS_DIR,
+    "path": ABS_DIR,
+    "base add": HEX_ID,
+    "base ls": HEX_ID,
+    "base rm": HEX_ID,
+    "merged ls": MERGED_KEY,
+    "merged rm": MERGED_KEY,
+    "verify": "blob digest, adapter digest reference or catalog URL",
+    "gc": BLOB_OR_LEFTOVER,
+    "push": COMMIT_URL,
+    "check": NOTHING,
+    "fsck": "nothing unless unrecovered",
+}
+
+
+def identifiers(res, pattern) -> list[str]:
+    """The lines of ``res.stdout``, each asserted to match ``pattern`` (at least one)."""
+    found = lines(res.stdout)
+    assert found, res.stdout
+    for line in found:
+        if pattern is ABS_DIR:
+            assert Path(line).is_absolute() and Path(line).is_dir(), line
+        else:
+            assert isinstance(pattern, re.Pattern) and pattern.match(line), (pattern, line)
+    return found
+
+
+def test_every_quiet_command_documents_its_identifier():
+    """Each command with -q is in the table above, says what -q prints in its help, and is
+    in README's table; `env` has none and its help says why."""
+    commands = dict(all_commands())
+    quiet = {n for n, c in commands.items() if option(c, "quiet")}
+    assert quiet == set(QUIET_IDENTIFIERS), quiet ^ set(QUIET_IDENTIFIERS)
+    for name in quiet:
+        assert "-q " in (commands[name].help or ""), f"{name}: its help does not say what -q prints"
+    assert "No -q" in (commands["env"].help or "")
+    readme = (Path(lorahub.__file__).parent.parent / "README.md").read_text()
+    table = readme[readme.index("What `-q` prints") :]
+    table = table[: table.index("\n\n", table.index("|"))]
+    for name in (*quiet, "env"):
+        assert f"`{name}`" in table, name
+    assert "check -q" in options.__doc__ and "fsck -q" in options.__doc__
+
+
+def test_quiet_prints_one_kind_of_identifier_per_object_type(
+    run, world, tmp_path, store_home, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # relative outputs: -q still prints absolute paths
+    added = identifiers(run("add", world / "a", world / "b", "-q"), DIGEST_REF)
+    assert len(added) == 2
     run("tag", added[0], "a:v1")
-    assert run("tag", "a:v1", "a:prod", "-q").stdout == f"{added[0]}\n"
-    assert run("show", "a:v1", "-q").stdout == f"{added[0]}\n"
-    listed = lines(run("ls", "-q").stdout)
-    assert sorted(listed) == sorted(added)
-    assert lines(run("ls", "-q", "--filter", "name=a").stdout) == [added[0]]
+    assert identifiers(run("tag", "a:v1", "a:prod", "-q"), DIGEST_REF) == [added[0]]
+    assert identifiers(run("show", "a:v1", "-q"), DIGEST_REF) == [added[0]]
+    assert sorted(identifiers(run("ls", "-q"), DIGEST_REF)) == sorted(added)
+    assert identifiers(run("ls", "-q", "--filter", "name=a"), DIGEST_REF) == [added[0]]
 
-    base = run("base", "add", world / "llama", "-n", "llama", "-q").stdout
-    assert HEX_ID.match(base.strip()) and len(lines(base)) == 1
-    assert run("base", "ls", "-q").stdout == base
-    assert run("resolve", "a:v1", "--base", "llama", "-q").stdout == f"{added[0]}\n"
-    assert run("check", "a:v1", "--base", "llama", "-q").stdout in ("exact\n", "compatible\n")
+    base = identifiers(run("base", "add", world / "llama", "-n", "llama", "-q"), HEX_ID)
+    assert len(base) == 1
+    assert identifiers(run("base", "ls", "-q"), HEX_ID) == base
+    assert identifiers(run("resolve", "a:v1", "--base", "llama", "-q"), DIGEST_REF) == [added[0]]
+    # check -q: no output, the exit status is the answer (as grep -q).
+    assert run("check", "a:v1", "--base", "llama", "-q").stdout == ""
+    run("add", world / "wide-ad", "-n", "wide")
+    assert run("check", "wide", "--base", "llama", "-q", code=3).stdout == ""
+    run("rm", "wide", "-y")
 
-    out = tmp_path / "exported"
-    assert run("export", "a:v1", out, "-q").stdout == f"{out}\n"
-    merged = tmp_path / "merged"
-    assert run("merge", world / "llama", "a:v1", "-o", merged, "-q").stdout == f"{merged}\n"
-    got = run("merged", "get", world / "llama", "a:v1", "-q", "--device", "cpu").stdout
-    assert len(lines(got)) == 1 and Path(got.strip()).is_dir()
-    key = run("merged", "ls", "-q").stdout
-    assert len(lines(key)) == 1 and re.fullmatch(r"(xxh128:)?[0-9a-f]{16,}\n", key)
-    assert run("merged", "rm", key.strip(), "-y", "-q").stdout == key
+    out = identifiers(run("export", "a:v1", "exported", "-q"), ABS_DIR)
+    assert out == [str(tmp_path / "exported")]
+    assert identifiers(run("path", "a:v1", "-q"), ABS_DIR) == [run("path", "a:v1").stdout.strip()]
+    merged = identifiers(run("merge", world / "llama", "a:v1", "-o", "merged", "-q"), ABS_DIR)
+    assert merged == [str(tmp_path / "merged")]
+    got = run("merged", "get", world / "llama", "a:v1", "-q", "--device", "cpu")
+    assert len(identifiers(got, ABS_DIR)) == 1
+    key = identifiers(run("merged", "ls", "-q"), MERGED_KEY)
+    assert len(key) == 1
+    assert identifiers(run("merged", "rm", key[0], "-y", "-q"), MERGED_KEY) == key
+    # export --layout vllm -q: each LoRA folder's absolute path, not its bare name.
+    kept = run(
+        "export",
+        "--layout",
+        "vllm",
+        "served",
+        "--base",
+        "llama",
+        "--served-model-id",
+        "org/m",
+        "-q",
+    )
+    folders = identifiers(kept, ABS_DIR)
+    assert folders and all(Path(f).parent == tmp_path / "served" for f in folders), folders
+    assert "a" in {Path(f).name for f in folders}
 
-    blend = run("compose", "a:v1", added[1], "-n", "blend", "-q").stdout
-    assert DIGEST_REF.match(blend.strip()) and len(lines(blend)) == 1
+    blend = identifiers(run("compose", "a:v1", added[1], "-n", "blend", "-q"), DIGEST_REF)
+    assert len(blend) == 1
     assert run("verify", "-q").stdout == ""  # nothing bad: no identifiers
-    assert sorted(lines(run("rm", "a:v1", "a:prod", "-y", "-q").stdout)) == ["a:prod", "a:v1"]
-    assert run("base", "rm", "llama", "-q").stdout == base
-    run("rm", added[0], "-y")  # the digest: the adapter itself goes
-    freed = lines(run("gc", "--grace", "0", "-q").stdout)
-    assert freed and all(re.fullmatch(r"xxh128:[0-9a-f]{32}", x) for x in freed), freed
+    assert run("fsck", "-q").stdout == ""  # a clean store: silent
+    # rm -q: the digest reference of the adapter that lost the names, once.
+    assert identifiers(run("rm", "a:v1", "a:prod", "-y", "-q"), DIGEST_REF) == [added[0]]
+    assert identifiers(run("rm", added[1], "-y", "-q"), DIGEST_REF) == [added[1]]
+    assert run("rm", added[1], "-y", "-q", code=None).stdout == ""  # nothing removed
+    assert identifiers(run("base", "rm", "llama", "-q"), HEX_ID) == base
+    run("rm", "a", "blend", "-y")
+    freed = identifiers(run("gc", "--grace", "0", "-q"), BLOB_OR_LEFTOVER)
+    assert len(freed) == len(set(freed)) and len([f for f in freed if BLOB.match(f)]) >= 2
+
+
+def test_verify_quiet_prints_the_bad_blob_digest(run, world, store_home):
+    added = identifiers(run("add", world / "a", "-n", "a:v1", "-q"), DIGEST_REF)
+    with lorahub.open(store_home) as hub:
+        info = hub.get("a:v1")
+        blob = hub.blobs.path(Digest.parse(info.weights_digest))
+    assert added == [f"@{info.digest}"]
+    blob.chmod(0o644)
+    blob.write_bytes(b"\0" * blob.stat().st_size)
+    bad = identifiers(run("verify", "-q", code=1), re.compile(r"^@?xxh128:[0-9a-f]{32}$"))
+    assert info.weights_digest in bad
+
+
+def test_fsck_quiet_is_silent_after_a_repair_it_could_make(run, world, store_home):
+    run("add", world / "a", "-n", "a:v1")
+    assert run("fsck", "-q").stdout == ""
+    (store_home / "lorahub.db").unlink()  # the catalog lost: fsck restores it from the files
+    repaired = run("fsck", "-q")
+    assert repaired.stdout == "" and repaired.stderr == ""
+    assert len(identifiers(run("ls", "-q"), DIGEST_REF)) == 1
+    assert "restored" not in run("fsck").stdout  # nothing left to do
 
 
 def test_json_is_the_result_objects_to_dict(run, world, tmp_path, store_home):
@@ -140,6 +252,26 @@ def test_json_is_the_result_objects_to_dict(run, world, tmp_path, store_home):
     out = tmp_path / "out"
     exported = json.loads(run("export", "a:prod", out, "--json").stdout)
     assert exported["path"] == str(out) and (out / "adapter_config.json").is_file()
+    # The ExportResult: the adapter's record, the folder and the base_model_name_or_path
+    # actually written to its config.
+    assert exported["adapter"]["digest"] == info.digest
+    assert exported["adapter"] == json.loads(json.dumps(info.to_dict(), default=str))
+    written = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert exported["base_model_name_or_path"] == written
+    named = json.loads(
+        run("export", "a:prod", tmp_path / "o2", "--json", "--base-model-id", "org/base").stdout
+    )
+    assert (
+        named["base_model_name_or_path"]
+        == "org/base"
+        == json.loads((tmp_path / "o2" / "adapter_config.json").read_text())[
+            "base_model_name_or_path"
+        ]
+    )
+    with lorahub.open(store_home) as hub:
+        result = hub.export_result("a:prod", tmp_path / "o3")
+        assert isinstance(result, lorahub.ExportResult) and result.path == tmp_path / "o3"
+        assert isinstance(hub.export("a:prod", tmp_path / "o4"), Path)  # the API is kept
 
     base = json.loads(run("base", "add", world / "llama", "-n", "llama", "--json").stdout)
     removed_base = json.loads(run("base", "rm", "llama", "--json").stdout)
@@ -244,6 +376,9 @@ def test_a_repeated_push_shows_no_huggingface_hub_duplicate_warning(
     try:
         run("add", world / "a", "-n", "a:v1")
         first = run("push", "a:v1", "myorg/a", "-q").stdout
+        assert COMMIT_URL.match(first.strip()) and len(lines(first)) == 1, first
+        pulled = identifiers(run("pull", "myorg/a", "-q"), DIGEST_REF)
+        assert pulled == identifiers(run("show", "a:v1", "-q"), DIGEST_REF)
         again = run("push", "a:v1", "myorg/a")
         assert again.stdout.startswith("unchanged")
         assert first.strip() in again.stdout  # -q printed the commit URL, the identifier

@@ -55,6 +55,8 @@ LEAVES = [
     (E.MergeBaseNotFound("x"), (E.NotFound, E.MergeError, LookupError, RuntimeError)),
     (E.IncompatibleMerge("x"), (E.Incompatible, E.MergeError, ValueError, RuntimeError)),
     (E.InvalidMergeInput("x"), (E.InvalidInput, E.MergeError, ValueError, RuntimeError)),
+    (E.MergeDeviceUnavailable("x"), (E.DeviceUnavailable, E.InvalidInput, E.MergeError)),
+    (E.ComposeDeviceUnavailable("x"), (E.DeviceUnavailable, E.InvalidInput, E.ComposeError)),
     (E.RemoteNotFound("x"), (E.RemoteError, E.NotFound, OSError, LookupError)),
     (E.RemoteConflict("x"), (E.Conflict, E.RemoteError, OSError)),
     (E.BlobCollision("x", "xxh128:00"), (E.CorruptData, E.IntegrityError, OSError)),
@@ -674,3 +676,25 @@ def test_the_readme_documents_every_exit_status():
     for family in ("NotFound", "InvalidInput", "Conflict", "CorruptData", "Incompatible"):
         assert f"`{family}`" in section
     assert "LORAHUB_DEBUG=1" in section
+
+
+def test_a_device_the_machine_lacks_exits_1_and_an_unknown_one_2(
+    run, hub, world, tmp_path, monkeypatch
+):
+    """``--device cuda`` without a GPU is the machine's fault, not the command line's."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run("add", world / "a", "-n", "a")
+    run("add", world / "ad2", "-n", "b")
+    out = tmp_path / "o"
+    res = run("merge", world / "llama", "a", "-o", out, "--device", "cuda", code=1)
+    assert res.stderr == "Error: device 'cuda' asked for, but torch sees no CUDA GPU; use cpu\n"
+    res = run("compose", "a", "b", "-n", "c", "--device", "cuda", code=1)
+    assert "torch sees no CUDA GPU" in res.stderr
+    res = run("merge", world / "llama", "a", "-o", out, "--device", "tpu", code=2)
+    assert res.stderr == "Error: unknown device 'tpu'; use auto, cpu, cuda or cuda:N\n"
+    assert not out.exists()
+    with pytest.raises(E.DeviceUnavailable) as err:
+        hub.merge(world / "llama", ["a"], out=out, device="cuda:0")
+    assert isinstance(err.value, E.MergeError) and not isinstance(err.value, E.InvalidArgument)

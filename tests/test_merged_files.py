@@ -190,3 +190,95 @@ def test_a_diffusers_base_keeps_its_weight_names(tmp_path, run, base_shards):
     got = _loaded(sharded, "diffusion_pytorch_model")
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6)
+
+
+CANARY = "lorahub-canary-7f3e91: a private file outside the base folder"
+
+
+def _holds_canary(out: Path) -> list[str]:
+    return [p.name for p in out.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
+
+
+def test_a_link_out_of_the_base_folder_is_not_copied(base_folder, world, tmp_path, run):
+    secret = tmp_path / "home" / "secret"
+    secret.parent.mkdir()
+    secret.write_text(CANARY)
+    (base_folder / "notes.txt").symlink_to(secret)
+    (base_folder / "vocab_alias.txt").symlink_to("my_vocab.txt")  # a link inside: followed
+    out = tmp_path / "merged"
+    run("merge", base_folder, world / "a", "-o", out, "--device", "cpu")
+    names = {p.name for p in out.iterdir()}
+    assert "notes.txt" not in names and not _holds_canary(out)
+    assert (out / "vocab_alias.txt").read_bytes() == KEPT["my_vocab.txt"]
+    assert json.loads((out / "lorahub.json").read_text())["files"] == sorted(names)
+
+    # Given as one file, the base's folder brings only known names: a known name that links
+    # out of the folder is left out too.
+    (base_folder / "tokenizer.json").symlink_to(secret)
+    one = tmp_path / "merged-one"
+    run("merge", base_folder / "model.safetensors", world / "a", "-o", one, "--device", "cpu")
+    assert "tokenizer.json" not in {p.name for p in one.iterdir()} and not _holds_canary(one)
+    assert (one / "config.json").is_file()
+
+
+def test_a_base_in_the_hugging_face_cache_keeps_its_linked_files(world, tmp_path, run):
+    """snapshots/<rev>/x -> ../../blobs/<sha>, as huggingface_hub lays a download out."""
+    repo = tmp_path / "hf" / "hub" / "models--tiny-org--llama"
+    snap = repo / "snapshots" / ("d" * 40)
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    files = {f.name: f.read_bytes() for f in (world / "llama").iterdir()} | KEPT
+    for i, (name, data) in enumerate(sorted(files.items())):
+        (repo / "blobs" / f"{i:064x}").write_bytes(data)
+        (snap / name).symlink_to(Path("..", "..", "blobs", f"{i:064x}"))
+    out = tmp_path / "merged"
+    run("merge", snap, world / "a", "-o", out, "--device", "cpu")
+    for name, data in KEPT.items():
+        assert (out / name).read_bytes() == data, name
+    assert (out / "config.json").read_bytes() == files["config.json"]
+    assert not (out / "config.json").is_symlink()
+    assert load_model(out).config.hidden_size == 32
+
+
+@pytest.mark.parametrize("shard", [None, "20KB"])
+def test_a_one_file_base_of_any_name_gives_model_safetensors(world, tmp_path, run, shard):
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copyfile(world / "llama" / "model.safetensors", single / "my-finetune.safetensors")
+    shutil.copyfile(world / "llama" / "config.json", single / "config.json")
+    out = tmp_path / "merged"
+    extra = ["--max-shard-size", shard] if shard else []
+    run("merge", single / "my-finetune.safetensors", world / "a", "-o", out, "--device", "cpu",
+        *extra)  # fmt: skip
+    names = {p.name for p in out.iterdir()}
+    assert not any(n.startswith("my-finetune") for n in names), names
+    if shard is None:
+        assert "model.safetensors" in names
+    else:
+        assert "model.safetensors.index.json" in names
+        assert len([n for n in names if n.startswith("model-0")]) > 1
+    assert json.loads((out / "lorahub.json").read_text())["files"] == sorted(names)
+    merged = load_model(out)  # transformers' from_pretrained finds the weights
+    base = load_model(world / "llama")
+    assert merged.config.hidden_size == 32
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[q], base.state_dict()[q])  # the adapter is in it
+
+
+def test_a_large_stray_file_is_copied_without_holding_it_in_memory(
+    base_folder, world, tmp_path, run
+):
+    import tracemalloc
+
+    size = 96 << 20
+    with open(base_folder / "stray.dat", "wb") as f:  # sparse: nothing written to the disk
+        f.truncate(size)
+    out = tmp_path / "merged"
+    tracemalloc.start()
+    try:
+        run("merge", base_folder, world / "a", "-o", out, "--device", "cpu")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (out / "stray.dat").stat().st_size == size
+    assert peak < size // 2, f"peak Python allocation {peak} bytes for a {size}-byte file"

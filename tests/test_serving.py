@@ -195,7 +195,8 @@ def test_json_quiet_references_and_usage(served, run):
     doc = json.loads(_export(run, served, "--json").stdout)
     assert doc["served_model_id"] == SERVED and doc["vllm_max_lora_rank"] == 8
     assert [a["folder"] for a in doc["adapters"]] == ["org--tone", "sql", "sql@v1"]
-    assert _export(run, served, "-q").stdout.split() == ["org--tone", "sql", "sql@v1"]
+    quiet = _export(run, served, "-q").stdout.splitlines()  # -q: each folder's absolute path
+    assert quiet == [str(served.absolute() / f) for f in ("org--tone", "sql", "sql@v1")]
 
     # given names: only those, and nothing removed
     other = served.parent / "only"
@@ -211,7 +212,8 @@ def test_json_quiet_references_and_usage(served, run):
         SERVED,
         "-q",
     )
-    assert res.stdout.split() == ["sql@v1"] and [p.name for p in other.iterdir()] == ["sql@v1"]
+    assert res.stdout.splitlines() == [str(other.absolute() / "sql@v1")]
+    assert [p.name for p in other.iterdir()] == ["sql@v1"]
     res = run(
         "export",
         "--layout",
@@ -310,3 +312,21 @@ def test_served_model_id_defaults_to_the_base_repo_id(world, run, tmp_path, monk
     doc = json.loads(run("export", "--layout", "vllm", out, "--json").stdout)
     assert doc["served_model_id"] == "tiny-org/llama"
     assert vllm_resolves(out, "tiny-org/llama", "sql") == (out / "sql").resolve()
+
+
+def test_a_marker_listing_a_users_file_never_gets_that_file_deleted(served, run):
+    """The marker is a file anyone can edit: which files are lorahub's is decided by what
+    serving writes, not by the marker's own ``files`` list."""
+    _export(run, served)
+    folder = served / "sql@v1"
+    marker = folder / ".lorahub-serving.json"
+    doc = json.loads(marker.read_text())
+    doc["files"] = [*doc["files"], "notes.md"]
+    marker.write_text(json.dumps(doc))
+    (folder / "notes.md").write_text("mine")
+
+    run("rm", "-y", "sql:v1")
+    res = _export(run, served)
+    assert (folder / "notes.md").read_text() == "mine"
+    assert "skipped sql@v1: no longer served" in res.stderr
+    assert "removed   sql@v1" not in res.stdout

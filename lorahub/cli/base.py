@@ -142,7 +142,8 @@ def check(ctx: click.Context, reference: str, base: str, quiet: bool, as_json: b
     """Say whether an adapter fits a base: exact, compatible or incompatible.
 
     Exits 0 when it fits, 3 when it was checked and does not fit, 1 on an error (the
-    adapter or base could not be read). -q prints the status only.
+    adapter or base could not be read). -q prints nothing: the exit status is the answer
+    (as with `grep -q`); a verdict has no identifier to print.
 
     \b
     Example:
@@ -151,9 +152,7 @@ def check(ctx: click.Context, reference: str, base: str, quiet: bool, as_json: b
     report = hub_from(ctx).check(reference, base=base)
     if as_json:
         echo_json(report.to_dict())
-    elif quiet:
-        click.echo(report.status)
-    else:
+    elif not quiet:
         click.echo(report.summary)
     if not report.ok:
         sys.exit(EXIT_INCOMPATIBLE)

@@ -110,6 +110,9 @@ def env(ctx: click.Context, as_json: bool) -> None:
     """Print versions, the store, the catalog URL (password masked) and the Hugging Face
     settings lorahub runs with. Shows whether a Hub token is set, never the token.
 
+    No -q: it reports settings, not objects, so there is no identifier to print; --json
+    gives each value to a script.
+
     \b
     Example:
       lorahub env --json

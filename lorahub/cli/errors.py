@@ -10,7 +10,8 @@ Exit statuses (``lorahub --help`` lists them too)::
     0  success
     1  error: the operation failed (not found, conflict, corrupt data, the Hub, the store...)
     2  usage: a bad option, argument or --filter (click's own status for these), or a bad
-       value of one (``InvalidArgument``: --weights, --dtype, --device, a size)
+       value of one (``InvalidArgument``: --weights, --dtype, an unknown --device, a size;
+       a device this machine lacks, ``DeviceUnavailable``, is an error: 1)
     3  `lorahub check`: checked, and the adapter does not fit the base
     130  interrupted (Ctrl-C)
 

@@ -34,7 +34,8 @@ def verify(ctx: click.Context, quick: bool, repair: bool, quiet: bool, as_json: 
     """Check the catalog, re-hash every blob and check every adapter; exit 1 if anything
     is wrong.
 
-    -q prints the digest of each bad blob or adapter (nothing when all is well).
+    -q prints each bad thing once, nothing when all is well: a blob's digest (xxh128:...),
+    an adapter's digest reference (@xxh128:...), the catalog's URL (password masked).
 
     \b
     Example:
@@ -50,8 +51,9 @@ def verify(ctx: click.Context, quick: bool, repair: bool, quiet: bool, as_json: 
     if as_json:
         echo_json(report.to_dict())
     elif quiet:
-        for digest in dict.fromkeys(p.digest for p in report.problems):
-            click.echo(digest)
+        bad = (f"@{p.digest}" if p.what == "adapter" else p.digest for p in report.problems)
+        for identifier in dict.fromkeys(bad):
+            click.echo(identifier)
     else:
         for p in report.problems:
             click.echo(f"BAD {p.what} {p.digest}: {p.problem}", err=True)
@@ -130,15 +132,17 @@ def gc(
 @click.command()
 @dry_run_option
 @quick_option
+@quiet_option
 @json_option
 @click.pass_context
-def fsck(ctx: click.Context, dry_run: bool, quick: bool, as_json: bool) -> None:
+def fsck(ctx: click.Context, dry_run: bool, quick: bool, quiet: bool, as_json: bool) -> None:
     """Rebuild a missing or damaged catalog from the store's own files.
 
     Restores adapters, names and bases the catalog lacks, rewrites missing manifest
     files, and fetches damaged or missing blobs again from the adapter's source (else
     moves them to quarantine/). Deletes nothing; exit 1 if something could not be
-    recovered.
+    recovered. -q prints nothing on a store that is, or was made, whole; else each item
+    that could not be recovered, one per line (what it is, then why).
 
     \b
     Example:
@@ -147,6 +151,9 @@ def fsck(ctx: click.Context, dry_run: bool, quick: bool, as_json: bool) -> None:
     report = hub_from(ctx).fsck(dry_run=dry_run, quick=quick)
     if as_json:
         echo_json(report.to_dict())
+    elif quiet:
+        for line in report.unrecovered:
+            click.echo(line)
     else:
         _print_fsck(report)
     if not report.ok:

@@ -21,7 +21,7 @@ from .options import (
     weights_option,
     yes_option,
 )
-from .output import echo_json, hub_from, parse_weights, table
+from .output import echo_json, folder_path, hub_from, parse_weights, table
 from .progress import progress_bar
 
 
@@ -61,7 +61,8 @@ def merge(
 
     Streams one tensor at a time (memory bounded by the largest tensor), on the GPU when
     there is one; the folder appears only when complete. OUT must be new or empty; --force
-    replaces an earlier lorahub output there, nothing else. -q prints the folder's path.
+    replaces an earlier lorahub output there, nothing else. -q prints the folder's
+    absolute path.
 
     \b
     Examples:
@@ -87,7 +88,7 @@ def merge(
         echo_json(result.to_dict())
         return
     if quiet:
-        click.echo(str(result.path))
+        click.echo(folder_path(result.path))
         return
     click.echo(
         f"{result.path}: {result.merged} of {result.tensors} tensors merged, "
@@ -139,7 +140,8 @@ def merged_get(
 ) -> None:
     """Print the path of the merged checkpoint, merging only the first time.
 
-    -q prints the path too, with no progress; --json the path and the inputs.
+    -q prints the folder's absolute path too, with no progress; --json the path and the
+    inputs.
 
     \b
     Example:
@@ -155,9 +157,10 @@ def merged_get(
             progress=cb,
         )
     if as_json:
-        echo_json({"path": str(path), "base": base, "adapters": list(adapters), "weights": weights})
+        inputs = {"base": base, "adapters": list(adapters), "weights": weights}
+        echo_json({"path": folder_path(path), **inputs})
         return
-    click.echo(str(path))
+    click.echo(folder_path(path))
 
 
 @env_vars(*STORE_ENV)

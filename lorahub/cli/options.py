@@ -2,9 +2,21 @@
 
 * ``--json``: print the result as JSON, built from the result object's ``to_dict()``.
 * ``-q/--quiet``: print identifiers only, one per line, and show no progress. The identifier
-  is what a script passes on: a digest reference (``@xxh128:...``) for adapters, the output
-  path for ``merge``/``merged get``/``export``, the commit URL for ``push``, a base's content
-  hash (or signature), a merged checkpoint's key. Each command's help names it.
+  is what a script passes on, one kind per object type:
+
+  - an adapter: its digest reference ``@xxh128:...`` (``add``, ``ls``, ``show``, ``tag``,
+    ``resolve``, ``pull``, ``compose``; ``rm``: each adapter that lost a name, once);
+  - a folder a command makes or finds: its absolute path (``export``, each LoRA folder of
+    ``export --layout vllm``, ``merge``, ``merged get``, ``path``);
+  - a base model: its content hash, else its signature (``base add``, ``base ls``,
+    ``base rm``); a merged checkpoint: its key (``merged ls``, ``merged rm``);
+  - a blob: its digest ``xxh128:...`` (``verify``: each bad one; ``gc``: each deleted,
+    then each leftover path); a pushed state: the commit URL (``push``).
+
+  Where the answer is not an object, ``-q`` prints no identifier: ``check -q`` prints
+  nothing and its exit status is the answer (0 fits, 3 does not, 1 error), as ``grep -q``;
+  ``fsck -q`` prints nothing unless something could not be recovered, then one line each.
+  ``env`` has no ``-q`` (settings, not objects). Each command's help names its identifier.
 * ``--base``: a base model, as a folder, a ``.safetensors`` file, a Hub repo id or a name
   recorded by ``lorahub base add``; each command's description says what it is used for.
 * ``-v/--verbose`` (on the group): lorahub's log messages, ``-v`` INFO and ``-vv`` DEBUG.
@@ -62,6 +74,11 @@ BASE_HELP = "Base model: folder, .safetensors file, Hub repo id or recorded base
 WEIGHTS_HELP = "One weight per adapter, comma-separated (default 1 each)."
 DTYPE_HELP = "Output dtype (bfloat16, float16, float32); default: the base's."
 DEVICE_HELP = "auto, cpu, cuda, cuda:1..."
+BASE_MODEL_ID_HELP = (
+    "The base's Hub repo id, written as base_model_name_or_path and the card's base_model "
+    "(default: the recorded base's repo id, else the config's value when it is a repo id; "
+    "never a local path)."
+)
 
 
 def json_option(f: F) -> F:
@@ -81,6 +98,17 @@ def base_option(*, required: bool = False) -> Callable[[F], F]: ...
 def base_option(f: Any = None, /, *, required: bool = False) -> Any:
     """``--base``: a base model, into ``base``. Bare, or ``@base_option(required=True)``."""
     decorator = click.option("--base", "base", required=required, help=BASE_HELP)
+    return decorator if f is None else decorator(f)
+
+
+@overload
+def base_model_id_option(f: F, /) -> F: ...
+@overload
+def base_model_id_option(*, prefix: str = "") -> Callable[[F], F]: ...
+def base_model_id_option(f: Any = None, /, *, prefix: str = "") -> Any:
+    """``--base-model-id REPO_ID``: the base's Hub repo id an output names (config and card),
+    into ``base_model_id``. Bare, or ``@base_model_id_option(prefix="--layout peft: ")``."""
+    decorator = click.option("--base-model-id", metavar="REPO_ID", help=prefix + BASE_MODEL_ID_HELP)
     return decorator if f is None else decorator(f)
 
 

@@ -6,6 +6,7 @@ import gc
 import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -35,6 +36,11 @@ def hub_from(ctx: click.Context) -> Hub:
         root.obj = obj
         ctx.call_on_close(obj["hub"].close)
     return obj["hub"]
+
+
+def folder_path(path: str | Path) -> str:
+    """A folder as ``-q`` prints it: its absolute path (links kept as given, not resolved)."""
+    return str(Path(path).absolute())
 
 
 def echo_json(data: Any) -> None:

@@ -13,7 +13,7 @@ from .options import (
     quiet_option,
     reference_argument,
 )
-from .output import echo_json, hub_from
+from .output import echo_json, folder_path, hub_from
 
 
 @env_vars(*STORE_ENV, *HF_CACHE_ENV)
@@ -30,8 +30,8 @@ def path(ctx: click.Context, reference: str, base: str | None, quiet: bool, as_j
     lorahub.json, read-only, and its weights as a hard link to the store's blob (a symbolic
     link when the store spans filesystems). It is made the first time and printed as it is
     after that. Do not write into it; `lorahub gc` removes it once the adapter is removed.
-    --base picks the variant made for that base model. -q prints the folder's path (as
-    without it).
+    --base picks the variant made for that base model. -q prints the folder's absolute
+    path (as without it).
 
     \b
     Examples:
@@ -51,7 +51,7 @@ def path(ctx: click.Context, reference: str, base: str | None, quiet: bool, as_j
         blob = hub.blobs.path(Digest.parse(info.weights_digest))
         echo_json(
             {
-                "path": str(folder),
+                "path": folder_path(folder),
                 "digest": info.digest,
                 "refs": list(info.refs),
                 "weights": str(folder / SAFETENSORS),
@@ -59,7 +59,7 @@ def path(ctx: click.Context, reference: str, base: str | None, quiet: bool, as_j
             }
         )
         return
-    click.echo(str(folder))
+    click.echo(folder_path(folder))
 
 
 def register(group: click.Group) -> None:

@@ -10,6 +10,7 @@ from .logs import hf_duplicates_dropped
 from .options import (
     HUB_ENV,
     STORE_ENV,
+    base_model_id_option,
     base_option,
     env_vars,
     json_option,
@@ -28,6 +29,7 @@ from .output import echo_json, hub_from
 @click.option("--tag", help="Tag the pushed commit (e.g. v1).")
 @click.option("--path-in-repo", help="Folder inside the repo to push into.")
 @base_option
+@base_model_id_option
 @json_option
 @quiet_option
 @click.pass_context
@@ -40,6 +42,7 @@ def push(
     tag: str | None,
     path_in_repo: str | None,
     base: str | None,
+    base_model_id: str | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -47,13 +50,16 @@ def push(
 
     Creates the repo if needed. Files already there are not uploaded again; an unchanged
     adapter makes no commit. Uses your Hugging Face token (HF_TOKEN or `hf auth login`).
-    --base pushes the variant of REFERENCE made for that base model. -q prints the commit
-    URL (the pushed state's identifier: it names the repo and the commit).
+    --base pushes the variant of REFERENCE made for that base model. The pushed
+    adapter_config.json names the base by its Hub repo id (--base-model-id, else the
+    recorded base's), never by a local path; a pull restores the stored value. -q prints the
+    commit URL (the pushed state's identifier: it names the repo and the commit).
 
     \b
     Examples:
       lorahub push sql-expert:v1 myorg/sql-expert
       lorahub push sql-expert:v1 myorg/sql-expert --private --revision main --tag v1
+      lorahub push sql-expert:v1 myorg/sql-expert --base-model-id meta-llama/Llama-3.2-1B
     """
     from ..remote import progress_bars
 
@@ -67,6 +73,7 @@ def push(
             tag=tag,
             path_in_repo=path_in_repo,
             base=base,
+            base_model_id=base_model_id,
         )
     if as_json:
         echo_json(result.to_dict())

@@ -16,6 +16,7 @@ from ..units import human_size
 from .options import (
     HF_CACHE_ENV,
     STORE_ENV,
+    base_model_id_option,
     base_option,
     env_vars,
     filter_option,
@@ -25,7 +26,7 @@ from .options import (
     reference_argument,
     yes_option,
 )
-from .output import echo_json, echo_json_list, hub_from, table
+from .output import echo_json, echo_json_list, folder_path, hub_from, table
 from .progress import echo, progress_bar
 
 
@@ -320,7 +321,8 @@ def rm(
     """Remove names (a digest removes the adapter and all its names).
 
     Blobs are freed later by `lorahub gc`. --base picks the variant made for that base
-    model. -q prints each removed name:tag; --json one object per REFERENCE.
+    model. -q prints the digest reference (@xxh128:...) of each adapter that lost a name,
+    once; --json one object per REFERENCE, with the names removed.
 
     \b
     Example:
@@ -337,6 +339,7 @@ def rm(
             click.echo("Nothing removed.", err=True)
             sys.exit(1)
     done = []
+    printed: set[str] = set()
     for ref, info in zip(references, infos, strict=True):
         try:
             removed = hub.remove(ref, base=base)
@@ -346,8 +349,9 @@ def rm(
         if as_json:
             continue
         if quiet:
-            for name in removed:
-                click.echo(name)
+            if removed and info.digest not in printed:
+                printed.add(info.digest)
+                click.echo(f"@{info.digest}")
         elif not removed:
             click.echo(f"{ref} was already removed ({info.short})")
         else:
@@ -374,13 +378,7 @@ def rm(
     help="--layout vllm: the model the engine serves (`vllm serve MODEL`), written as "
     "base_model_name_or_path (default: the base's Hub repo id).",
 )
-@click.option(
-    "--base-model-id",
-    metavar="REPO_ID",
-    help="--layout peft: the base's Hub repo id, written as base_model_name_or_path and the "
-    "card's base_model (default: the recorded base's repo id, else the config's value when "
-    "it is a repo id; never a local path).",
-)
+@base_model_id_option(prefix="--layout peft: ")
 @quiet_option
 @json_option
 @click.pass_context
@@ -401,7 +399,8 @@ def export(
 
     OUT must be new or empty; --force replaces an earlier lorahub output there, never a
     folder holding other files, a symbolic link or the current directory. --base picks the
-    variant made for that base model. -q prints the folder's path.
+    variant made for that base model. -q prints the folder's absolute path; --json the
+    adapter, that path and the base_model_name_or_path written.
 
     --layout vllm OUT writes OUT/<lora name>/ for every adapter name whose variant fits
     --base (or only the REFERENCES given): adapter_config.json with base_model_name_or_path
@@ -409,7 +408,8 @@ def export(
     is the adapter's name for tag latest, name@tag for other tags (org/x is org--x). Run it
     again to update: unchanged folders stay as they are, folders of adapters removed or no
     longer fitting are deleted, and nothing lorahub did not make is touched. vLLM reads OUT
-    as VLLM_LORA_RESOLVER_CACHE_DIR; LoRAX as local adapter ids. -q prints the LoRA names.
+    as VLLM_LORA_RESOLVER_CACHE_DIR; LoRAX as local adapter ids. -q prints the absolute
+    path of each LoRA folder kept (OUT/<lora name>).
 
     \b
     Examples:
@@ -427,13 +427,13 @@ def export(
         )
     reference = references[0]
     with progress_bar("exporting") as cb:
-        path = hub_from(ctx).export(
+        result = hub_from(ctx).export_result(
             reference, out, force=force, base=base, progress=cb, base_model_id=base_model_id
         )
     if as_json:
-        echo_json({"path": str(path), "reference": reference})
+        echo_json(result.to_dict())
         return
-    click.echo(str(path))
+    click.echo(folder_path(result.path))
 
 
 def _serving_lines(info: AdapterInfo) -> list[tuple[str, str]]:
@@ -468,7 +468,7 @@ def _export_layout(
         return
     if quiet:
         if result.adapters:
-            click.echo("\n".join(a.folder for a in result.adapters))
+            click.echo("\n".join(folder_path(result.out / a.folder) for a in result.adapters))
         return
     for a in result.adapters:
         click.echo(f"{a.status:<9} {a.folder}  <- {a.reference} ({short(a.digest)})")

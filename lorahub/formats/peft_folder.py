@@ -5,10 +5,10 @@ same bytes: ``adapter_config.json``, ``adapter_model.safetensors``, a ``README.m
 and ``lorahub.json`` (the digest and manifest, for a lorahub that imports it later). Every file
 is a pure function of the adapter and the arguments, so writing twice gives identical bytes.
 
-An export may write another ``base_model_name_or_path`` than the stored config's (a Hub repo id
-rather than the training machine's path: ``export --base-model-id``); ``lorahub.json`` then
-records the value written (``"rewritten"``), so an import restores the stored one and keeps the
-adapter's digest.
+An export or a push may write another ``base_model_name_or_path`` than the stored config's (a
+Hub repo id rather than the training machine's path: :func:`published_base`, ``--base-model-id``);
+``lorahub.json`` then records the value written (``"rewritten"``), so an import or a pull
+restores the stored one and keeps the adapter's digest.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..card import README, adapter_card
+from ..card import README, adapter_card, hub_base_id
 from ..manifest import lorahub_json_text
 from ..outputs import EXPORT_FILES
 from . import lorahub_json, peft
@@ -33,6 +33,46 @@ LORAHUB_JSON = lorahub_json.FILENAME
 #: LORAHUB_JSON), kept in :mod:`lorahub.outputs`, which must not import the formats.
 FILES = EXPORT_FILES
 BASE_KEY = "base_model_name_or_path"
+
+
+def published_base(
+    info: AdapterInfo, *, base_model_id: str | None = None, recorded_base: str | None = None
+) -> tuple[str | None, str | None]:
+    """The base a folder handed out names, as ``(config_base, card_base)``: the config's
+    ``base_model_name_or_path`` and the card's ``base_model``. The rule of ``export`` and
+    ``push`` alike: ``base_model_id`` when given, else ``recorded_base`` (the recorded base's
+    Hub repo id), else the config's own value when the Hub would take it as a repo id (the
+    card only an ``org/name`` one), else None: a local path is never written.
+
+    Raises:
+        InvalidReference: ``base_model_id`` is not a Hub repo id.
+
+    Example:
+        >>> published_base(info)  # stored config: /home/me/llama  # doctest: +SKIP
+        (None, None)
+    """
+    if base_model_id is not None:
+        from ..remote.repo import check_repo_id
+
+        check_repo_id(base_model_id)
+    config_base = base_model_id or recorded_base or _config_repo_id(info)
+    return config_base, base_model_id or hub_base_id(info, recorded_base)
+
+
+def _config_repo_id(info: AdapterInfo) -> str | None:
+    """The config's ``base_model_name_or_path`` when the Hub would take it as a repo id
+    (``org/name``, or a bare legacy name); None for a path (absolute, ``~``, ``./``...)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    value = info.config.get(BASE_KEY)
+    if not isinstance(value, str) or not value or value.startswith(("~", ".")):
+        return None
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return None
+    return value
 
 
 def write_peft_folder(
@@ -69,7 +109,8 @@ def write_peft_folder(
         base_model_id: the base's Hub repo id for the card's ``base_model`` (default: the
             config's ``base_model_name_or_path`` when it is a repo id).
         rewrite_base: write ``config_base`` as the config's ``base_model_name_or_path``
-            (None writes null), recorded in ``lorahub.json``; an export's.
+            (None writes null), recorded in ``lorahub.json``; an export's and a push's
+            (both from :func:`published_base`).
 
     Returns:
         Each file's name in the folder mapped to its local path, in :data:`FILES` order.

@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Any
 from ..compat import check, require
 from ..device import resolve_device as choose_device
 from ..dtypes import ALIASES, DTYPE_BITS, FLOAT_DTYPES
-from ..errors import IncompatibleMerge, InvalidArgument, InvalidMergeArgument
+from ..errors import (
+    DeviceUnavailable,
+    IncompatibleMerge,
+    InvalidArgument,
+    InvalidMergeArgument,
+    MergeDeviceUnavailable,
+)
 from ..outputs import merge_aux_files
 
 if TYPE_CHECKING:
@@ -27,6 +33,9 @@ if TYPE_CHECKING:
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
 # A checkpoint file's name: its stem, then a shard number.
 _WEIGHTS_NAME = re.compile(r"^(?P<stem>[^/\\]+?)(?:-\d{5}-of-\d{5})?\.safetensors$")
+# The weight file stems loaders look for (transformers, diffusers): an output keeps its base's
+# stem only when it is one of these.
+LOADER_STEMS = frozenset({"model", "diffusion_pytorch_model"})
 
 
 @dataclass(frozen=True)
@@ -204,10 +213,13 @@ def one_file(base: BaseModel) -> bool:
 
 def weights_stem(files: Sequence[str]) -> str:
     """The base's weight file naming, which the output keeps so that the loader of its kind
-    finds it: ``diffusion_pytorch_model`` for a diffusers folder, ``model`` otherwise (also
-    when the base's files have no one stem)."""
+    finds it: ``diffusion_pytorch_model`` for a diffusers folder, ``model`` otherwise: also
+    when the base's files have no one stem or a name no loader looks for (a base given as
+    ``my-finetune.safetensors`` gives ``model.safetensors``, which ``from_pretrained`` finds).
+    """
     stems = {m.group("stem") for m in map(_WEIGHTS_NAME.match, files) if m is not None}
-    return stems.pop() if len(stems) == 1 else "model"
+    stem = stems.pop() if len(stems) == 1 else "model"
+    return stem if stem in LOADER_STEMS else "model"
 
 
 def normalize_dtype(dtype: str | None) -> str | None:
@@ -329,10 +341,13 @@ def resolve_device(device: str) -> torch.device:
     """The torch device to merge on, by :func:`lorahub.device.resolve_device`'s rule.
 
     Raises:
-        InvalidMergeArgument: an unknown device, or CUDA asked for where torch has none (a
-            ``MergeError``, as a merge's device errors always were).
+        InvalidMergeArgument: an unknown device (a ``MergeError``, as a merge's device
+            errors always were).
+        MergeDeviceUnavailable: CUDA asked for where torch has none, or past the last GPU.
     """
     try:
         return choose_device(device)
+    except DeviceUnavailable as exc:
+        raise MergeDeviceUnavailable(str(exc)) from None
     except InvalidArgument as exc:
         raise InvalidMergeArgument(str(exc)) from None

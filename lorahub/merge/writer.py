@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from ..base import BaseModel
 
 log = logging.getLogger(__name__)
+_COPY_CHUNK = 1 << 20  # bytes per read when copying a file of the base folder
+_MAX_CONFIG_BYTES = 16 << 20  # a larger config.json is copied as is, its dtype not rewritten
 
 SPACE_MARGIN = 64 * 1024**2
 ALIGN = 4096  # direct I/O block: a multiple of every disk's logical block size
@@ -361,17 +363,33 @@ def _write_file(path: Path, data: bytes) -> int:
 
 
 def _copy_aux(src: Path, dst: Path, dtype: str | None) -> int:
-    """Copy a config or tokenizer file; the config's dtype follows a changed output dtype."""
-    data = src.read_bytes()
-    if dtype and src.name == "config.json":
-        with contextlib.suppress(ValueError, RecursionError):
-            config = json.loads(data)
-            if isinstance(config, dict):
-                for key in ("torch_dtype", "dtype"):
-                    if key in config:
-                        config[key] = TORCH_NAMES[dtype]
-                data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-    return _write_file(dst, data)
+    """Copy a file of the base folder, streamed (a large stray file is never held in memory);
+    the config's dtype follows a changed output dtype."""
+    with open(src, "rb") as f:
+        if dtype and src.name == "config.json":
+            data = f.read(_MAX_CONFIG_BYTES + 1)
+            if len(data) <= _MAX_CONFIG_BYTES:
+                return _write_file(dst, _retyped(data, dtype))
+            log.warning("%s is over %s: copied as is", src, human_size(_MAX_CONFIG_BYTES))
+            f.seek(0)
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(f, out, _COPY_CHUNK)
+            out.flush()
+            os.fsync(fd)
+            return out.tell()
+
+
+def _retyped(config_json: bytes, dtype: str) -> bytes:
+    """``config.json``'s bytes with its dtype set to ``dtype``; unchanged if not a JSON object."""
+    with contextlib.suppress(ValueError, RecursionError):
+        config = json.loads(config_json)
+        if isinstance(config, dict):
+            for key in ("torch_dtype", "dtype"):
+                if key in config:
+                    config[key] = TORCH_NAMES[dtype]
+            return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    return config_json
 
 
 def _metadata(

@@ -1,6 +1,7 @@
 """Push a stored adapter to a Hub repo as a plain PEFT adapter folder.
 
-Every file is a pure function of the adapter, so a second push of the same adapter uploads
+Every file is a pure function of the adapter and the base's Hub repo id it names (never a
+local path: see :func:`write_push_files`), so a second push of the same adapter uploads
 nothing and makes no commit (the client skips files whose remote oid matches). The token is
 resolved by huggingface_hub itself and never passes through lorahub's hands.
 """
@@ -18,7 +19,7 @@ from urllib.parse import quote
 from .. import hfenv
 from ..digest import Digest, hash_file
 from ..errors import CorruptData, InvalidReference, RemoteConflict, RemoteError
-from ..formats.peft_folder import write_peft_folder
+from ..formats.peft_folder import published_base, write_peft_folder
 from .errors import http_status, hub_errors
 from .repo import (
     COMMIT,
@@ -97,15 +98,24 @@ def write_push_files(
     title: str,
     path_in_repo: str | None = None,
     recorded_base: str | None = None,
+    base_model_id: str | None = None,
 ) -> dict[str, Path]:
     """The files a push uploads, by name in the repo: small ones written to ``out``, the
     weights read straight from the blob (no copy). Nothing depends on time or local names.
 
-    ``title`` is the repo id (the card's heading and its usage snippet's adapter id);
-    ``recorded_base`` the recorded base's Hub repo id, for the card's ``base_model``.
-    """
-    from ..card import hub_base_id
+    ``title`` is the repo id (the card's heading and its usage snippet's adapter id). The
+    config's ``base_model_name_or_path`` and the card's ``base_model`` name the base by its
+    Hub repo id, as an export's do (:func:`~lorahub.formats.peft_folder.published_base`):
+    ``base_model_id``, else ``recorded_base`` (the recorded base's), else the config's value
+    when it is one, else null; a rewrite is recorded in ``lorahub.json``, so a pull restores
+    the stored value and the digest.
 
+    Raises:
+        InvalidReference: ``base_model_id`` is not a Hub repo id.
+    """
+    config_base, card_base = published_base(
+        info, base_model_id=base_model_id, recorded_base=recorded_base
+    )
     return write_peft_folder(
         info,
         weights,
@@ -115,7 +125,9 @@ def write_push_files(
         list_files=False,
         repo_id=title,
         subfolder=path_in_repo,
-        base_model_id=hub_base_id(info, recorded_base),
+        base_model_id=card_base,
+        rewrite_base=True,
+        config_base=config_base,
     )
 
 
@@ -129,6 +141,7 @@ def push_adapter(
     tag: str | None = None,
     path_in_repo: str | None = None,
     recorded_base: str | None = None,
+    base_model_id: str | None = None,
 ) -> PushResult:
     """Push a stored adapter (its info; its weights blob is read from ``blobs``) to
     ``repo_id`` as a folder PEFT loads: config, weights, model card and ``lorahub.json``.
@@ -136,16 +149,21 @@ def push_adapter(
     The repo is created if needed (``private`` applies then), and the branch ``revision``;
     the commit is tagged ``tag``; files already there are not uploaded again, and an
     unchanged repo gets no commit. The token is huggingface_hub's own (``HF_TOKEN``,
-    ``hf auth login``); lorahub never handles it. The card names the base by its Hub repo
-    id only: ``recorded_base`` (the recorded base's), else the config's when it is one.
+    ``hf auth login``); lorahub never handles it. The config's ``base_model_name_or_path``
+    and the card name the base by its Hub repo id only, never a local path: ``base_model_id``,
+    else ``recorded_base`` (the recorded base's), else the config's when it is one, else
+    null (see :func:`write_push_files`).
 
     Raises:
+        InvalidReference: ``repo_id`` or ``base_model_id`` is not a Hub repo id.
         RemoteConflict: ``tag`` exists at another commit, or ``private`` asked of a public
             repo.
         RemoteError: no token or no write access, ``HF_HUB_OFFLINE`` set, an unreachable Hub.
         CorruptData: the weights blob does not match the adapter's digest.
     """
     check_repo_id(repo_id)
+    if base_model_id is not None:
+        check_repo_id(base_model_id)
     weights = blobs.path(Digest.parse(info.weights_digest))
     check_weights(info, weights)
     with tempfile.TemporaryDirectory(prefix="lorahub-push-") as tmp:
@@ -156,6 +174,7 @@ def push_adapter(
             title=repo_id,
             path_in_repo=clean_subpath(path_in_repo, "path in repo"),
             recorded_base=recorded_base,
+            base_model_id=base_model_id,
         )
         result = push_files(
             repo_id,
