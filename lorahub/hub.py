@@ -406,6 +406,13 @@ class Hub:
             recorded_base=recorded_base_repo(self._store, info),
         )
 
+    def base_repo_id(self, info: AdapterInfo) -> str | None:
+        """The Hub repo id of the base ``info`` was made for, when that base is recorded
+        with one (``lorahub base add org/name``); None for a local or unrecorded base."""
+        from .export import recorded_base_repo
+
+        return recorded_base_repo(self._store, info)
+
     def path(self, reference: str, *, base: StrPath | None = None) -> Path:
         """A folder ``PeftModel.from_pretrained`` loads, without a copy of the weights:
         ``<home>/paths/<digest>/`` with the config, card and ``lorahub.json`` written

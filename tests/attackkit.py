@@ -325,6 +325,7 @@ def flip_bytes(path: Path, rng, count: int = 1) -> None:
     for _ in range(count):
         at = rng.randrange(len(data))
         data[at] ^= rng.randrange(1, 256)
+    path.chmod(0o644)  # blobs are read-only; a bad disk does not ask (root would not either)
     path.write_bytes(bytes(data))
 
 

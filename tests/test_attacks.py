@@ -536,6 +536,7 @@ def _damage_blob(cli: Cli, tally: Tally, world: World, rng: random.Random, repai
     i = rng.randrange(6)
     src, name = world.pool[i], f"d{i}:v1"
     blob = _blob_path(home, world.weights[src])
+    blob.chmod(0o644)  # read-only in the store; the damage does not ask
     if rng.random() < 0.25:
         blob.write_bytes(blob.read_bytes()[: rng.randrange(blob.stat().st_size)])
         tally.counts["truncated"] += 1

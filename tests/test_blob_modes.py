@@ -63,7 +63,10 @@ def _damage(path: Path) -> None:
     """Flip a byte as a bad disk would (root writes through the read-only mode)."""
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
+    mode = path.stat().st_mode
+    path.chmod(0o644)
     path.write_bytes(bytes(data))
+    path.chmod(mode)
 
 
 def test_fsck_refetches_and_quarantines_read_only_blobs(hub, tmp_path, umask):

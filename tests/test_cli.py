@@ -79,6 +79,7 @@ def test_verify_exits_nonzero_and_names_bad_blob(run, store_home, tmp_path):
     weights = json.loads(run("show", "x", "--json").output)["weights_digest"]
     hexd = weights.split(":")[1]
     blob = store_home / "blobs" / "xxh128" / hexd[:2] / hexd[2:]
+    blob.chmod(0o644)  # read-only in the store
     blob.write_bytes(b"garbage")
     res = run("verify", code=None)
     assert res.exit_code == 1 and weights in res.stderr

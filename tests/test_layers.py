@@ -27,7 +27,7 @@ PRIMITIVES = {
     "settings",
     "units",
 }
-TOP = {"hub": 2, "cli": 3}  # everything else under lorahub/ is a part (1)
+TOP = {"hub": 2, "cli": 3, "serve": 3}  # everything else under lorahub/ is a part (1)
 
 
 def _name(path: Path) -> str:
