@@ -31,33 +31,6 @@ if TYPE_CHECKING:
     from .store import Store
 
 
-def export_adapter(
-    blobs: BlobStore,
-    info: AdapterInfo,
-    out: StrPath,
-    *,
-    store_home: Path,
-    force: bool = False,
-    base: StrPath | None = None,
-    progress: Progress | None = None,
-    base_model_id: str | None = None,
-    recorded_base: str | None = None,
-) -> Path:
-    """Write ``info``'s PEFT folder at ``out``; returns its absolute path. The same as
-    :func:`export_folder`, whose result also says what was written."""
-    return export_folder(
-        blobs,
-        info,
-        out,
-        store_home=store_home,
-        force=force,
-        base=base,
-        progress=progress,
-        base_model_id=base_model_id,
-        recorded_base=recorded_base,
-    ).path
-
-
 def export_folder(
     blobs: BlobStore,
     info: AdapterInfo,

@@ -373,7 +373,7 @@ class Hub:
         else at ``out`` (a link, the current directory, other files) raises
         ``OutputConflict`` (a ``StoreError``). ``progress(bytes_copied, total)`` follows
         the weights' copy. ``base_model_id`` (default: the recorded base's Hub repo id) is
-        the config's ``base_model_name_or_path``: see :func:`lorahub.export.export_adapter`.
+        the config's ``base_model_name_or_path``: see :func:`lorahub.export.export_folder`.
         Returns the folder's absolute path; :meth:`export_result` says what was written."""
         return self.export_result(
             reference, out, force=force, base=base, progress=progress, base_model_id=base_model_id
