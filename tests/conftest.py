@@ -164,6 +164,30 @@ def hub_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
         assert s.errors == [], "the test server hit a bug:\n" + "\n".join(s.errors)
 
 
+ALICE_TOKEN = "hf_alice_t0ken_0123456789abcdef"  # may write to myorg on ``alice_hub``
+
+
+@pytest.fixture
+def alice_hub(
+    hub_server: HubServer,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    loopback_only: None,
+) -> HubServer:
+    """The test Hub as a client logged in as alice (org myorg, write access) sees it: her
+    token in HF_TOKEN, no stored token of the machine's, no Xet, online."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf-stored-tokens"))
+    monkeypatch.setenv("HF_TOKEN", ALICE_TOKEN)
+    hub_server.add_token(ALICE_TOKEN, "alice", orgs=["myorg"])
+    return hub_server
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

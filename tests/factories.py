@@ -200,3 +200,18 @@ def cli_runner(home: Path) -> CliRun:
         return res
 
     return run
+
+
+def fake_hf_cache(hf_home: Path, repo: str, model_dir: Path, sha: str = "c" * 40) -> Path:
+    """``model_dir`` laid out as ``hf download repo`` leaves it in the Hugging Face cache:
+    snapshot entries are links to blobs named by hash. Returns the snapshot folder."""
+    storage = hf_home / "hub" / ("models--" + repo.replace("/", "--"))
+    snap = storage / "snapshots" / sha
+    snap.mkdir(parents=True)
+    (storage / "blobs").mkdir()
+    for i, f in enumerate(sorted(model_dir.iterdir())):
+        (storage / "blobs" / f"{i:064x}").write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("..", "..", "blobs", f"{i:064x}"))
+    (storage / "refs").mkdir()
+    (storage / "refs" / "main").write_text(sha)
+    return snap

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import xxhash
-from factories import tiny_llama
+from factories import fake_hf_cache, tiny_llama
 from safetensors.torch import load_file, save_file
 
 import lorahub.base as base_mod
@@ -292,31 +292,17 @@ def test_errors_are_lorahub_errors():
 # Hub sources
 
 
-def _fake_hf_cache(hf_home: Path, repo: str, sha: str, model_dir: Path) -> Path:
-    storage = hf_home / "hub" / ("models--" + repo.replace("/", "--"))
-    snap = storage / "snapshots" / sha
-    snap.mkdir(parents=True)
-    (storage / "blobs").mkdir()
-    for i, f in enumerate(sorted(model_dir.iterdir())):
-        # As huggingface_hub lays it out: snapshot entries link to blobs named by hash.
-        (storage / "blobs" / f"{i:064x}").write_bytes(f.read_bytes())
-        (snap / f.name).symlink_to(Path("..", "..", "blobs", f"{i:064x}"))
-    (storage / "refs").mkdir()
-    (storage / "refs" / "main").write_text(sha)
-    return snap
-
-
 def test_hub_repo_from_local_cache_offline(llama_dirs, tmp_path, monkeypatch):
     hf_home = tmp_path / "hf"
     monkeypatch.setenv("HF_HOME", str(hf_home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     sha = "a" * 40
-    snap = _fake_hf_cache(hf_home, "tiny/llama", sha, llama_dirs[1])
+    snap = fake_hf_cache(hf_home, "tiny/llama", llama_dirs[1], sha)
     base = open_base("tiny/llama")
     assert (base.repo_id, base.revision, base.root.resolve()) == ("tiny/llama", sha, snap.resolve())
     assert base.signature == open_base(llama_dirs[0]).signature
     assert open_base(snap).signature == base.signature  # the snapshot folder as a path
-    single = _fake_hf_cache(hf_home, "tiny/single", sha, llama_dirs[0])
+    single = fake_hf_cache(hf_home, "tiny/single", llama_dirs[0], sha)
     assert open_base(single / "model.safetensors").signature == base.signature
     assert open_base("tiny/llama", revision=sha).revision == sha
     with pytest.raises(BaseModelError, match=r"not in the local Hugging Face cache.*hf download"):

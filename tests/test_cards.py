@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import cli_runner, peft_adapter, tiny_llama, write_peft_adapter
-from huggingface_hub import ModelCard, constants
+from factories import cli_runner, fake_hf_cache, peft_adapter, tiny_llama, write_peft_adapter
+from huggingface_hub import ModelCard
 
 from lorahub.card import is_repo_id
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-TOKEN = "hf_cards_t0ken_0123456789abcdef"
 TRAINER_PATH = "/home/trainer/models/llama"
 ORIGINAL = f"""---
 license: apache-2.0
@@ -38,16 +37,8 @@ Trained on sql-pairs for two epochs.
 
 
 @pytest.fixture
-def server(hub_server, monkeypatch, tmp_path, loopback_only):
-    """The test Hub, where the token of alice (org myorg) may write, as the client sees it."""
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf-stored-tokens"))
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    hub_server.add_token(TOKEN, "alice", orgs=["myorg"])
-    return hub_server
+def server(alice_hub):
+    return alice_hub
 
 
 def sql_adapter(folder: Path, card: str | None = ORIGINAL, **config) -> Path:
@@ -225,21 +216,6 @@ def test_export_base_model_id_rewrites_the_config_and_peft_loads_it(tmp_path):
     assert usage.exit_code == 2
 
 
-def cached_base(hf_home: Path, repo: str, model_dir: Path) -> Path:
-    """``model_dir`` laid out as ``hf download repo`` leaves it in the Hugging Face cache."""
-    storage = hf_home / "hub" / ("models--" + repo.replace("/", "--"))
-    sha = "c" * 40
-    snap = storage / "snapshots" / sha
-    snap.mkdir(parents=True)
-    (storage / "blobs").mkdir()
-    for i, f in enumerate(sorted(model_dir.iterdir())):
-        (storage / "blobs" / f"{i:064x}").write_bytes(f.read_bytes())
-        (snap / f.name).symlink_to(Path("..", "..", "blobs", f"{i:064x}"))
-    (storage / "refs").mkdir()
-    (storage / "refs" / "main").write_text(sha)
-    return snap
-
-
 @pytest.fixture
 def hub_base(world, tmp_path, monkeypatch) -> str:
     """The tiny Llama as the Hub repo ``acme/tiny-llama`` in the Hugging Face cache, with a
@@ -251,7 +227,7 @@ def hub_base(world, tmp_path, monkeypatch) -> str:
     (model / "README.md").write_text("---\nlicense: llama3.2\nlanguage: [en, de]\n---\n\nBase.\n")
     hf_home = tmp_path / "hf-home"  # the HF_HOME of every test (conftest)
     monkeypatch.setenv("HF_HOME", str(hf_home))
-    cached_base(hf_home, "acme/tiny-llama", model)
+    fake_hf_cache(hf_home, "acme/tiny-llama", model)
     return "acme/tiny-llama"
 
 

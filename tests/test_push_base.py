@@ -11,27 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import cli_runner, peft_adapter, tiny_llama
-from huggingface_hub import ModelCard, constants, snapshot_download
+from factories import cli_runner, fake_hf_cache, peft_adapter, tiny_llama
+from huggingface_hub import ModelCard, snapshot_download
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-TOKEN = "hf_pushbase_t0ken_0123456789abcd"
 TRAINER_PATH = "/home/trainer/models/llama"
 BASE_KEY = "base_model_name_or_path"
 
 
 @pytest.fixture
-def server(hub_server, monkeypatch, tmp_path, loopback_only):
-    """The test Hub, where the token of alice (org myorg) may write, as the client sees it."""
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf-stored-tokens"))
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    hub_server.add_token(TOKEN, "alice", orgs=["myorg"])
-    return hub_server
+def server(alice_hub):
+    return alice_hub
 
 
 @pytest.fixture
@@ -49,17 +40,8 @@ def trained(tmp_path) -> Path:
 def cached_base(world, tmp_path, monkeypatch) -> str:
     """The tiny Llama as the Hub repo ``acme/tiny-llama`` in the Hugging Face cache (for
     ``--base``), laid out as ``hf download`` leaves it."""
-    storage = tmp_path / "hf-home" / "hub" / "models--acme--tiny-llama"
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    sha = "c" * 40
-    snap = storage / "snapshots" / sha
-    snap.mkdir(parents=True)
-    (storage / "blobs").mkdir()
-    for i, f in enumerate(sorted((world / "llama").iterdir())):
-        (storage / "blobs" / f"{i:064x}").write_bytes(f.read_bytes())
-        (snap / f.name).symlink_to(Path("..", "..", "blobs", f"{i:064x}"))
-    (storage / "refs").mkdir()
-    (storage / "refs" / "main").write_text(sha)
+    fake_hf_cache(tmp_path / "hf-home", "acme/tiny-llama", world / "llama")
     return "acme/tiny-llama"
 
 
