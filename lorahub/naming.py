@@ -71,6 +71,9 @@ def remove(
                 events.append({"op": "rm", "digest": row.digest})
         else:
             removed.extend(format_ref(r.name, r.tag) for r in row.refs)
+            # Each name in the journal: a replay then knows which names the adapter held,
+            # even when the move that gave it one lost its confirmation.
+            events.extend(upkeep.ref_event("untag", r.name, r.tag, row.digest) for r in row.refs)
             q.delete_adapter(s, row)
             events.append({"op": "rm", "digest": row.digest})
         return removed or [row.digest]

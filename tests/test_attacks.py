@@ -930,6 +930,35 @@ def test_a_move_whose_confirmation_was_lost_is_not_a_conflict(zygote, world, tmp
     assert cli.ok("fsck").code == 0
 
 
+@pytest.mark.parametrize("removal", ["x", "@second"])
+def test_a_name_moved_without_confirmation_then_removed_stays_removed(
+    zygote, world, tmp_path, removal
+):
+    """Seen in CI: an add killed after its commit moved a name without the journal's word;
+    removing the name later left the journal's older target standing, and fsck brought the
+    name back pointing at the adapter it had left."""
+    home = tmp_path / "store"
+    cli = Cli(zygote, home)
+    first, second = world.pool[0], world.pool[1]
+    cli.ok("add", first, "-n", "x")
+    cli.ok("add", second, "-n", "y")
+    died = subprocess.run(
+        [sys.executable, "-c", _DIE_AFTER_COMMIT, "--home", str(home), "tag", "y", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    assert snapshot(home).refs["x:latest"] == world.digest[second]
+    target = "@" + world.digest[second] if removal == "@second" else removal
+    cli.ok("rm", "-y", target)
+    assert "x:latest" not in snapshot(home).refs
+    out = cli.ok("fsck")
+    assert "NOT RECOVERED" not in out.output
+    assert "x:latest" not in snapshot(home).refs, out.output
+    assert cli("verify").code == 0
+
+
 def test_a_gc_killed_while_deleting_a_merged_folder_leaves_merged_get_working(
     zygote, world, tmp_path
 ):

@@ -79,8 +79,14 @@ def replay_records(records: Records, blobs: BlobStore) -> tuple[Engine, list[str
                     q.set_ref(s, e.get("name"), e.get("tag"), row)
             elif e.op == "untag":
                 row = q.adapter_by_digest(s, digest)
-                if row is not None:
-                    q.remove_ref(s, str(e.get("name")), str(e.get("tag")), row.id)
+                name, tag = e.get("name"), e.get("tag")
+                if row is not None and isinstance(name, str) and isinstance(tag, str):
+                    # A confirmed removal proves the name pointed here, though the move
+                    # that set it may have lost its confirmation: replay that move first,
+                    # so the name it displaced does not come back.
+                    if q.remove_ref(s, name, tag, row.id) == 0:
+                        q.set_ref(s, name, tag, row)
+                        q.remove_ref(s, name, tag, row.id)
                     s.expire(row)
         orphans = abandoned = 0
         for digest, _ in records.manifest_digests():
