@@ -54,7 +54,7 @@ def serve(
     """
     import uvicorn
 
-    from ..serve.app import NAMESPACE_ENV, create_app
+    from ..serve.app import ANONYMOUS_ENV, NAMESPACE_ENV, create_app
     from ..serve.mapping import Mapping
 
     if not allow_anonymous:
@@ -73,10 +73,12 @@ def serve(
         err=True,
     )
     if workers == 1:
-        uvicorn.run(create_app(hub, namespace), host=host, port=port, access_log=False)
+        app = create_app(hub, namespace, allow_anonymous=allow_anonymous)
+        uvicorn.run(app, host=host, port=port, access_log=False)
         return
     os.environ["LORAHUB_HOME"] = str(hub.home)
     os.environ[NAMESPACE_ENV] = namespace
+    os.environ[ANONYMOUS_ENV] = "1" if allow_anonymous else "0"
     uvicorn.run(
         "lorahub.serve.app:app_from_env",
         factory=True,

@@ -24,245 +24,30 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import AdapterNotFound, AmbiguousReference, InvalidInput, LorahubError
-from .files import RepoFile, RepoFiles
-from .mapping import Mapping, commit_id
+from ..errors import InvalidInput, LorahubError
+from .auth import Auth
+from .errors import HubError
+from .mapping import Mapping
+from .read import ReadApi
 
 if TYPE_CHECKING:
     from ..hub import Hub
-    from ..info import AdapterInfo
 
 log = logging.getLogger(__name__)
 
 #: Where ``lorahub serve --workers N`` passes the namespace to each worker process.
 NAMESPACE_ENV = "LORAHUB_SERVE_NAMESPACE"
-
-
-class HubError(Exception):
-    """An answer the client turns into one of its errors."""
-
-    def __init__(
-        self, status: int, message: str, code: str | None = None, commit: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.commit = status, message, code, commit
-
-    def response(self) -> Response:
-        # Header values are latin-1 and one line: the full text goes in the JSON body.
-        line = " ".join(self.message.split()).encode("ascii", "replace").decode()
-        headers = {"X-Error-Message": line}
-        if self.code:
-            headers["X-Error-Code"] = self.code
-        if self.commit:
-            headers["X-Repo-Commit"] = self.commit
-        return JSONResponse({"error": self.message}, self.status, headers=headers)
-
-
-def _stamp(moment: datetime) -> str:
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-class ReadApi:
-    """The routes' logic over one open :class:`~lorahub.hub.Hub`."""
-
-    def __init__(self, hub: Hub, mapping: Mapping) -> None:
-        self.hub = hub
-        self.mapping = mapping
-        self.files = RepoFiles(hub)
-
-    # ------------------------------------------------------------------ lookups
-
-    def repo(self, namespace: str, name: str) -> tuple[str, str, list[AdapterInfo]]:
-        """``(repo_id, lorahub name, its adapters)``; RepoNotFound when none."""
-        repo_id = f"{namespace}/{name}"
-        try:
-            candidates = self.mapping.names(repo_id)
-        except InvalidInput as exc:
-            raise HubError(400, str(exc)) from None
-        for candidate in candidates:
-            infos = self.hub.list_adapters([f"name={candidate}"])
-            if infos:
-                return repo_id, candidate, infos
-        # Anonymous callers get 401, as the Hub answers them for a missing or private repo.
-        raise HubError(401, "Repository not found", "RepoNotFound")
-
-    def revision(self, name: str, infos: list[AdapterInfo], revision: str) -> AdapterInfo:
-        """The adapter ``revision`` names: a tag, ``main`` (= ``latest``) or a commit id."""
-        try:
-            tag = self.mapping.tag(revision)
-        except InvalidInput as exc:
-            raise HubError(400, str(exc)) from None
-        if tag is None:
-            for info in infos:
-                if commit_id(info.digest) == revision:
-                    return info
-        else:
-            try:
-                return self.hub.get(f"{name}:{tag}")
-            except AmbiguousReference as exc:
-                raise HubError(400, f"revision {revision!r} is ambiguous: {exc}") from None
-            except AdapterNotFound:
-                pass
-        raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-
-    # ------------------------------------------------------------------ routes
-
-    def model_info(self, ns: str, name: str, revision: str, blobs: bool) -> Response:
-        repo_id, lname, infos = self.repo(ns, name)
-        info = self.revision(lname, infos, revision)
-        files = self.files.files(info, repo_id)
-        from ..card import split_card
-
-        card, _ = split_card(files["README.md"].data.decode() if files["README.md"].data else "")
-        siblings = []
-        for f in files.values():
-            entry: dict[str, Any] = {"rfilename": f.name}
-            if blobs:
-                entry["size"] = f.size
-                entry["blobId"] = f.etag
-                if f.is_lfs:
-                    pointer = f.tree_entry()["lfs"]["pointerSize"]  # type: ignore[index]
-                    entry["lfs"] = {"size": f.size, "sha256": f.sha256, "pointerSize": pointer}
-            siblings.append(entry)
-        stamp = _stamp(info.created_at)
-        body = {
-            "_id": commit_id(info.digest)[:24],
-            "id": repo_id,
-            "modelId": repo_id,
-            "author": ns,
-            "sha": commit_id(info.digest),
-            "private": False,
-            "gated": False,
-            "disabled": False,
-            "downloads": 0,
-            "likes": 0,
-            "library_name": "peft",
-            "tags": self.tags(info),
-            "cardData": card,
-            "siblings": siblings,
-            "createdAt": stamp,
-            "lastModified": stamp,
-        }
-        return JSONResponse(body)
-
-    def tree(self, ns: str, name: str, revision: str, path: str) -> Response:
-        repo_id, lname, infos = self.repo(ns, name)
-        info = self.revision(lname, infos, revision)
-        files = self.files.files(info, repo_id)
-        path = path.strip("/")
-        if path and path not in files:
-            raise HubError(404, f"{path} does not exist", "EntryNotFound", commit_id(info.digest))
-        chosen = [files[path]] if path else list(files.values())
-        return JSONResponse([f.tree_entry() for f in chosen])
-
-    def refs(self, ns: str, name: str) -> Response:
-        _, lname, infos = self.repo(ns, name)
-        tags: dict[str, list[str]] = {}
-        for info in infos:
-            for ref in info.refs:
-                ref_name, _, tag = ref.rpartition(":")
-                if ref_name == lname:
-                    tags.setdefault(tag, []).append(info.digest)
-        branches = []
-        if len(tags.get("latest", [])) == 1:
-            latest = commit_id(tags["latest"][0])
-            branches.append({"name": "main", "ref": "refs/heads/main", "targetCommit": latest})
-        body = {
-            "branches": branches,
-            "converts": [],
-            "tags": [
-                {"name": t, "ref": f"refs/tags/{t}", "targetCommit": commit_id(d[0])}
-                for t, d in sorted(tags.items())
-                if len(d) == 1
-            ],
-            "pullRequests": [],
-        }
-        return JSONResponse(body)
-
-    def resolve(self, ns: str, name: str, revision: str, path: str) -> Response:
-        repo_id, lname, infos = self.repo(ns, name)
-        info = self.revision(lname, infos, revision)
-        commit = commit_id(info.digest)
-        files = self.files.files(info, repo_id)
-        if path not in files:
-            raise HubError(404, f"{path} does not exist at {revision}", "EntryNotFound", commit)
-        f: RepoFile = files[path]
-        headers = {"X-Repo-Commit": commit, "ETag": f'"{f.etag}"', "Accept-Ranges": "bytes"}
-        if f.data is not None:
-            media = "application/json" if path.endswith(".json") else "text/plain; charset=utf-8"
-            return Response(f.data, headers=headers, media_type=media)
-        assert f.path is not None
-        headers["X-Linked-Etag"] = f'"{f.sha256}"'
-        headers["X-Linked-Size"] = str(f.size)
-        # The sha256 is a strong validator: If-Range compares against it.
-        headers["ETag"] = f'"{f.sha256}"'
-        return FileResponse(f.path, headers=headers, media_type="application/octet-stream")
-
-    def list_models(self, params: Any) -> Response:
-        search = (params.get("search") or "").lower()
-        author = params.get("author")
-        wanted = params.getlist("filter")
-        try:
-            limit = int(params["limit"]) if params.get("limit") else None
-        except ValueError:
-            raise HubError(400, f"invalid limit {params['limit']!r}") from None
-        seen: dict[str, AdapterInfo] = {}
-        for info in self.hub.list_adapters():  # newest first
-            for ref in info.refs:
-                lname, _, tag = ref.rpartition(":")
-                repo_id = self.mapping.repo_id(lname)
-                if repo_id not in seen or tag == "latest":
-                    seen[repo_id] = info
-        out = []
-        for repo_id, info in sorted(seen.items()):
-            if search and search not in repo_id.lower():
-                continue
-            if author and repo_id.split("/")[0] != author:
-                continue
-            tags = self.tags(info)
-            if any(w not in tags for w in wanted):
-                continue
-            stamp = _stamp(info.created_at)
-            out.append(
-                {
-                    "_id": commit_id(info.digest)[:24],
-                    "id": repo_id,
-                    "modelId": repo_id,
-                    "author": repo_id.split("/")[0],
-                    "sha": commit_id(info.digest),
-                    "private": False,
-                    "downloads": 0,
-                    "likes": 0,
-                    "library_name": "peft",
-                    "tags": tags,
-                    "createdAt": stamp,
-                    "lastModified": stamp,
-                }
-            )
-            if limit is not None and len(out) >= limit:
-                break
-        return JSONResponse(out)
-
-    def tags(self, info: AdapterInfo) -> list[str]:
-        from ..formats.peft_folder import published_base
-
-        _, card_base = published_base(info, recorded_base=self.hub.base_repo_id(info))
-        tags = ["peft", "safetensors", "lora", "lorahub"]
-        if card_base:
-            tags += [f"base_model:adapter:{card_base}", f"base_model:{card_base}"]
-        return tags
+#: ... and whether anonymous reads are allowed ("1").
+ANONYMOUS_ENV = "LORAHUB_SERVE_ANONYMOUS"
 
 
 # ---------------------------------------------------------------------- dispatch
@@ -280,11 +65,12 @@ def _segments(request: Request) -> list[str]:
     return parts
 
 
-def _route(api: ReadApi, request: Request) -> Response:
+def _route(api: ReadApi, auth: Auth, request: Request) -> Response:
     s = _segments(request)
     method = request.method
     if method not in ("GET", "HEAD"):
         raise HubError(405, f"{method} is not served yet: this server is read only")
+    caller = auth.caller(request)
     if s[:1] == ["api"]:
         if s == ["api", "whoami-v2"]:
             raise HubError(401, "Invalid username or password.")
@@ -294,6 +80,7 @@ def _route(api: ReadApi, request: Request) -> Response:
             return api.list_models(request.query_params)
         if len(s) >= 4 and s[1] == "models":
             ns, name, rest = s[2], s[3], s[4:]
+            auth.may_read(caller, ns)
             if not rest:
                 return api.model_info(ns, name, "main", _true(request, "blobs"))
             if rest[0] == "revision" and len(rest) == 2:
@@ -306,6 +93,7 @@ def _route(api: ReadApi, request: Request) -> Response:
                 raise HubError(404, "lorahub serve does not serve Xet; set HF_HUB_DISABLE_XET=1")
         raise HubError(404, f"no such API route: /{'/'.join(s)}")
     if len(s) >= 5 and s[2] == "resolve":
+        auth.may_read(caller, s[0])
         path = "/".join(s[4:])
         return api.resolve(s[0], s[1], s[3], path)
     raise HubError(404, "not found")
@@ -315,18 +103,19 @@ def _true(request: Request, key: str) -> bool:
     return request.query_params.get(key, "").lower() in ("1", "true")
 
 
-def create_app(hub: Hub, namespace: str = "local") -> Starlette:
-    """The Starlette app serving ``hub``'s store read only; names without a namespace
-    appear under ``namespace``.
+def create_app(hub: Hub, namespace: str = "local", *, allow_anonymous: bool = False) -> Starlette:
+    """The Starlette app serving ``hub``'s store; names without a namespace appear under
+    ``namespace``; anonymous callers may read only with ``allow_anonymous``.
 
     Example:
-        >>> uvicorn.run(create_app(lorahub.open()), port=8000)  # doctest: +SKIP
+        >>> uvicorn.run(create_app(lorahub.open(), allow_anonymous=True))  # doctest: +SKIP
     """
     api = ReadApi(hub, Mapping(namespace))
+    auth = Auth(allow_anonymous)
 
     def answer(request: Request) -> Response:
         try:
-            return _route(api, request)
+            return _route(api, auth, request)
         except HubError as exc:
             return exc.response()
         except LorahubError as exc:  # a store problem (a damaged blob...): the client sees it
@@ -352,4 +141,8 @@ def app_from_env() -> Starlette:
     (uvicorn's ``factory``)."""
     from ..hub import Hub
 
-    return create_app(Hub(), os.environ.get(NAMESPACE_ENV, "local"))
+    return create_app(
+        Hub(),
+        os.environ.get(NAMESPACE_ENV, "local"),
+        allow_anonymous=os.environ.get(ANONYMOUS_ENV) == "1",
+    )

@@ -1,0 +1,32 @@
+"""The error answers of the served API, in the shape ``huggingface_hub`` maps to its
+exceptions (``X-Error-Code``, ``X-Error-Message``, a JSON ``error``)."""
+
+from __future__ import annotations
+
+from starlette.responses import JSONResponse, Response
+
+
+class HubError(Exception):
+    """An answer the client turns into one of its errors."""
+
+    def __init__(
+        self, status: int, message: str, code: str | None = None, commit: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.commit = status, message, code, commit
+
+    def response(self) -> Response:
+        # Header values are latin-1 and one line: the full text goes in the JSON body.
+        line = " ".join(self.message.split()).encode("ascii", "replace").decode()
+        headers = {"X-Error-Message": line}
+        if self.code:
+            headers["X-Error-Code"] = self.code
+        if self.commit:
+            headers["X-Repo-Commit"] = self.commit
+        return JSONResponse({"error": self.message}, self.status, headers=headers)
+
+
+def repo_not_found(authenticated: bool) -> HubError:
+    """A missing repo, or one the caller may not see: 401 to anonymous callers, 404 to the
+    others, as the Hub answers (never saying which of the two it is)."""
+    return HubError(401 if not authenticated else 404, "Repository not found", "RepoNotFound")
