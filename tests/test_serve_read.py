@@ -6,11 +6,8 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from factories import cli_runner
+from servekit import client_env, serving
 
 import lorahub
 from lorahub.formats.peft_folder import FILES
@@ -25,18 +23,6 @@ from lorahub.serve.mapping import commit_id
 
 REPO = "local/sql-expert"
 TEAM = "team/other"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _env(home: Path, url: str, hf_home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_TOKEN", "LORAHUB_"))}
-    env |= {"LORAHUB_HOME": str(home), "HF_ENDPOINT": url, "HF_HOME": str(hf_home)}
-    return env
 
 
 class Served:
@@ -67,30 +53,8 @@ def served(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
     with lorahub.open(home) as hub:
         digest = hub.get("sql-expert:v1").digest
         other = hub.get("team/other:v1").digest
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-c", "from lorahub.cli import main; main()"]
-    args = ["serve", "--port", str(port), "--allow-anonymous"]
-    log = (work / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [*cmd, *args], env=_env(home, url, work / "hf"), stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/api/models", timeout=2) as r:
-                    assert r.status == 200
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError((work / "server.log").read_text()) from None
-                time.sleep(0.2)
-        yield Served(url, home, digest, other, work)
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
+    with serving(home, work, "--allow-anonymous") as server:
+        yield Served(server.url, home, digest, other, work)
 
 
 @pytest.fixture
@@ -257,7 +221,7 @@ model = PeftModel.from_pretrained(model, adapter, revision="v1").eval()
 with torch.no_grad():
     torch.save(model(torch.arange(12).reshape(2, 6)).logits, out)
 """
-    env = _env(served.home, served.url, tmp_path / "hf")
+    env = client_env(served.home, served.url, tmp_path / "hf")
     for adapter, out in ((REPO, "served.pt"), (str(world / "a"), "local.pt")):
         res = subprocess.run(
             [sys.executable, "-c", script, str(world / "llama"), adapter, str(tmp_path / out)],
@@ -287,7 +251,7 @@ def test_lorahub_pull_from_the_server_gives_the_same_digest(served, tmp_path):
             f"{REPO}@v1",
             "--json",
         ],
-        env=_env(other, served.url, tmp_path / "hf"),
+        env=client_env(other, served.url, tmp_path / "hf"),
         capture_output=True,
         text=True,
         timeout=300,
