@@ -959,6 +959,32 @@ def test_a_name_moved_without_confirmation_then_removed_stays_removed(
     assert cli("verify").code == 0
 
 
+def test_a_removal_killed_after_its_commit_never_brings_back_an_older_target(
+    zygote, world, tmp_path
+):
+    """Seen in a stress run: a move and then the name's removal both lost their
+    confirmation; fsck restored the name pointing at the adapter it had before the move.
+    The removal's writer read the moved name, so the move had committed."""
+    home = tmp_path / "store"
+    cli = Cli(zygote, home)
+    first, second = world.pool[0], world.pool[1]
+    cli.ok("add", first, "-n", "x")
+    cli.ok("add", second, "-n", "y")
+    for argv in (["tag", "y", "x"], ["rm", "-y", "x"]):
+        died = subprocess.run(
+            [sys.executable, "-c", _DIE_AFTER_COMMIT, "--home", str(home), *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert died.returncode == -signal.SIGKILL, died.stderr
+    assert "x:latest" not in snapshot(home).refs
+    out = cli.ok("fsck")
+    # An unconfirmed removal may be undone (doubt keeps data), but only to what it removed.
+    assert snapshot(home).refs.get("x:latest") in (None, world.digest[second]), out.output
+    assert cli("verify").code == 0
+
+
 def test_a_gc_killed_while_deleting_a_merged_folder_leaves_merged_get_working(
     zygote, world, tmp_path
 ):

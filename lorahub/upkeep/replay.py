@@ -61,6 +61,9 @@ def replay_records(records: Records, blobs: BlobStore) -> tuple[Engine, list[str
         for e in records.events():
             digest = str(e.get("digest"))
             seen.add(digest)
+            if e.op == "untag":
+                _untag(s, e.get("name"), e.get("tag"), digest, e.committed)
+                continue
             if not e.committed and e.op != "add":
                 continue  # maybe rolled back: a name is not moved, nothing removed, on doubt
             if e.op == "add":
@@ -77,17 +80,6 @@ def replay_records(records: Records, blobs: BlobStore) -> tuple[Engine, list[str
                     and isinstance(e.get("tag"), str)
                 ):
                     q.set_ref(s, e.get("name"), e.get("tag"), row)
-            elif e.op == "untag":
-                row = q.adapter_by_digest(s, digest)
-                name, tag = e.get("name"), e.get("tag")
-                if row is not None and isinstance(name, str) and isinstance(tag, str):
-                    # A confirmed removal proves the name pointed here, though the move
-                    # that set it may have lost its confirmation: replay that move first,
-                    # so the name it displaced does not come back.
-                    if q.remove_ref(s, name, tag, row.id) == 0:
-                        q.set_ref(s, name, tag, row)
-                        q.remove_ref(s, name, tag, row.id)
-                    s.expire(row)
         orphans = abandoned = 0
         for digest, _ in records.manifest_digests():
             if journal.status(digest) == "abandoned" and q.adapter_by_digest(s, digest) is None:
@@ -104,6 +96,26 @@ def replay_records(records: Records, blobs: BlobStore) -> tuple[Engine, list[str
             )
         s.commit()
     return engine, unrecovered, notes
+
+
+def _untag(s: Session, name: object, tag: object, digest: str, committed: bool) -> None:
+    """Replay the removal of ``name:tag`` from ``digest``. Its writer read the name pointing
+    there in the catalog, under the write lock: so the move that set it had committed, even
+    if that move lost its confirmation, and is replayed first (else the name's older target
+    would stand and come back). The removal itself counts only once confirmed."""
+    from sqlalchemy import select
+
+    from ..catalog.models import Ref
+
+    row = q.adapter_by_digest(s, digest)
+    if row is None or not isinstance(name, str) or not isinstance(tag, str):
+        return
+    here = select(Ref.id).where(Ref.name == name, Ref.tag == tag, Ref.adapter_id == row.id)
+    if s.scalar(here) is None:
+        q.set_ref(s, name, tag, row)
+    if committed:
+        q.remove_ref(s, name, tag, row.id)
+    s.expire(row)
 
 
 def _insert_from_manifest(
