@@ -985,6 +985,26 @@ def test_a_removal_killed_after_its_commit_never_brings_back_an_older_target(
     assert cli("verify").code == 0
 
 
+def test_a_name_moved_to_an_adapter_since_removed_and_collected_stays_removed(
+    zygote, world, tmp_path
+):
+    """Seen in a stress run, with no kill at all: a name moved onto an adapter that was
+    then removed and collected by gc; the replay could not read the move (the adapter's
+    record was gone) and fsck restored the name pointing at its first adapter."""
+    home = tmp_path / "store"
+    cli = Cli(zygote, home)
+    first, second = world.pool[0], world.pool[1]
+    cli.ok("add", first, "-n", "x")
+    cli.ok("add", second, "-n", "y")
+    cli.ok("add", second, "-n", "x")  # x moves to the adapter y names
+    cli.ok("rm", "-y", "@" + world.digest[second])
+    cli.ok("gc", "--grace", "0")
+    assert "x:latest" not in snapshot(home).refs
+    out = cli.ok("fsck")
+    assert "x:latest" not in snapshot(home).refs, out.output
+    assert cli("verify").code == 0
+
+
 def test_a_gc_killed_while_deleting_a_merged_folder_leaves_merged_get_working(
     zygote, world, tmp_path
 ):

@@ -72,14 +72,12 @@ def replay_records(records: Records, blobs: BlobStore) -> tuple[Engine, list[str
                 row = q.adapter_by_digest(s, digest)
                 if row is not None:
                     q.delete_adapter(s, row)
-            elif e.op == "tag":
+            elif e.op == "tag" and isinstance(e.get("name"), str) and isinstance(e.get("tag"), str):
                 row = ensure(digest, None, None, None)
-                if (
-                    row is not None
-                    and isinstance(e.get("name"), str)
-                    and isinstance(e.get("tag"), str)
-                ):
+                if row is not None:
                     q.set_ref(s, e.get("name"), e.get("tag"), row)
+                else:  # its record is gone (removed, then collected): the name moved all the same
+                    q.remove_ref(s, e.get("name"), e.get("tag"))
         orphans = abandoned = 0
         for digest, _ in records.manifest_digests():
             if journal.status(digest) == "abandoned" and q.adapter_by_digest(s, digest) is None:
@@ -107,8 +105,11 @@ def _untag(s: Session, name: object, tag: object, digest: str, committed: bool) 
 
     from ..catalog.models import Ref
 
+    if not isinstance(name, str) or not isinstance(tag, str):
+        return
     row = q.adapter_by_digest(s, digest)
-    if row is None or not isinstance(name, str) or not isinstance(tag, str):
+    if row is None:  # its record is gone: whatever the replay still names here is older
+        q.remove_ref(s, name, tag)
         return
     here = select(Ref.id).where(Ref.name == name, Ref.tag == tag, Ref.adapter_id == row.id)
     if s.scalar(here) is None:
