@@ -1,4 +1,5 @@
-"""Store benchmarks: add throughput against a durable file copy, and catalog lookup latency.
+"""Store benchmarks: add throughput against a durable file copy, catalog lookup latency, and
+blob throughput to S3.
 
 (a) ``Hub.add`` of a ~100 MB PEFT adapter (safetensors) against ``shutil.copyfile`` + fsync
     of the same weights file; median of several runs, each into a fresh store (created and
@@ -16,6 +17,19 @@
     afterwards and ``ls --json`` is timed again (a listing must not parse what it does not
     print).
 
+(d) The catalog on SQLite beside PostgreSQL, in the same run: the lookups of (b) (resolve
+    by ``name:tag`` and by 12-hex prefix, two listings) at 100,000 adapters in each, the same
+    rows in both. PostgreSQL is a throwaway local cluster (``tests/pgkit.py``: needs the
+    PostgreSQL 15 server programs and the ``postgres`` extra), reached over TCP on 127.0.0.1.
+(e) Blobs on S3 (``LORAHUB_BLOBS_URL``) beside a local file copy, in the same run: a blob of
+    ``--blob-mb`` random bytes uploaded by the store (``put_file``: hashed locally, sent to a
+    temp key in parts, copied server-side to its digest key) and downloaded into an empty
+    cache (``checked_path``: streamed, hashed as it arrives), beside boto3's own
+    ``upload_file``/``download_file`` of the same file (the client's floor) and
+    ``copyfile`` + fsync. The server is moto's (``tests/s3kit.py``, the ``s3`` extra) on
+    127.0.0.1: a Python process holding every object in memory, far slower than a real S3
+    service, so these figures bound lorahub's overhead, not what S3 itself gives.
+
 Filling a catalog with 100,000 adapters through ``Hub.add`` would take hours, so part (b)
 uses a fast path of its own (``bulk_insert``): one real adapter is added through ``Hub.add``,
 then its manifest is varied (rank, alpha, target modules, seed in the metadata) to make
@@ -29,6 +43,8 @@ Usage:
     .venv/bin/python benchmarks/bench_store.py add --size-mb 100 --runs 5
     .venv/bin/python benchmarks/bench_store.py catalog --counts 10000 100000
     .venv/bin/python benchmarks/bench_store.py catalog --counts 10000 --lookups 50 --big-configs 3
+    .venv/bin/python benchmarks/bench_store.py backends --backend-count 100000
+    .venv/bin/python benchmarks/bench_store.py s3 --blob-mb 256 --blob-runs 3
 """
 
 from __future__ import annotations
@@ -188,6 +204,12 @@ LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 RANKS = (4, 8, 16, 32, 64)
 
 
+def writing(hub: lorahub.Hub):
+    """A transaction holding the catalog's write lock, as lorahub's own writes do (on
+    PostgreSQL any other transaction is read-only)."""
+    return hub.engine.execution_options(lorahub_write=True).begin()
+
+
 def bulk_insert(hub: lorahub.Hub, template: dict, start: int, stop: int) -> None:
     """Insert adapters ``start..stop-1`` straight into the catalog (the documented fast path).
 
@@ -269,7 +291,7 @@ def bulk_insert(hub: lorahub.Hub, template: dict, start: int, stop: int) -> None
                 "created_at": created,
             }
         )
-    with hub.engine.begin() as conn:
+    with writing(hub) as conn:
         conn.execute(insert(Adapter.__table__), adapters)
         conn.execute(insert(AdapterModule.__table__), modules)
         conn.execute(insert(Ref.__table__), refs)
@@ -429,7 +451,7 @@ def record_base(hub: lorahub.Hub) -> None:
         for leaf in LEAVES
     )
     table.append(["model.embed_tokens.weight", "BF16", [32000, 4096]])
-    with hub.engine.begin() as conn:
+    with writing(hub) as conn:
         conn.execute(
             insert(BaseModelRow.__table__),
             {
@@ -509,14 +531,152 @@ def bench_catalog(
     hub.close()
 
 
+# ---------------------------------------------------------------------------- (d) backends
+
+
+def backend_catalog(home: Path, url: str | None, count: int) -> lorahub.Hub:
+    """A store at ``home`` whose catalog is at ``url`` (None: its SQLite file), holding
+    ``count`` bulk-inserted adapters besides one real one."""
+    os.environ.pop("LORAHUB_DATABASE_URL", None)
+    if url is not None:
+        os.environ["LORAHUB_DATABASE_URL"] = url
+    try:
+        hub = lorahub.Hub(home)
+        _ = hub.engine  # the settings are read and the catalog opened while the URL is set
+    finally:
+        os.environ.pop("LORAHUB_DATABASE_URL", None)
+    src = home.parent / f"{home.name}-adapter"
+    write_adapter(src, 0.5, "float32", r=8)
+    template = hub.add(src, name="real:v1").adapter.manifest
+    t0 = time.perf_counter()
+    for start in range(0, count, 10_000):
+        bulk_insert(hub, template, start, min(count, start + 10_000))
+    if hub.engine.dialect.name == "postgresql":
+        with hub.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM ANALYZE")  # what autovacuum does soon after a load
+    print(
+        f"({hub.engine.dialect.name}: bulk-inserted {count:,} adapters, {8 * count:,} module "
+        f"rows in {time.perf_counter() - t0:.1f} s)"
+    )
+    return hub
+
+
+def bench_backends(work: Path, count: int, n: int) -> None:
+    """(d): the same catalog on SQLite and on PostgreSQL, the lookups of (b) on each."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import pgkit
+
+    cluster = pgkit.start()
+    try:
+        server = subprocess.run(
+            [str(pgkit.bin_dir() / "postgres"), "--version"], capture_output=True, text=True
+        ).stdout.strip()
+        print(f"== SQLite and PostgreSQL ({server}, local, TCP): {count:,} adapters, {n} calls")
+        rows: dict[str, dict[str, list[float]]] = {}
+        for label, url in (("sqlite", None), ("postgresql", cluster.create_database())):
+            hub = backend_catalog(work / f"backend-{label}", url, count)
+            rows[label] = {}
+            for what, calls in lookups_for(hub, count, n).items():
+                for c in calls[:5]:
+                    c()
+                gc.collect()
+                rows[label][what] = [timed(c) for c in calls]
+            hub.close()
+        whats = list(rows["sqlite"])
+        print(f"{'catalog':<12}" + "".join(f"{w:>30}" for w in whats))
+        for label, by in rows.items():
+            cells = [
+                f"p50 {statistics.median(by[w]) * 1e3:5.2f} p99 {p99(by[w]) * 1e3:6.2f} ms"
+                for w in whats
+            ]
+            print(f"{label:<12}" + "".join(f"{c:>30}" for c in cells))
+    finally:
+        cluster.stop()
+
+
+# ---------------------------------------------------------------------------- (e) S3 blobs
+
+
+def bench_s3(work: Path, size_mb: int, runs: int) -> None:
+    """(e): a blob up to and down from moto's S3 server through the store and through
+    boto3 alone, beside a local durable copy; medians of ``runs``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import s3kit
+
+    from lorahub.digest import hash_file
+    from lorahub.s3blobs import S3BlobStore
+
+    src = work / "s3-blob.bin"
+    with open(src, "wb") as f:
+        for _ in range(size_mb):
+            f.write(os.urandom(1 << 20))
+    size = src.stat().st_size
+    digest, _ = hash_file(src)
+    with s3kit.s3_server() as server:
+        os.environ.update(server.env())
+        bucket = server.bucket()
+        os.environ["LORAHUB_BLOBS_URL"] = f"s3://{bucket}/bench"
+        try:
+            hub = lorahub.Hub(work / "s3-home")
+        finally:
+            os.environ.pop("LORAHUB_BLOBS_URL")
+        blobs, client = hub.blobs, server.client()
+        assert isinstance(blobs, S3BlobStore)
+        part = blobs.location.part_size
+        print(
+            f"== blobs: {size / MB:.0f} MB, {runs} runs (median), moto S3 server on 127.0.0.1 "
+            f"(in-memory, single process: slow), part size {part >> 20} MiB"
+        )
+
+        def local() -> None:
+            dst = work / "copy.bin"
+            dst.unlink(missing_ok=True)
+            durable_copy(src, dst)
+
+        def put() -> None:
+            blobs.delete(digest)  # an upload every run, not a duplicate check
+            blobs.put_file(lambda p: shutil.copyfile(src, p))
+
+        def get() -> None:
+            blobs.path(digest).unlink(missing_ok=True)  # an empty cache
+            blobs.checked_path(digest)
+
+        def raw_put() -> None:
+            client.upload_file(str(src), bucket, "raw/blob", Config=blobs._transfer())
+
+        def raw_get() -> None:
+            out = work / "raw.bin"
+            out.unlink(missing_ok=True)
+            client.download_file(bucket, "raw/blob", str(out), Config=blobs._transfer())
+
+        rows = [
+            ("copyfile + fsync", local),
+            ("boto3 upload_file", raw_put),
+            ("store upload (put_file)", put),
+            ("boto3 download_file", raw_get),
+            ("store download (fetch)", get),
+        ]
+        for label, fn in rows:
+            secs = statistics.median(timed(fn) for _ in range(runs))
+            print(f"{label:<26} {size / MB / secs:8.1f} MB/s   (median {secs:.2f} s)")
+        hub.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("part", nargs="?", choices=("add", "catalog", "all"), default="all")
+    ap.add_argument(
+        "part", nargs="?", choices=("add", "catalog", "backends", "s3", "all"), default="all"
+    )
     ap.add_argument("--size-mb", type=float, default=100, help="adapter size for (a)")
     ap.add_argument("--dtype", choices=("float32", "bf16"), default="float32")
     ap.add_argument("--runs", type=int, default=5, help="runs of (a); the median is shown")
     ap.add_argument("--counts", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--lookups", type=int, default=200)
+    ap.add_argument(
+        "--backend-count", type=int, default=100_000, help="adapters in each catalog of (d)"
+    )
+    ap.add_argument("--blob-mb", type=int, default=256, help="blob size for (e), in MiB")
+    ap.add_argument("--blob-runs", type=int, default=3, help="runs of (e); the median is shown")
     ap.add_argument("--plans", action="store_true", help="print EXPLAIN QUERY PLAN for (b)")
     ap.add_argument("--profile", action="store_true", help="cProfile one add in (a)")
     ap.add_argument(
@@ -547,6 +707,10 @@ def main() -> None:
             bench_catalog(
                 work, args.counts, args.lookups, args.plans, args.try_index, args.big_configs
             )
+        if args.part in ("backends", "all"):
+            bench_backends(work, args.backend_count, args.lookups)
+        if args.part in ("s3", "all"):
+            bench_s3(work, args.blob_mb, args.blob_runs)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

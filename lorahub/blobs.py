@@ -17,6 +17,12 @@ on disk and the new, good bytes replace it. Different, and both hash to the name
 collision, refused. Writers hold a shared lock on ``.tmp.lock`` (beside ``tmp/``) while
 their temp file exists, and the temp sweep takes it exclusively, so ``gc`` never deletes a
 write in flight.
+
+:mod:`lorahub.s3blobs` keeps the same promises for blobs on S3-compatible storage
+(``LORAHUB_BLOBS_URL``), as a subclass: callers that need a local file ask for
+``checked_path`` (hashed) or ``local_path`` (for callers that hash or only link), never
+``path``, which there names a cache file that may be absent; ``gc`` and ``fsck`` go through
+``delete_unless_young`` and ``quarantine``.
 """
 
 from __future__ import annotations
@@ -221,6 +227,12 @@ class BlobStore:
         with self.open(digest) as f:
             return f.read()
 
+    def local_path(self, digest: Digest) -> Path:
+        """A local file holding the blob, not re-hashed here: the blob itself in this store
+        (it may be missing); an object store (:mod:`lorahub.s3blobs`) fetches a verified
+        copy into its cache. For callers that hash the bytes themselves or only link them."""
+        return self.path(digest)
+
     def checked_path(self, digest: Digest) -> Path:
         """The blob's path once its bytes hash to its name, read in a stream (no copy in
         memory): a blob damaged on disk is an error here, not a merge, export or composition
@@ -265,6 +277,29 @@ class BlobStore:
         with contextlib.suppress(FileNotFoundError):
             self.path(digest).unlink()
 
+    def delete_unless_young(self, digest: Digest, cutoff: float) -> bool | None:
+        """For ``gc``, under the catalog's write lock: delete the blob unless it was written
+        or refreshed at ``cutoff`` (epoch seconds) or later. True: deleted; False: young,
+        kept; None: already gone."""
+        path = self.path(digest)
+        try:
+            if path.lstat().st_mtime >= cutoff:
+                return False
+            path.unlink()
+        except FileNotFoundError:
+            return None
+        return True
+
+    def quarantine(self, digest: Digest, folder: Path) -> bool:
+        """Move a damaged blob into ``folder`` (named by its hex), so it is never read as
+        good data; False when it is not there."""
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(self.path(digest), folder / digest.hex)
+        except FileNotFoundError:
+            return False
+        return True
+
     def __iter__(self) -> Iterator[BlobInfo]:
         """Every blob file; links and other non-files are skipped, never followed."""
         base = self.root / ALGO
@@ -286,14 +321,16 @@ class BlobStore:
         """Whether at least one blob file exists (cheap: stops at the first)."""
         return next(iter(self), None) is not None
 
-    def sweep_temp(self, older_than: float, *, dry_run: bool = False) -> list[tuple[Path, int]]:
+    def sweep_temp(
+        self, older_than: float, *, dry_run: bool = False
+    ) -> list[tuple[Path | str, int]]:
         """Delete (or, ``dry_run``, list) temp files left by interrupted writers, older than
         ``older_than`` seconds. Holds the writers' lock exclusively, so a write in flight is
         never touched whatever the age; links are removed as links, never followed."""
         if not self.tmp.is_dir() or self.tmp.is_symlink():
             return []
         cutoff = time.time() - older_than
-        out: list[tuple[Path, int]] = []
+        out: list[tuple[Path | str, int]] = []
         with _flock(self.tmp.parent / WRITERS_LOCK, shared=False):
             for entry in os.scandir(self.tmp):
                 with contextlib.suppress(FileNotFoundError):

@@ -36,15 +36,19 @@ if TYPE_CHECKING:
     import torch
     from sqlalchemy import Engine
 
+    from . import tokens as access
     from . import upkeep
+    from .base import BaseModel
     from .compat import CompatReport
     from .info import ComposeResult, ExportResult, GcReport, MergedInfo, VerifyReport
+    from .manifest import BaseRef
     from .merge import MergeResult
     from .metadata import AdapterMetadata
     from .remote import PushResult
     from .serving import ServingExport
 else:  # SQLAlchemy, behind these, takes longer to import than `show` may take in all
     upkeep = lazy_module("lorahub.upkeep")
+    access = lazy_module("lorahub.tokens")
 
 DEFAULT_GRACE_S = 3600.0
 
@@ -293,6 +297,14 @@ class Hub:
         resolver = self._resolver
         return merging.iter_stored(resolver, base, adapters, weights, device=device, dtype=dtype)
 
+    def merge_inputs(
+        self, base: StrPath, adapters: str | Sequence[str], weights: Sequence[float] | None = None
+    ) -> tuple[BaseModel, list[AdapterInfo], list[float], BaseRef]:
+        """What a merge of ``adapters`` into ``base`` would read, checked, without merging:
+        the opened base, each adapter's variant for it, the weights and the base's identity
+        (``lorahub serve`` plans a merged checkpoint's files from them before any merge)."""
+        return merging.merge_inputs(self._resolver, base, adapters, weights)
+
     def merged(
         self,
         base: StrPath,
@@ -510,10 +522,12 @@ class Hub:
         path_in_repo: str | None = None,
         base: StrPath | None = None,
         base_model_id: str | None = None,
+        endpoint: str | None = None,
     ) -> PushResult:
         """Push an adapter to a Hub repo as a folder PEFT loads; returns the commit and the
         bytes uploaded. ``base_model_id`` (default: the recorded base's Hub repo id) is the
-        config's ``base_model_name_or_path``, never a local path, as in :meth:`export`.
+        config's ``base_model_name_or_path``, never a local path, as in :meth:`export`;
+        ``endpoint`` (default ``HF_ENDPOINT``) another Hub, such as a ``lorahub serve``.
         Options and errors: :func:`lorahub.remote.push_adapter`.
 
         >>> hub.push("sql-expert:v1", "myorg/sql-expert", tag="v1").commit_url  # doctest: +SKIP
@@ -532,6 +546,7 @@ class Hub:
             path_in_repo=path_in_repo,
             recorded_base=recorded_base_repo(self._store, info),
             base_model_id=base_model_id,
+            endpoint=endpoint,
         )
 
     def pull(
@@ -548,6 +563,31 @@ class Hub:
         >>> hub.pull("myorg/sql-expert@v1", name="sql-expert").digest  # doctest: +SKIP
         """
         return self._importer.pull(repo_id, revision=revision, subfolder=subfolder, name=name)
+
+    def add_token(
+        self, name: str, *, write: bool = False, namespaces: Iterable[str] = ()
+    ) -> access.NewToken:
+        """Make an access token for ``lorahub serve`` (read, or ``write``; limited to
+        ``namespaces`` if any); the result holds its secret, which is stored nowhere.
+        Rules and errors: :func:`lorahub.tokens.create_token`."""
+        return access.create_token(self._store, name, write=write, namespaces=namespaces)
+
+    def tokens(self) -> builtins.list[access.TokenInfo]:
+        """Every access token, by name, without its secret."""
+        return access.list_tokens(self._store)
+
+    def remove_token(self, name: str) -> access.TokenInfo:
+        """Delete an access token; servers refuse it from their next request on."""
+        return access.remove_token(self._store, name)
+
+    def check_token(self, secret: str) -> access.TokenInfo | None:
+        """The token whose secret this is, or None (:func:`lorahub.tokens.verify_token`)."""
+        return access.verify_token(self._store, secret)
+
+    def mark_token_used(self, info: access.TokenInfo) -> bool:
+        """Record that a token was used (at most every few minutes: ``token ls`` shows it);
+        returns whether it wrote (:func:`lorahub.tokens.mark_used`)."""
+        return access.mark_used(self._store, info)
 
     # Last in the class: a method named ``list`` would shadow the builtin in the
     # annotations of every method after it.

@@ -10,6 +10,7 @@ from .aliases import StrPath
 
 APP_NAME = "lorahub"
 DEFAULT_MERGED_MAX_BYTES = 200 * 1024**3
+DEFAULT_BLOBS_CACHE_MAX_BYTES = 20 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,8 @@ class Settings:
     database_url: str | None = None
     merged_max_bytes: int = DEFAULT_MERGED_MAX_BYTES
     allow_symlinks: bool = False  # store folders that are links out of the store
+    blobs_url: str | None = None  # s3://bucket/prefix: blobs on object storage
+    blobs_cache_max_bytes: int = DEFAULT_BLOBS_CACHE_MAX_BYTES  # its local read-through cache
 
     @property
     def db_url(self) -> str:
@@ -39,19 +42,26 @@ def default_home() -> Path:
 def load(home: StrPath | None = None) -> Settings:
     """Settings from arguments first, then the environment, then defaults."""
     max_bytes = os.environ.get("LORAHUB_MERGED_MAX_BYTES")
+    cache_bytes = os.environ.get("LORAHUB_BLOBS_CACHE_MAX_BYTES")
     return Settings(
         home=Path(home).expanduser() if home is not None else default_home(),
         database_url=os.environ.get("LORAHUB_DATABASE_URL") or None,
         merged_max_bytes=_size(max_bytes) if max_bytes else DEFAULT_MERGED_MAX_BYTES,
+        blobs_url=os.environ.get("LORAHUB_BLOBS_URL") or None,
+        blobs_cache_max_bytes=(
+            _size(cache_bytes, "LORAHUB_BLOBS_CACHE_MAX_BYTES")
+            if cache_bytes
+            else DEFAULT_BLOBS_CACHE_MAX_BYTES
+        ),
         allow_symlinks=os.environ.get("LORAHUB_ALLOW_SYMLINKS", "").lower() in ("1", "true", "yes"),
     )
 
 
-def _size(text: str) -> int:
+def _size(text: str, name: str = "LORAHUB_MERGED_MAX_BYTES") -> int:
     from .errors import InvalidArgument, LorahubError
     from .units import parse_size
 
     try:
         return parse_size(text)
     except LorahubError as exc:
-        raise InvalidArgument(f"LORAHUB_MERGED_MAX_BYTES: {exc}") from None
+        raise InvalidArgument(f"{name}: {exc}") from None

@@ -39,6 +39,21 @@ else:  # SQLAlchemy, behind these, takes longer to import than `show` may take i
 Writing = tuple["Session", list[dict[str, Any]]]
 
 
+def open_blobs(settings: Settings) -> BlobStore:
+    """The blob directory under the home, or the object store ``settings.blobs_url`` names
+    (its read-through cache under ``<home>/blobcache``)."""
+    if settings.blobs_url is None:
+        return BlobStore(settings.home / "blobs", settings.home / "tmp")
+    from .s3blobs import S3BlobStore, parse_blobs_url
+
+    return S3BlobStore(
+        parse_blobs_url(settings.blobs_url),
+        settings.home / "blobcache",
+        settings.home / "tmp",
+        cache_max_bytes=settings.blobs_cache_max_bytes,
+    )
+
+
 class Store:
     """The store at ``settings.home``: its folders are made (or refused) on open; the
     catalog is opened and migrated only when first needed."""
@@ -47,7 +62,7 @@ class Store:
         self.settings = settings
         self.home = settings.home
         layout.prepare(self.home, allow_symlinks=settings.allow_symlinks)
-        self.blobs = BlobStore(self.home / "blobs", self.home / "tmp")
+        self.blobs = open_blobs(settings)
         self.records = Records(self.home, self.home / "tmp")
         self.engine_or_none: Engine | None = None
 
@@ -89,9 +104,9 @@ class Store:
         if check and holds and db.current_revision_or_none(engine) is None:
             engine.dispose()
             raise StoreError(
-                f"the catalog ({self.settings.db_url}) is missing or empty, but the store at "
-                f"{self.home} holds adapters; run `lorahub fsck` to rebuild the catalog from "
-                "the store's files"
+                f"the catalog ({db.safe_url(self.settings.db_url)}) is missing or empty, but "
+                f"the store at {self.home} holds adapters; run `lorahub fsck` to rebuild the "
+                "catalog from the store's files"
             )
         db.upgrade(engine, self.home / "migrate.lock")
         upkeep.backfill_records(engine, self.records, self.home / "migrate.lock")

@@ -197,7 +197,7 @@ class Importer:
         def commit() -> tuple[AdapterInfo, bool]:
             with self.store.writing() as (s, events):
                 row = q.adapter_by_digest(s, digest)  # the write lock is held from here
-                if not self.store.blobs.path(weights).is_file():
+                if not self.store.blobs.exists(weights):
                     # A gc that listed the blob before put_file refreshed it deleted it since;
                     # gc needs the write lock too, so once written again it stays.
                     self._put_blob(write, source)

@@ -23,7 +23,17 @@ os.environ.update(
         "TOKENIZERS_PARALLELISM": "false",
     }
 )
-for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "LORAHUB_DATABASE_URL"):
+for _var in (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_OIDC_RESOURCE",
+    "LORAHUB_DATABASE_URL",
+    "LORAHUB_BLOBS_URL",
+    "LORAHUB_BLOBS_CACHE_MAX_BYTES",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_PROFILE",
+):
     os.environ.pop(_var, None)
 
 import socket  # noqa: E402
@@ -36,6 +46,7 @@ import pytest  # noqa: E402
 from factories import CliRun, cli_runner, peft_adapter, tiny_llama  # noqa: E402
 
 if TYPE_CHECKING:
+    import pgkit
     from hubserver import HubServer
 
     import lorahub
@@ -76,6 +87,56 @@ def run(store_home: Path) -> CliRun:
     """The CLI on the store at ``store_home``: ``run(*args, code=0, input=None)``
     (see :func:`factories.cli_runner`)."""
     return cli_runner(store_home)
+
+
+# ------------------------------------------------------------------ the catalog's database
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[pgkit.Cluster]:
+    """A throwaway PostgreSQL cluster for the session (``tests/pgkit.py``), started when a
+    test first needs it. Without the server programs the tests that need it FAIL, saying
+    how to install them: never skipped."""
+    import pgkit
+
+    try:
+        cluster = pgkit.start()
+    except pgkit.PostgresMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def catalog(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[str]:
+    """Which database holds this test's catalogs: ``"sqlite"`` (the store's own file) or
+    ``"postgresql"`` (a fresh, migrated database of the session's cluster, named by
+    ``LORAHUB_DATABASE_URL`` for this process and the ones it starts). A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("catalog")``; a test marked ``sqlite_only`` (it
+    works on the SQLite file itself) runs on SQLite alone."""
+    if request.param == "sqlite":
+        yield "sqlite"
+        return
+    cluster = request.getfixturevalue("postgres")
+    fresh = request.node.get_closest_marker("fresh_catalog") is not None
+    url = cluster.create_database(migrated=False) if fresh else cluster.checkout()
+    monkeypatch.setenv("LORAHUB_DATABASE_URL", url)
+    yield "postgresql"
+    if fresh:
+        cluster.drop_database(url)
+    else:
+        cluster.checkin(url)
+    # Nothing fell back to a SQLite file: the test really ran on PostgreSQL.
+    assert not list(tmp_path.rglob("lorahub.db")), "a store opened a SQLite catalog"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "catalog" in metafunc.fixturenames:
+        only = metafunc.definition.get_closest_marker("sqlite_only")
+        kinds = ["sqlite"] if only else ["sqlite", "postgresql"]
+        metafunc.parametrize("catalog", kinds, indirect=True)
 
 
 # ------------------------------------------------------------------ models and adapters

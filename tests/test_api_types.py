@@ -247,6 +247,7 @@ def test_migration_converts_a_catalog_made_by_the_previous_schema(store_home, wo
     for table, column in TIMESTAMPS:
         con.execute(f"UPDATE {table} SET {column} = substr({column}, 1, 26)")
     con.execute("DROP INDEX ix_adapter_modules_rank")  # revision 0003's
+    con.execute("DROP TABLE tokens")  # revision 0004's
     con.execute("UPDATE alembic_version SET version_num = '0001'")
     con.commit()
     con.close()
@@ -258,7 +259,7 @@ def test_migration_converts_a_catalog_made_by_the_previous_schema(store_home, wo
         after = {i.digest: i.created_at for i in h.list_adapters()}  # migrates on open
         bases_after = [b.created_at for b in h.bases()]
     con = sqlite3.connect(db_path)
-    assert con.execute("SELECT version_num FROM alembic_version").fetchall() == [("0003",)]
+    assert con.execute("SELECT version_num FROM alembic_version").fetchall() == [("0004",)]
     indexes = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert "ix_adapter_modules_rank" in indexes
     con.close()
@@ -298,7 +299,7 @@ def test_migration_downgrade_restores_the_previous_text(tmp_path):
         command.upgrade(cfg, "head")
     (value,) = _raw_timestamps(tmp_path / "x.db")[("blobs", "created_at")]
     assert value.endswith("+00:00")
-    assert db.current_revision(engine) == lite.SCHEMA_HEAD == "0003"
+    assert db.current_revision(engine) == lite.SCHEMA_HEAD == "0004"
 
 
 def _now() -> str:

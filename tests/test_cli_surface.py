@@ -126,6 +126,9 @@ QUIET_IDENTIFIERS: dict[str, object] = {
     "push": COMMIT_URL,
     "check": NOTHING,
     "fsck": "nothing unless unrecovered",
+    "token add": re.compile(r"^lh_[A-Za-z0-9_-]{43}$"),  # the secret, shown that once
+    "token ls": re.compile(r"^[a-z0-9][a-z0-9._-]*$"),
+    "token rm": re.compile(r"^[a-z0-9][a-z0-9._-]*$"),
 }
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
@@ -15,12 +17,16 @@ from lorahub.catalog import db
 from lorahub.catalog.models import Base
 
 
-def test_upgrade_on_empty_database_gives_the_orm_schema(tmp_path):
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'x.db'}")
+@pytest.mark.fresh_catalog
+def test_upgrade_on_empty_database_gives_the_orm_schema(tmp_path, catalog):
+    url = os.environ.get("LORAHUB_DATABASE_URL") or f"sqlite:///{tmp_path / 'x.db'}"
+    engine = db.make_engine(url)
+    assert db.current_revision(engine) is None  # empty: every revision runs
     db.upgrade(engine, None)
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
-    assert diff == []
+    assert diff == [] and db.current_revision(engine) == db.SCHEMA_HEAD
+    engine.dispose()
 
 
 def test_schema_head_constant_matches_the_scripts():

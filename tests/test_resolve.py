@@ -12,6 +12,9 @@ from factories import peft_adapter, tiny_llama
 import lorahub
 from lorahub.errors import IncompatibleAdapter
 
+# Each test runs on the SQLite and the PostgreSQL catalog (conftest.py's ``catalog``).
+pytestmark = pytest.mark.usefixtures("catalog")
+
 
 def test_add_with_base_records_fingerprints(hub, world):
     info = hub.add(world / "a", name="sql", base=world / "llama").adapter

@@ -260,9 +260,3 @@ def test_lorahub_pull_from_the_server_gives_the_same_digest(served, tmp_path):
     assert json.loads(res.stdout)["digest"] == served.digest
     with lorahub.open(other) as hub:
         assert hub.get(f"{REPO}:v1").digest == served.digest
-
-
-def test_serve_refuses_to_start_without_allow_anonymous(tmp_path):
-    res = cli_runner(tmp_path / "store")("serve", code=2)
-    assert "tokens are not implemented yet" in res.stderr
-    assert "--allow-anonymous" in res.stderr

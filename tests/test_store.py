@@ -24,6 +24,9 @@ from lorahub.errors import (
     LorahubError,
 )
 
+# Each test runs on the SQLite and the PostgreSQL catalog (conftest.py's ``catalog``).
+pytestmark = pytest.mark.usefixtures("catalog")
+
 
 def store_files(hub) -> dict[str, bytes]:
     """Every file in the store but the database's WAL side files, for 'unchanged' checks."""
@@ -444,6 +447,7 @@ def test_hostile_names_are_refused(hub, tmp_path):
     assert hub.list_adapters() == []
 
 
+@pytest.mark.sqlite_only  # the catalog's SQLite file itself
 def test_settings_come_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAHUB_HOME", str(tmp_path / "env-home"))
     h = lorahub.Hub()
@@ -572,6 +576,7 @@ def test_special_files_are_refused_without_blocking(hub, tmp_path):
         assert res.status == "refused" and "neither a regular file" in res.reason
 
 
+@pytest.mark.sqlite_only  # the catalog's SQLite file itself
 def test_database_failures_are_one_line_store_errors(hub, tmp_path, monkeypatch):
     import sqlite3
 

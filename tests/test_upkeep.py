@@ -16,6 +16,9 @@ import lorahub
 from lorahub import upkeep
 from lorahub.errors import BlobCollision, IntegrityError, StoreError
 
+# Each test runs on the SQLite and the PostgreSQL catalog (conftest.py's ``catalog``).
+pytestmark = pytest.mark.usefixtures("catalog")
+
 
 def _fill(hub, tmp_path, n=4):
     infos = [
@@ -27,7 +30,17 @@ def _fill(hub, tmp_path, n=4):
 
 
 def _drop_catalog(hub, how="delete"):
+    """Lose the catalog: its SQLite file deleted or emptied; on PostgreSQL, every table."""
     hub.close()
+    url = os.environ.get("LORAHUB_DATABASE_URL")
+    if url:
+        from sqlalchemy import create_engine
+
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        engine.dispose()
+        return
     db = hub.home / "lorahub.db"
     for suffix in ("-wal", "-shm"):
         Path(str(db) + suffix).unlink(missing_ok=True)
@@ -69,6 +82,7 @@ def test_a_lost_catalog_is_refused_then_rebuilt_with_names(hub, tmp_path, how):
     fresh.close()
 
 
+@pytest.mark.sqlite_only  # the catalog's SQLite file itself
 def test_fsck_through_the_cli_restores_and_a_second_run_finds_nothing(run, store_home, tmp_path):
     run("add", write_peft_adapter(tmp_path / "x"), "--name", "x:v1")
     (store_home / "lorahub.db").unlink()
@@ -96,6 +110,7 @@ def test_bases_come_back_from_their_records(hub, world):
     fresh.close()
 
 
+@pytest.mark.sqlite_only  # the catalog's SQLite file itself
 def test_a_committed_add_the_catalog_lost_keeps_its_blob_and_comes_back(hub, tmp_path):
     """A damaged WAL drops a committed transaction: the row is gone, the files are not."""
     keep = hub.add(write_peft_adapter(tmp_path / "k", seed=1), name="keep").adapter
@@ -119,6 +134,7 @@ def test_a_committed_add_the_catalog_lost_keeps_its_blob_and_comes_back(hub, tmp
     assert hub.verify().ok
 
 
+@pytest.mark.sqlite_only  # the catalog's SQLite file itself
 def test_gc_refuses_an_empty_catalog_over_blobs_no_record_explains(hub, tmp_path):
     """A store made before manifests were kept, whose catalog was emptied: nothing on disk
     says the blobs are garbage, so gc deletes none of them unless forced."""
@@ -160,6 +176,7 @@ def test_removed_adapters_are_collected_without_force(hub, tmp_path):
     assert hub.verify().ok
 
 
+@pytest.mark.sqlite_only  # the catalog's SQLite file itself
 def test_one_changed_byte_in_the_weights_index_never_costs_a_live_blob(hub, tmp_path):
     infos = _fill(hub, tmp_path, n=2)
     hub.close()
@@ -354,6 +371,7 @@ def test_a_folder_with_weights_but_no_config_says_so(run, tmp_path):
     assert "no adapter_config.json" in res.stderr and "--recursive" not in res.stderr
 
 
+@pytest.mark.sqlite_only  # the catalog's SQLite file itself
 def test_a_damaged_catalog_file_names_fsck_which_sets_it_aside(hub, run, tmp_path):
     infos = _fill(hub, tmp_path, n=2)
     hub.close()
@@ -470,6 +488,7 @@ def test_fsck_holds_the_write_lock_so_a_racing_rm_is_not_undone(hub, tmp_path, m
     other.close()
 
 
+@pytest.mark.sqlite_only  # the catalog's SQLite file itself
 def test_a_name_the_catalog_lost_a_move_of_is_left_to_a_person(hub, tmp_path):
     x = hub.add(write_peft_adapter(tmp_path / "x", seed=1), name="a:v1").adapter
     hub.close()
@@ -489,6 +508,7 @@ def test_a_name_the_catalog_lost_a_move_of_is_left_to_a_person(hub, tmp_path):
     assert hub.get("a:v1").digest == x.digest  # nothing moved without a person
 
 
+@pytest.mark.sqlite_only  # the catalog's SQLite file itself
 def test_a_damaged_catalog_page_is_an_error_naming_fsck_for_every_command(hub, run, tmp_path):
     _fill(hub, tmp_path, n=2)
     hub.close()

@@ -110,7 +110,9 @@ def _where(filters: Sequence[tuple[str, str]]) -> tuple[str, list[Any]]:
             conds.append("a.origin_kind = ?")
             params.append(value)
         elif key == "name":
-            conds.append("EXISTS (SELECT 1 FROM refs r WHERE r.adapter_id = a.id AND r.name = ?)")
+            # IN, not a correlated EXISTS: the refs (name, ...) index finds the few rows;
+            # EXISTS made SQLite test every adapter (`lorahub serve` asks this per request).
+            conds.append("a.id IN (SELECT r.adapter_id FROM refs r WHERE r.name = ?)")
             params.append(value)
     return (" WHERE " + " AND ".join(conds)) if conds else "", params
 

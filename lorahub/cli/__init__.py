@@ -21,7 +21,19 @@ from .options import environment_help, verbose_option
 
 # The modules that register commands, in the order a command is looked for: `ls`, `show`
 # and `resolve` load the first two only, never merge or compose code.
-COMMAND_MODULES = ("store", "base", "path", "health", "remote", "merge", "compose", "env", "serve")
+COMMAND_MODULES = (
+    "store",
+    "base",
+    "path",
+    "health",
+    "remote",
+    "merge",
+    "compose",
+    "env",
+    "serve",
+    "token",
+    "migrate_store",
+)
 
 
 class LorahubGroup(click.Group):

@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import click
 
-from .options import HUB_ENV, STORE_ENV, env_vars, json_option
+from .options import HUB_ENV, S3_ENV, STORE_ENV, env_vars, json_option
 from .output import echo_json
 
 MASK = "***"
@@ -73,6 +73,26 @@ def _token_source() -> str | None:
     return "HF_TOKEN" if os.environ.get("HF_TOKEN", "").strip() else "saved"
 
 
+def _aws_endpoint() -> str | None:
+    import os
+
+    url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return mask_url(url) if url else None
+
+
+def _aws_credentials() -> str | None:
+    """Where boto3 finds S3 credentials ("env", "shared-credentials-file"...) and the access
+    key id; never the secret key."""
+    try:
+        import boto3
+    except ImportError:
+        return "boto3 not installed (pip install 'lorahub-store[s3]')"
+    creds = boto3.session.Session().get_credentials()
+    if creds is None:
+        return None
+    return f"{creds.access_key} ({creds.method})"
+
+
 def collect(home: str | None) -> dict[str, Any]:
     """The environment as plain data (``lorahub env --json``)."""
     from huggingface_hub import constants
@@ -94,6 +114,9 @@ def collect(home: str | None) -> dict[str, Any]:
         "peft": _version("peft"),
         "store": str(settings.home),
         "database_url": mask_url(settings.db_url),
+        "blobs_url": mask_url(settings.blobs_url) if settings.blobs_url else None,
+        "aws_endpoint_url": _aws_endpoint(),
+        "aws_credentials": _aws_credentials() if settings.blobs_url else None,
         "hf_endpoint": str(constants.ENDPOINT),
         "hf_cache": hub_cache(),
         "hf_offline": offline(),
@@ -102,7 +125,7 @@ def collect(home: str | None) -> dict[str, Any]:
     }
 
 
-@env_vars(*STORE_ENV, *HUB_ENV)
+@env_vars(*STORE_ENV, *S3_ENV, *HUB_ENV)
 @click.command("env")
 @json_option
 @click.pass_context
@@ -141,6 +164,14 @@ def env(ctx: click.Context, as_json: bool) -> None:
         ("peft", data["peft"] or "not installed"),
         ("store", data["store"]),
         ("database", data["database_url"]),
+        ("blobs", data["blobs_url"] or f"{data['store']}/blobs"),
+    ]
+    if data["blobs_url"]:
+        lines += [
+            ("S3 endpoint", data["aws_endpoint_url"] or "AWS default"),
+            ("S3 credentials", data["aws_credentials"] or "none found"),
+        ]
+    lines += [
         ("HF endpoint", data["hf_endpoint"]),
         ("HF cache", data["hf_cache"]),
         ("HF offline", "yes" if data["hf_offline"] else "no"),

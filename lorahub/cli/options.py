@@ -11,7 +11,9 @@
   - a base model: its content hash, else its signature (``base add``, ``base ls``,
     ``base rm``); a merged checkpoint: its key (``merged ls``, ``merged rm``);
   - a blob: its digest ``xxh128:...`` (``verify``: each bad one; ``gc``: each deleted,
-    then each leftover path); a pushed state: the commit URL (``push``).
+    then each leftover path); a pushed state: the commit URL (``push``);
+  - a token: its name (``token ls``, ``token rm``); ``token add -q`` prints the secret,
+    shown that once.
 
   Where the answer is not an object, ``-q`` prints no identifier: ``check -q`` prints
   nothing and its exit status is the answer (0 fits, 3 does not, 1 error), as ``grep -q``;
@@ -48,7 +50,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 ENVIRONMENT: dict[str, str] = {
     "LORAHUB_HOME": "store directory (same as --home)",
     "LORAHUB_DATABASE_URL": "catalog database URL (default: SQLite inside the store)",
-    "LORAHUB_ALLOW_SYMLINKS": "1: accept a store whose folders are symbolic links",
+    "LORAHUB_BLOBS_URL": "s3://bucket/prefix: blobs on S3-compatible storage (default: the store)",
+    "LORAHUB_BLOBS_CACHE_MAX_BYTES": "size cap of the local cache of blobs read from S3",
+    "AWS_ENDPOINT_URL": "S3 endpoint for LORAHUB_BLOBS_URL (also AWS_ENDPOINT_URL_S3)",
+    "AWS_ACCESS_KEY_ID": "S3 credentials, with AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)",
+    "AWS_SECRET_ACCESS_KEY": "S3 secret key (never printed)",
+    "AWS_PROFILE": "AWS profile boto3 reads S3 credentials from",
     "LORAHUB_MERGED_MAX_BYTES": "size cap of the merged-checkpoint cache",
     "LORAHUB_LOG_LEVEL": "lorahub's log level (DEBUG, INFO, WARNING...; -v/-vv override)",
     "LORAHUB_DEBUG": "1: show the traceback of an error",
@@ -62,7 +69,15 @@ ENVIRONMENT: dict[str, str] = {
 }
 
 #: What every command that opens the store reads.
-STORE_ENV = ("LORAHUB_HOME", "LORAHUB_DATABASE_URL")
+STORE_ENV = ("LORAHUB_HOME", "LORAHUB_DATABASE_URL", "LORAHUB_BLOBS_URL")
+#: What a command whose blobs may live on S3 reads besides (``verify``, ``gc``, ``env``...).
+S3_ENV = (
+    "LORAHUB_BLOBS_CACHE_MAX_BYTES",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_PROFILE",
+)
 #: What a command that resolves Hub repo ids through the Hugging Face cache reads.
 HF_CACHE_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
 #: What a command that talks to the Hub reads.

@@ -28,6 +28,11 @@ from .output import echo_json, hub_from
 @click.option("--revision", help="Branch to push to (default main; created if missing).")
 @click.option("--tag", help="Tag the pushed commit (e.g. v1).")
 @click.option("--path-in-repo", help="Folder inside the repo to push into.")
+@click.option(
+    "--endpoint",
+    metavar="URL",
+    help="Push to this Hub instead of HF_ENDPOINT's, e.g. a lorahub serve (uploads via LFS).",
+)
 @base_option
 @base_model_id_option
 @json_option
@@ -41,6 +46,7 @@ def push(
     revision: str | None,
     tag: str | None,
     path_in_repo: str | None,
+    endpoint: str | None,
     base: str | None,
     base_model_id: str | None,
     as_json: bool,
@@ -60,6 +66,7 @@ def push(
       lorahub push sql-expert:v1 myorg/sql-expert
       lorahub push sql-expert:v1 myorg/sql-expert --private --revision main --tag v1
       lorahub push sql-expert:v1 myorg/sql-expert --base-model-id meta-llama/Llama-3.2-1B
+      HF_TOKEN=lh_... lorahub push sql-expert:v1 team/sql-expert --endpoint http://hub:8000
     """
     from ..remote import progress_bars
 
@@ -74,6 +81,7 @@ def push(
             path_in_repo=path_in_repo,
             base=base,
             base_model_id=base_model_id,
+            endpoint=endpoint,
         )
     if as_json:
         echo_json(result.to_dict())

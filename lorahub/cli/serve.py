@@ -1,7 +1,8 @@
 """``lorahub serve``: the store over the Hugging Face Hub's HTTP API, run by uvicorn.
 
-A preview: the read API only, and anonymous, so ``--allow-anonymous`` is required until
-tokens come (``lorahub token``); without it the command refuses to start.
+Callers send a token made by ``lorahub token add`` (``Authorization: Bearer``); without
+``--allow-anonymous`` every read needs one. ``--gated NS`` makes downloads in the namespace
+``NS`` need a token for it even when reads are anonymous.
 """
 
 from __future__ import annotations
@@ -34,51 +35,94 @@ from .output import hub_from
 @click.option(
     "--allow-anonymous",
     is_flag=True,
-    help="Serve reads to anyone who can connect (required: tokens are not implemented yet).",
+    help="Serve reads to anyone who can connect (default: every request needs a token).",
+)
+@click.option(
+    "--gated",
+    multiple=True,
+    metavar="NS",
+    help="Downloads from namespace NS need a token for it (repeatable); info stays visible.",
+)
+@click.option(
+    "--max-upload-size",
+    default="10GB",
+    show_default=True,
+    metavar="SIZE",
+    help="Largest file a client may upload (e.g. 500MB, 2GiB); checked while it streams.",
 )
 @click.pass_context
 def serve(
-    ctx: click.Context, host: str, port: int, workers: int, namespace: str, allow_anonymous: bool
+    ctx: click.Context,
+    host: str,
+    port: int,
+    workers: int,
+    namespace: str,
+    allow_anonymous: bool,
+    gated: tuple[str, ...],
+    max_upload_size: str,
 ) -> None:
-    """Serve the store over the Hugging Face Hub API (preview: read only, anonymous).
+    """Serve the store over the Hugging Face Hub API, to the holders of its tokens.
 
     Every client that honours HF_ENDPOINT (huggingface_hub, PEFT, transformers, `hf
     download`) then downloads adapters from it: the PEFT folder of `name:tag` is the repo
     `local/name` at revision `tag` (`main` is `latest`). No -q or --json: it prints the
     address it listens on to stderr and runs until interrupted.
 
+    Each request needs a token (`lorahub token add NAME [--write]`, sent by the client as
+    HF_TOKEN or token=...); --allow-anonymous serves reads without one.
+
     \b
-    Example:
-      lorahub serve --allow-anonymous --port 8000
-      HF_ENDPOINT=http://127.0.0.1:8000 hf download local/sql-expert --revision v1
+    Examples:
+      lorahub token add laptop
+      lorahub serve --port 8000
+      HF_ENDPOINT=http://127.0.0.1:8000 HF_TOKEN=lh_... hf download local/sql-expert
+      lorahub serve --allow-anonymous --gated team
     """
     import uvicorn
 
-    from ..serve.app import ANONYMOUS_ENV, NAMESPACE_ENV, create_app
+    from ..serve.app import ANONYMOUS_ENV, GATED_ENV, MAX_UPLOAD_ENV, NAMESPACE_ENV, create_app
     from ..serve.mapping import Mapping
+    from ..serve.zerocopy import PROTOCOL
 
-    if not allow_anonymous:
-        raise click.UsageError(
-            "tokens are not implemented yet: this preview serves anonymous reads only; "
-            "start it with --allow-anonymous"
-        )
     try:
         Mapping(namespace)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--namespace") from None
+    for ns in gated:
+        try:
+            Mapping(ns)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--gated") from None
+    from ..units import parse_size
+
+    try:
+        max_upload = parse_size(max_upload_size)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-upload-size") from None
     hub = hub_from(ctx)  # opened (and migrated) here, so a bad store fails before listening
+    access = "anonymous reads allowed" if allow_anonymous else "a token needed"
     click.echo(
-        f"Serving {hub.home} at http://{host}:{port} (read only, anonymous); "
+        f"Serving {hub.home} at http://{host}:{port} ({access}); "
         f"clients: HF_ENDPOINT=http://{host}:{port}",
         err=True,
     )
+    if not hub.tokens():
+        click.echo(
+            "hint: this store has no token yet: make one with `lorahub token add NAME` "
+            "(--write to upload)",
+            err=True,
+        )
     if workers == 1:
-        app = create_app(hub, namespace, allow_anonymous=allow_anonymous)
-        uvicorn.run(app, host=host, port=port, access_log=False)
+        app = create_app(
+            hub, namespace, allow_anonymous=allow_anonymous, gated=gated, max_upload_size=max_upload
+        )
+        uvicorn.run(app, host=host, port=port, access_log=False, http=PROTOCOL)
         return
     os.environ["LORAHUB_HOME"] = str(hub.home)
     os.environ[NAMESPACE_ENV] = namespace
     os.environ[ANONYMOUS_ENV] = "1" if allow_anonymous else "0"
+    os.environ[GATED_ENV] = ",".join(gated)
+    os.environ[MAX_UPLOAD_ENV] = str(max_upload)
     uvicorn.run(
         "lorahub.serve.app:app_from_env",
         factory=True,
@@ -86,6 +130,7 @@ def serve(
         port=port,
         workers=workers,
         access_log=False,
+        http=PROTOCOL,
     )
 
 

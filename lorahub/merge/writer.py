@@ -149,8 +149,8 @@ def merge_to_dir(
         tmp.mkdir()
         try:
             written = _write_checkpoint(tmp, plan, adapters, sources, dev, progress)
-            doc = _metadata(base, plan, adapters, dev, extra_metadata)
-            written += _write_file(tmp / MERGE_CARD, _card(base, plan, doc).encode())
+            doc = merge_record(base, plan, adapters, dev, extra_metadata)
+            written += _write_file(tmp / MERGE_CARD, merged_card_text(base, plan, doc).encode())
             written += _write_file(tmp / MARKER, json.dumps(doc, indent=2).encode())
             fsync_dir(tmp)
             # Checked again: during a long merge someone may have put files at ``out``.
@@ -392,7 +392,7 @@ def _retyped(config_json: bytes, dtype: str) -> bytes:
     return config_json
 
 
-def _metadata(
+def merge_record(
     base: BaseModel,
     plan: MergePlan,
     adapters: Sequence[LoraAdapter],
@@ -424,7 +424,7 @@ def _metadata(
     return doc
 
 
-def _card(base: BaseModel, plan: MergePlan, doc: Mapping[str, Any]) -> str:
+def merged_card_text(base: BaseModel, plan: MergePlan, doc: Mapping[str, Any]) -> str:
     """The merged checkpoint's model card, from the base's card and config and the inputs
     ``doc`` (this merge's ``lorahub.json``) records."""
     from ..card import README, merged_card, read_card

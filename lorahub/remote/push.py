@@ -18,7 +18,13 @@ from urllib.parse import quote
 
 from .. import hfenv
 from ..digest import Digest, hash_file
-from ..errors import CorruptData, InvalidReference, RemoteConflict, RemoteError
+from ..errors import (
+    CorruptData,
+    InvalidArgument,
+    InvalidReference,
+    RemoteConflict,
+    RemoteError,
+)
 from ..formats.peft_folder import published_base, write_peft_folder
 from .errors import http_status, hub_errors
 from .repo import (
@@ -142,6 +148,7 @@ def push_adapter(
     path_in_repo: str | None = None,
     recorded_base: str | None = None,
     base_model_id: str | None = None,
+    endpoint: str | None = None,
 ) -> PushResult:
     """Push a stored adapter (its info; its weights blob is read from ``blobs``) to
     ``repo_id`` as a folder PEFT loads: config, weights, model card and ``lorahub.json``.
@@ -152,7 +159,8 @@ def push_adapter(
     ``hf auth login``); lorahub never handles it. The config's ``base_model_name_or_path``
     and the card name the base by its Hub repo id only, never a local path: ``base_model_id``,
     else ``recorded_base`` (the recorded base's), else the config's when it is one, else
-    null (see :func:`write_push_files`).
+    null (see :func:`write_push_files`). ``endpoint`` replaces ``HF_ENDPOINT`` (see
+    :func:`push_files`).
 
     Raises:
         InvalidReference: ``repo_id`` or ``base_model_id`` is not a Hub repo id.
@@ -164,7 +172,7 @@ def push_adapter(
     check_repo_id(repo_id)
     if base_model_id is not None:
         check_repo_id(base_model_id)
-    weights = blobs.path(Digest.parse(info.weights_digest))
+    weights = blobs.local_path(Digest.parse(info.weights_digest))
     check_weights(info, weights)
     with tempfile.TemporaryDirectory(prefix="lorahub-push-") as tmp:
         files = write_push_files(
@@ -184,6 +192,7 @@ def push_adapter(
             tag=tag,
             path_in_repo=path_in_repo,
             commit_message=f"Upload LoRA adapter {info.short} with lorahub",
+            endpoint=endpoint,
         )
     return replace(result, digest=info.digest)
 
@@ -197,9 +206,14 @@ def push_files(
     tag: str | None = None,
     path_in_repo: str | None = None,
     commit_message: str = "Upload with lorahub",
+    endpoint: str | None = None,
 ) -> PushResult:
     """Commit ``files`` (name in repo -> local path) to a branch, creating repo and branch if
     needed; unchanged files are not uploaded and an unchanged repo gets no commit.
+
+    ``endpoint`` (default ``HF_ENDPOINT``) names another Hub, such as a ``lorahub serve``:
+    then uploads go through LFS, not Xet, for the rest of this process
+    (``HF_HUB_DISABLE_XET``), as such a server speaks no Xet.
 
     Raises:
         RemoteConflict: a tag that exists elsewhere, or ``private`` asked of a public repo.
@@ -212,7 +226,13 @@ def push_files(
     branch = revision or DEFAULT_REVISION
     if COMMIT.match(branch):
         raise InvalidReference(f"cannot push to commit {branch}: --revision must name a branch")
-    ep = hfenv.endpoint()
+    ep = endpoint.rstrip("/") if endpoint else hfenv.endpoint()
+    if endpoint:
+        if not endpoint.startswith(("http://", "https://")):
+            raise InvalidArgument(
+                f"invalid endpoint {endpoint!r}: give the server's URL, e.g. http://hub:8000"
+            )
+        _disable_xet()
     if hfenv.offline():  # set after huggingface_hub was imported, which would still push
         raise RemoteError(
             f"HF_HUB_OFFLINE is set, so {public_url(ep)} cannot be reached for {repo_id}: "
@@ -272,6 +292,18 @@ def push_files(
         tag=tag,
         path_in_repo=prefix,
     )
+
+
+def _disable_xet() -> None:
+    """Upload through LFS from now on: the variable for child processes, the constant for
+    this one (huggingface_hub read the variable at import, and checks the constant on each
+    upload)."""
+    import os
+
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_DISABLE_XET"] = "1"
+    constants.HF_HUB_DISABLE_XET = True
 
 
 def _branch_info(api: HfApi, repo_id: str, branch: str) -> Any:

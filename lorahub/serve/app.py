@@ -8,8 +8,11 @@ What ``huggingface_hub`` asks and what it checks are in ``HUB-PROTOCOL.md``; the
 * ``HEAD``/``GET /{ns}/{name}/resolve/{rev}/{file}``: the file, answered directly (no
   redirect); the weights are the store's blob, sent with ``sendfile``, ``Range`` honoured,
   with ``X-Linked-Etag`` (sha256) and ``X-Linked-Size``.
-* ``GET /api/models`` (``search``, ``author``, ``filter``), ``GET /api/whoami-v2`` (401: no
-  tokens yet, every caller is anonymous).
+* ``GET /api/models`` (``search``, ``author``, ``filter``; only namespaces the caller may
+  read), ``GET /api/whoami-v2`` (the token's name and role; 401 without a token).
+
+Access (``auth.py``): ``Authorization: Bearer <token>`` from ``lorahub token add``; anonymous
+reads only with ``--allow-anonymous``; downloads in a ``--gated`` namespace need a token.
 
 The raw path is split on ``/`` before each segment is percent-decoded, as the client quotes a
 revision into one segment. Errors carry ``X-Error-Code`` (``RepoNotFound``,
@@ -23,21 +26,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import InvalidInput, LorahubError
-from .auth import Auth
-from .errors import HubError
+from .auth import Auth, Caller
+from .errors import HubError, repo_not_found
 from .mapping import Mapping
 from .read import ReadApi
+from .uploads import DEFAULT_MAX_UPLOAD, Uploads
+from .web import WebPages, is_page
+from .write import WriteApi
 
 if TYPE_CHECKING:
     from ..hub import Hub
@@ -48,6 +54,10 @@ log = logging.getLogger(__name__)
 NAMESPACE_ENV = "LORAHUB_SERVE_NAMESPACE"
 #: ... and whether anonymous reads are allowed ("1").
 ANONYMOUS_ENV = "LORAHUB_SERVE_ANONYMOUS"
+#: ... and the ``--gated`` namespaces, comma-separated.
+GATED_ENV = "LORAHUB_SERVE_GATED"
+#: ... and ``--max-upload-size`` in bytes.
+MAX_UPLOAD_ENV = "LORAHUB_SERVE_MAX_UPLOAD"
 
 
 # ---------------------------------------------------------------------- dispatch
@@ -69,33 +79,63 @@ def _route(api: ReadApi, auth: Auth, request: Request) -> Response:
     s = _segments(request)
     method = request.method
     if method not in ("GET", "HEAD"):
-        raise HubError(405, f"{method} is not served yet: this server is read only")
+        raise HubError(405, f"{method} is not a read")  # writes: WriteApi.handle
     caller = auth.caller(request)
+    try:
+        return _answer(api, auth, caller, request, s)
+    except HubError as exc:
+        if exc.code == "RepoNotFound" and caller.authenticated:
+            raise repo_not_found(authenticated=True) from None  # 404 to a token, as the Hub
+        raise
+
+
+def _answer(api: ReadApi, auth: Auth, caller: Caller, request: Request, s: list[str]) -> Response:
+    method = request.method
     if s[:1] == ["api"]:
         if s == ["api", "whoami-v2"]:
-            raise HubError(401, "Invalid username or password.")
+            return JSONResponse(auth.whoami(caller))
         if s == ["api", "agent-harnesses"]:
             return JSONResponse({"standardEnvVars": [], "harnesses": {}})
         if s == ["api", "models"] or s == ["api", "models", ""]:
-            return api.list_models(request.query_params)
+            return api.list_models(request.query_params, lambda ns: auth.can_read(caller, ns))
         if len(s) >= 4 and s[1] == "models":
             ns, name, rest = s[2], s[3], s[4:]
             auth.may_read(caller, ns)
             if not rest:
                 return api.model_info(ns, name, "main", _true(request, "blobs"))
             if rest[0] == "revision" and len(rest) == 2:
-                return api.model_info(ns, name, rest[1], _true(request, "blobs"))
+                blobs = _true(request, "blobs")
+                return api.merged.answer(
+                    ns,
+                    name,
+                    rest[1],
+                    lambda: api.model_info(ns, name, rest[1], blobs),
+                    lambda merged: api.merged.model_info(merged, blobs),
+                )
             if rest[0] == "tree" and len(rest) >= 2:
-                return api.tree(ns, name, rest[1], "/".join(rest[2:]))
+                sub = "/".join(rest[2:])
+                return api.merged.answer(
+                    ns,
+                    name,
+                    rest[1],
+                    lambda: api.tree(ns, name, rest[1], sub),
+                    lambda merged: api.merged.tree(merged, sub),
+                )
             if rest == ["refs"]:
                 return api.refs(ns, name)
             if rest[0] in ("xet-read-token", "xet-write-token"):
                 raise HubError(404, "lorahub serve does not serve Xet; set HF_HUB_DISABLE_XET=1")
         raise HubError(404, f"no such API route: /{'/'.join(s)}")
     if len(s) >= 5 and s[2] == "resolve":
-        auth.may_read(caller, s[0])
+        auth.may_download(caller, s[0])
         path = "/".join(s[4:])
-        return api.resolve(s[0], s[1], s[3], path)
+        return api.merged.answer(
+            s[0],
+            s[1],
+            s[3],
+            lambda: api.resolve(s[0], s[1], s[3], path, head=method == "HEAD"),
+            lambda merged: api.merged.resolve(merged, path, head=method == "HEAD"),
+        )
     raise HubError(404, "not found")
 
 
@@ -103,30 +143,61 @@ def _true(request: Request, key: str) -> bool:
     return request.query_params.get(key, "").lower() in ("1", "true")
 
 
-def create_app(hub: Hub, namespace: str = "local", *, allow_anonymous: bool = False) -> Starlette:
+def create_app(
+    hub: Hub,
+    namespace: str = "local",
+    *,
+    allow_anonymous: bool = False,
+    gated: Iterable[str] = (),
+    max_upload_size: int = DEFAULT_MAX_UPLOAD,
+) -> Starlette:
     """The Starlette app serving ``hub``'s store; names without a namespace appear under
-    ``namespace``; anonymous callers may read only with ``allow_anonymous``.
+    ``namespace``; anonymous callers may read only with ``allow_anonymous``; downloads from
+    a ``gated`` namespace need a token for it (``hub``'s tokens: ``lorahub token``). Writes
+    (``write.py``) need a write token; an uploaded file over ``max_upload_size`` bytes is
+    refused while it streams.
 
     Example:
         >>> uvicorn.run(create_app(lorahub.open(), allow_anonymous=True))  # doctest: +SKIP
     """
     api = ReadApi(hub, Mapping(namespace))
-    auth = Auth(allow_anonymous)
+    auth = Auth(hub, allow_anonymous, gated)
+    uploads = Uploads(hub.home / "tmp", hub.home / "serve", max_upload_size)
+    writes = WriteApi(hub, api, auth, uploads)
+    pages = WebPages(hub, api.mapping, auth)  # /ui/...: web/pages.py
 
-    def answer(request: Request) -> Response:
+    def read(request: Request) -> Response:
         try:
             return _route(api, auth, request)
-        except HubError as exc:
-            return exc.response()
-        except LorahubError as exc:  # a store problem (a damaged blob...): the client sees it
-            log.warning("serving %s: %s", request.url.path, exc)
-            return HubError(500 if not isinstance(exc, InvalidInput) else 400, str(exc)).response()
+        except HubError as exc:  # a repo created empty answers as the Hub's fresh repos do
+            found = writes.not_found(request, exc, _segments(request))
+            if found is None:
+                raise
+            return found
 
     async def endpoint(request: Request) -> Response:
-        return await run_in_threadpool(answer, request)
+        try:
+            if is_page(segments := _segments(request), request.method):
+                return await pages.handle(request, segments)
+            if request.method in ("GET", "HEAD"):
+                return await run_in_threadpool(read, request)
+            return await writes.handle(request, _segments(request))
+        except HubError as exc:
+            error = exc
+        except ClientDisconnect:
+            return Response(status_code=400)  # nobody is listening
+        except LorahubError as exc:  # a store problem (a damaged blob...): the client sees it
+            log.warning("serving %s: %s", request.url.path, exc)
+            error = HubError(500 if not isinstance(exc, InvalidInput) else 400, str(exc))
+        response = error.response()
+        if request.method not in ("GET", "HEAD"):
+            # The rest of a refused upload is never read: closing stops the client sending it.
+            response.headers["Connection"] = "close"
+        return response
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await run_in_threadpool(uploads.collect)  # a killed server's, abandoned pushes
         yield
         hub.close()
 
@@ -145,4 +216,6 @@ def app_from_env() -> Starlette:
         Hub(),
         os.environ.get(NAMESPACE_ENV, "local"),
         allow_anonymous=os.environ.get(ANONYMOUS_ENV) == "1",
+        gated=[g for g in os.environ.get(GATED_ENV, "").split(",") if g],
+        max_upload_size=int(os.environ.get(MAX_UPLOAD_ENV) or DEFAULT_MAX_UPLOAD),
     )

@@ -2,29 +2,49 @@
 
 The small files (``adapter_config.json``, ``README.md``, ``lorahub.json``) are written by
 :func:`lorahub.remote.push.write_push_files` into a temporary folder and kept in memory;
-the weights are the store's blob itself, sent with ``sendfile``. The weights' sha256 (the
-LFS oid a client checks) is computed once per blob, under a lock, and kept in memory.
+the weights are the store's blob itself, sent with ``sendfile``. Only a download needs the
+blob's file: its size is the catalog's and its sha256 is kept (below), so model info, tree
+listings and ``HEAD`` requests never fetch a blob from an object store (``LORAHUB_BLOBS_URL``)
+once its sha256 is known.
+
+The weights' sha256 (the LFS oid a client checks) costs a full read of the blob, so it is
+computed once per blob for every process and restart: kept in ``<home>/serve/sha256/`` under
+the blob's xxh128 digest (a blob never changes), written atomically, and computed under a
+file lock, so ``--workers`` processes asked for the same new blob at once hash it once (the
+others wait, then read the entry). An entry that is not 64 hex is recomputed; a store whose
+folder cannot be written still serves, hashing once per process.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 import tempfile
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..digest import Digest
+from ..errors import StoreError
 from ..formats import peft
+from ..fsutil import write_atomic
 
 if TYPE_CHECKING:
     from ..hub import Hub
     from ..info import AdapterInfo
 
+log = logging.getLogger(__name__)
+
 _CHUNK = 8 << 20
-_KEPT = 1024  # repos whose small files stay in memory
+_KEPT = 4096  # repos whose small files stay in memory
+_SHA256 = re.compile(rb"[0-9a-f]{64}\n?")
+#: Where the weights' sha256 are kept, under the store's home.
+SHA256_FOLDER = ("serve", "sha256")
+WEIGHTS = peft.SAFETENSORS
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -41,17 +61,24 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
 
 @dataclass(frozen=True)
 class RepoFile:
-    """One file of a served repo: ``data`` for a small file, ``path`` for the weights."""
+    """One file of a served repo: ``data`` for a small file; for the weights, ``sha256`` and
+    ``fetch``, which gives the blob's local file (fetched only when asked: a download)."""
 
     name: str
     size: int
     data: bytes | None = None
-    path: Path | None = None
     sha256: str | None = None  # set for the LFS file (the weights)
+    fetch: Callable[[], Path] | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_lfs(self) -> bool:
-        return self.path is not None
+        return self.fetch is not None
+
+    @property
+    def path(self) -> Path | None:
+        """The weights' local file (on an object store, fetched into its cache when not
+        there); None for a small file."""
+        return self.fetch() if self.fetch is not None else None
 
     @property
     def etag(self) -> str:
@@ -74,15 +101,97 @@ class RepoFile:
         return entry
 
 
+class Sha256Cache:
+    """Each blob's sha256 by its xxh128 digest: in memory, then in ``root``, else computed
+    (once across processes, under a file lock) and written there."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._known: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._hashing: dict[str, threading.Lock] = {}
+
+    def entry(self, key: str) -> Path:
+        """The file holding the sha256 of the blob whose xxh128 hex is ``key``."""
+        return self.root / key[:2] / key[2:]
+
+    def get(self, key: str, blob: Callable[[], Path]) -> str:
+        """The sha256 of the blob whose xxh128 hex is ``key``; ``blob()`` gives its file,
+        asked only when the value is not kept yet (it may fetch the blob)."""
+        found = self._known.get(key)
+        if found is not None:
+            return found
+        with self._lock:
+            lock = self._hashing.setdefault(key, threading.Lock())
+        with lock:  # threads of this process: one hashes, the others wait for it
+            found = self._known.get(key) or self._read(key)
+            if found is None:
+                found = self._compute(key, blob)
+            self._known[key] = found
+        with self._lock:
+            self._hashing.pop(key, None)
+        return found
+
+    def _read(self, key: str) -> str | None:
+        try:
+            data = self.entry(key).read_bytes()
+        except OSError:
+            return None
+        if _SHA256.fullmatch(data) is None:
+            log.warning(
+                "ignoring a damaged sha256 entry %s; hashing the blob again", self.entry(key)
+            )
+            return None
+        return data[:64].decode()
+
+    def _compute(self, key: str, blob: Callable[[], Path]) -> str:
+        """Hash ``blob`` and keep the result, under the lock shared by every process (one
+        lock file per 256th of the key space, never deleted: deleting a lock file another
+        process has open breaks the lock)."""
+        from filelock import FileLock
+
+        try:
+            (self.root / ".locks").mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(self.root / ".locks" / f"{key[:2]}.lock"))
+            lock.acquire()
+        except OSError as exc:  # a read-only store: hash here, keep it in memory only
+            log.warning("cannot keep sha256 values under %s: %s", self.root, exc)
+            return _hash(blob())
+        try:
+            found = self._read(key)  # another process may have hashed it while we waited
+            if found is not None:
+                return found
+            path = blob()
+            value = _hash(path)
+            entry = self.entry(key)
+            try:
+                entry.parent.mkdir(exist_ok=True)
+                write_atomic(entry, f"{value}\n".encode(), sync=False)
+            except OSError as exc:
+                log.warning("cannot keep the sha256 of %s in %s: %s", path, entry, exc)
+            return value
+        finally:
+            lock.release()
+
+
+def _hash(blob: Path) -> str:
+    h = hashlib.sha256()
+    with blob.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class RepoFiles:
     """Each served adapter's files, made on first request and kept (thread safe)."""
 
     def __init__(self, hub: Hub) -> None:
         self._hub = hub
         self._lock = threading.Lock()
-        self._small: OrderedDict[tuple[str, str], dict[str, bytes]] = OrderedDict()
-        self._sha256: dict[str, str] = {}
-        self._hashing: dict[str, threading.Lock] = {}
+        self._small: OrderedDict[tuple[str, str], tuple[dict[str, bytes], dict[str, Any]]] = (
+            OrderedDict()
+        )
+        self.sha256s = Sha256Cache(hub.home.joinpath(*SHA256_FOLDER))
 
     def names(self) -> list[str]:
         from ..formats.peft_folder import FILES
@@ -91,56 +200,74 @@ class RepoFiles:
 
     def files(self, info: AdapterInfo, repo_id: str) -> dict[str, RepoFile]:
         """The repo's files by name, the weights' sha256 included."""
-        small = self._small_files(info, repo_id)
-        blob = self._blob(info)
+        small, _ = self._small_files(info, repo_id)
         out: dict[str, RepoFile] = {}
         for name in self.names():
             if name == peft.SAFETENSORS:
-                size = blob.stat().st_size
-                out[name] = RepoFile(name, size, path=blob, sha256=self.sha256(info))
+                out[name] = self.weights(info)
             else:
                 out[name] = RepoFile(name, len(small[name]), data=small[name])
         return out
 
+    def weights(self, info: AdapterInfo) -> RepoFile:
+        """The weights file alone (what a ``resolve`` of it needs: no card is rendered). Its
+        size is the catalog's (the blob's, checked when it was stored) and its sha256 is
+        kept: the blob's file is only looked for by ``fetch`` (a download)."""
+        return RepoFile(WEIGHTS, info.size, sha256=self.sha256(info), fetch=self.fetcher(info))
+
     def sha256(self, info: AdapterInfo) -> str:
-        """The weights blob's sha256, hashed once per blob."""
-        key = info.weights_digest
-        if key in self._sha256:
-            return self._sha256[key]
-        with self._lock:
-            lock = self._hashing.setdefault(key, threading.Lock())
-        with lock:
-            if key not in self._sha256:
-                h = hashlib.sha256()
-                with self._blob(info).open("rb") as fh:
-                    while chunk := fh.read(_CHUNK):
-                        h.update(chunk)
-                self._sha256[key] = h.hexdigest()
-        return self._sha256[key]
+        """The weights blob's sha256, hashed once per blob for every process."""
+        return self.sha256s.get(Digest.parse(info.weights_digest).hex, self.fetcher(info))
 
-    def _blob(self, info: AdapterInfo) -> Path:
-        return self._hub.blobs.path(Digest.parse(info.weights_digest))
+    def fetcher(self, info: AdapterInfo) -> Callable[[], Path]:
+        """What gives the weights blob's local file, fetching it from an object store
+        into its cache when not there."""
+        return lambda: self.blob(info)
 
-    def _small_files(self, info: AdapterInfo, repo_id: str) -> dict[str, bytes]:
+    def blob(self, info: AdapterInfo) -> Path:
+        """The weights blob's local file (fetched when not there).
+
+        Raises:
+            StoreError: the blob is missing from this store.
+        """
+        path = self._hub.blobs.local_path(Digest.parse(info.weights_digest))
+        if not path.is_file():
+            raise StoreError(
+                f"the weights blob of {info.short} is missing ({path}); "
+                "`lorahub verify` checks the store, `lorahub fsck` repairs what it can"
+            )
+        return path
+
+    def card_data(self, info: AdapterInfo, repo_id: str) -> dict[str, Any]:
+        """The model card's metadata (``cardData``), parsed once per repo kept."""
+        return self._small_files(info, repo_id)[1]
+
+    def _small_files(
+        self, info: AdapterInfo, repo_id: str
+    ) -> tuple[dict[str, bytes], dict[str, Any]]:
         key = (info.digest, repo_id)
         with self._lock:
             if key in self._small:
                 self._small.move_to_end(key)
                 return self._small[key]
+        from ..card import split_card
         from ..remote.push import write_push_files
 
         recorded = self._hub.base_repo_id(info)
         with tempfile.TemporaryDirectory(prefix="lorahub-serve-") as tmp:
+            # The weights are neither read nor copied (only named): no fetch.
+            weights = self._hub.blobs.path(Digest.parse(info.weights_digest))
             written = write_push_files(
-                info, self._blob(info), Path(tmp), title=repo_id, recorded_base=recorded
+                info, weights, Path(tmp), title=repo_id, recorded_base=recorded
             )
             small = {
                 name: path.read_bytes()
                 for name, path in written.items()
                 if name != peft.SAFETENSORS
             }
+        card, _ = split_card(small["README.md"].decode()) if "README.md" in small else ({}, "")
         with self._lock:
-            self._small[key] = small
+            self._small[key] = (small, card)
             while len(self._small) > _KEPT:
                 self._small.popitem(last=False)
-        return small
+        return small, card

@@ -5,14 +5,18 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 
-from ..errors import AdapterNotFound, AmbiguousReference, InvalidInput
+from ..errors import AdapterNotFound, AmbiguousReference, IncompatibleAdapter, InvalidInput
 from .errors import HubError, repo_not_found
-from .files import RepoFile, RepoFiles
-from .mapping import Mapping, commit_id
+from .files import WEIGHTS, RepoFile, RepoFiles
+from .mapping import VARIANT, Mapping, commit_id, names_base, variant_labels
+from .merged import MergedRepos
+from .zerocopy import BlobResponse
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..hub import Hub
     from ..info import AdapterInfo
 
@@ -27,9 +31,13 @@ class ReadApi:
     """The routes' logic over one open :class:`~lorahub.hub.Hub`."""
 
     def __init__(self, hub: Hub, mapping: Mapping) -> None:
+        # The pooled engine, opened now: each read then reuses a connection whose schema is
+        # parsed, where a command's one-off read opens the catalog file (half a request).
+        _ = hub.engine
         self.hub = hub
         self.mapping = mapping
         self.files = RepoFiles(hub)
+        self.merged = MergedRepos(self)  # revisions tag+base: merged checkpoints
 
     # ------------------------------------------------------------------ lookups
 
@@ -48,23 +56,83 @@ class ReadApi:
         raise repo_not_found(authenticated=False)
 
     def revision(self, name: str, infos: list[AdapterInfo], revision: str) -> AdapterInfo:
-        """The adapter ``revision`` names: a tag, ``main`` (= ``latest``) or a commit id."""
+        """The adapter ``revision`` names: a tag, ``main`` (= ``latest``), a commit id, or
+        ``tag@base``, the variant of a tag for one base (mapping.py)."""
         try:
-            tag = self.mapping.tag(revision)
+            rev = self.mapping.revision(revision)
         except InvalidInput as exc:
             raise HubError(400, str(exc)) from None
-        if tag is None:
+        if rev.tag is None:
             for info in infos:
                 if commit_id(info.digest) == revision:
                     return info
+        elif rev.merged:
+            pass  # a merged checkpoint is not an adapter: merged.py serves it
+        elif rev.base is not None:
+            return self.variant(name, rev.tag, rev.base, infos, revision)
         else:
             try:
-                return self.hub.get(f"{name}:{tag}")
-            except AmbiguousReference as exc:
-                raise HubError(400, f"revision {revision!r} is ambiguous: {exc}") from None
+                return self.hub.get(f"{name}:{rev.tag}")
+            except AmbiguousReference:
+                raise self.ambiguous(name, rev.tag, infos, revision) from None
             except AdapterNotFound:
                 pass
         raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+
+    def variants(
+        self, name: str, tag: str, infos: list[AdapterInfo]
+    ) -> list[tuple[str | None, AdapterInfo]]:
+        """Each adapter under ``name:tag`` (one per base model) with the label of its
+        revision ``tag@label``."""
+        ref = f"{name}:{tag}"
+        found = [i for i in infos if ref in i.refs]
+        labels = variant_labels([i.base for i in found], self.registered())
+        return sorted(zip(labels, found, strict=True), key=lambda li: (li[0] or "", li[1].digest))
+
+    def registered(self) -> dict[str, str]:
+        """Registered bases by content hash: their names label variants."""
+        return {b.content_hash: b.name for b in self.hub.bases() if b.content_hash}
+
+    def variant(
+        self, name: str, tag: str, base: str, infos: list[AdapterInfo], revision: str
+    ) -> AdapterInfo:
+        """The adapter ``tag@base`` names: the variant listed or recorded under that base,
+        else, for a registered base, the variant lorahub picks for it (``lorahub resolve``)."""
+        registered = self.registered()
+        variants = self.variants(name, tag, infos)
+        by_label = [info for label, info in variants if label == base]
+        matches = by_label or [
+            info
+            for label, info in variants
+            if names_base(base, info.base, label, registered.get(info.base.content_hash or ""))
+        ]
+        if len(matches) == 1:
+            return matches[0]
+        known = [b for b in self.hub.bases() if base in (b.name, b.repo_id)]
+        if len(known) == 1 and variants and not matches:
+            fingerprint = known[0].content_hash or known[0].signature
+            try:  # a catalog lookup by fingerprint: no file is read, nothing is recorded
+                return self.hub.resolve(f"{name}:{tag}", base=fingerprint)
+            except (IncompatibleAdapter, AdapterNotFound):
+                pass
+        listed = _listing(variants, revision.partition(VARIANT)[0])
+        raise HubError(
+            404,
+            f"Invalid rev id: {revision}: no variant of {tag} for base {base!r}"
+            + (f"; its variants: {listed}" if listed else ""),
+            "RevisionNotFound",
+        )
+
+    def ambiguous(self, name: str, tag: str, infos: list[AdapterInfo], revision: str) -> HubError:
+        """The answer to a tag holding one adapter per base: RevisionNotFound (the error
+        ``hf_hub_download`` raises at once, with this message) naming each variant."""
+        listed = _listing(self.variants(name, tag, infos), revision)
+        return HubError(
+            404,
+            f"revision {revision!r} is ambiguous: it holds one adapter per base model; "
+            f"name one: {listed}; or a merged checkpoint: {revision}+<base>",
+            "RevisionNotFound",
+        )
 
     # ------------------------------------------------------------------ routes
 
@@ -72,9 +140,7 @@ class ReadApi:
         repo_id, lname, infos = self.repo(ns, name)
         info = self.revision(lname, infos, revision)
         files = self.files.files(info, repo_id)
-        from ..card import split_card
-
-        card, _ = split_card(files["README.md"].data.decode() if files["README.md"].data else "")
+        card = self.files.card_data(info, repo_id)
         siblings = []
         for f in files.values():
             entry: dict[str, Any] = {"rfilename": f.name}
@@ -124,6 +190,10 @@ class ReadApi:
                 ref_name, _, tag = ref.rpartition(":")
                 if ref_name == lname:
                     tags.setdefault(tag, []).append(info.digest)
+        for tag in [t for t, d in tags.items() if len(d) > 1]:  # one tag per variant
+            for label, info in self.variants(lname, tag, infos):
+                if label is not None:
+                    tags[f"{tag}{VARIANT}{label}"] = [info.digest]
         branches = []
         if len(tags.get("latest", [])) == 1:
             latest = commit_id(tags["latest"][0])
@@ -140,11 +210,16 @@ class ReadApi:
         }
         return JSONResponse(body)
 
-    def resolve(self, ns: str, name: str, revision: str, path: str) -> Response:
+    def resolve(self, ns: str, name: str, revision: str, path: str, head: bool = False) -> Response:
+        """A file of the repo; the weights' ``HEAD`` answers from the catalog's size and the
+        kept sha256, without the blob (never fetched from an object store for it)."""
         repo_id, lname, infos = self.repo(ns, name)
         info = self.revision(lname, infos, revision)
         commit = commit_id(info.digest)
-        files = self.files.files(info, repo_id)
+        if path == WEIGHTS:  # the hot path (a HEAD per hf_hub_download): no card rendered
+            files = {path: self.files.weights(info)}
+        else:
+            files = self.files.files(info, repo_id)
         if path not in files:
             raise HubError(404, f"{path} does not exist at {revision}", "EntryNotFound", commit)
         f: RepoFile = files[path]
@@ -152,14 +227,18 @@ class ReadApi:
         if f.data is not None:
             media = "application/json" if path.endswith(".json") else "text/plain; charset=utf-8"
             return Response(f.data, headers=headers, media_type=media)
-        assert f.path is not None
+        assert f.fetch is not None
         headers["X-Linked-Etag"] = f'"{f.sha256}"'
         headers["X-Linked-Size"] = str(f.size)
         # The sha256 is a strong validator: If-Range compares against it.
         headers["ETag"] = f'"{f.sha256}"'
-        return FileResponse(f.path, headers=headers, media_type="application/octet-stream")
+        if head:
+            headers["Content-Length"] = str(f.size)
+            return Response(b"", headers=headers, media_type="application/octet-stream")
+        return BlobResponse(f.fetch(), headers)
 
-    def list_models(self, params: Any) -> Response:
+    def list_models(self, params: Any, readable: Callable[[str], bool] = bool) -> Response:
+        """The repos whose namespace ``readable`` accepts (the caller may see)."""
         search = (params.get("search") or "").lower()
         author = params.get("author")
         wanted = params.getlist("filter")
@@ -179,6 +258,8 @@ class ReadApi:
             if search and search not in repo_id.lower():
                 continue
             if author and repo_id.split("/")[0] != author:
+                continue
+            if not readable(repo_id.split("/")[0]):
                 continue
             tags = self.tags(info)
             if any(w not in tags for w in wanted):
@@ -212,3 +293,12 @@ class ReadApi:
         if card_base:
             tags += [f"base_model:adapter:{card_base}", f"base_model:{card_base}"]
         return tags
+
+
+def _listing(variants: list[tuple[str | None, AdapterInfo]], revision: str) -> str:
+    """``v1@llama (base llama), v1@wide (base wide)``."""
+    return ", ".join(
+        f"{revision}{VARIANT}{label} (base {info.base.name or label})"
+        for label, info in variants
+        if label is not None
+    )

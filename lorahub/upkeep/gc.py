@@ -9,6 +9,13 @@ Executing it has two phases. The catalog forgets the plan's blobs (:func:`forget
 very transaction, under the write lock, that the plan was read in, so no add commits in
 between; only then do files go (:func:`execute`), each checked again under the write lock.
 An interrupted gc leaves at most an unused file, which the next one collects.
+
+In the team setup (blobs in an object store, one catalog for several homes:
+:func:`.journal.shared_with_other_homes`) the shared catalog alone says what is live: a
+blob it names is never deleted, whatever this home's records say; a blob it has a row for
+but no adapter uses was removed (through any home), so it is garbage like one this home
+removed; an adapter this home's records hold and the catalog lacks was removed through
+another home. This home's records then guard only its own adds that never committed.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from ..digest import Digest, hash_bytes
 from ..errors import StoreError
 from ..info import GcReport
 from ..records import Records
-from .journal import Recorded, recorded, weights_of
+from .journal import Recorded, recorded, shared_with_other_homes, weights_of
 from .sweep import sweep_merged
 
 if TYPE_CHECKING:
@@ -52,6 +59,8 @@ class CatalogUse:
     weights: frozenset[str]  # weights blobs its adapters use
     adapters: frozenset[str]  # its adapters' digests
     blob_rows: frozenset[str]  # the blobs it has a row for
+    # Other homes write it too (the team setup): what it lacks was removed, not lost.
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,7 +139,8 @@ class GcBlob:
 
     digest: str
     size: int
-    # "unused": no adapter uses it, and a removal (or an add that never committed) named it;
+    # "unused": no adapter uses it, and a removal (or an add that never committed) named it,
+    # or, on a shared catalog, the catalog has its row (an adapter used it, then went);
     # "unaccounted": no record names it (stored before lorahub kept manifests, or the
     # records were lost): gc refuses these while they are most of the store, unless forced.
     why: Literal["unused", "unaccounted"]
@@ -151,7 +161,7 @@ class Leftover:
     """A stale temp file (``tmp/``), merge leftover (``merged/``) or the path folder of a
     removed adapter (``paths/``, :mod:`lorahub.paths`), and the bytes it frees."""
 
-    path: Path
+    path: Path | str  # a str for an object store's temp key or multipart upload
     size: int
     kind: Literal["temp", "merged", "path"]
 
@@ -216,6 +226,8 @@ def plan_gc(
     unrecorded: list[str] = []
     for m in store.manifests:
         status = store.journal.status(m.digest)
+        if status == "live" and catalog.shared:
+            status = "removed"  # through another home: the shared catalog is the authority
         if status == "live":
             # Recorded, not removed, not in the catalog: a commit the catalog lost. Its
             # blob stays until `fsck` restores it.
@@ -228,6 +240,8 @@ def plan_gc(
             accounted.add(m.weights)
         if m.mtime < cutoff:
             manifests.append(GcManifest(m.digest, m.path, status))
+    if catalog.shared:
+        accounted |= catalog.blob_rows
     unused = [
         GcBlob(str(b.digest), b.size, "unused" if str(b.digest) in accounted else "unaccounted")
         for b in store.blobs
@@ -316,14 +330,12 @@ def execute(plan: GcPlan, engine: Engine, blobs: BlobStore, merged_dir: Path) ->
         still = q.referenced_weights(s) | set(q.blob_rows(s))
         live = q.adapter_digests(s)
         for b in plan.blobs:
-            path = blobs.path(Digest.parse(b.digest))
-            with contextlib.suppress(FileNotFoundError):
-                if b.digest in still:
-                    continue
-                if path.lstat().st_mtime >= plan.cutoff:  # refreshed since: young again
-                    young.append(b)
-                    continue
-                path.unlink()
+            if b.digest in still:
+                continue
+            deleted = blobs.delete_unless_young(Digest.parse(b.digest), plan.cutoff)
+            if deleted is False:  # refreshed since: young again
+                young.append(b)
+            elif deleted:
                 freed.append(b.digest)
                 size += b.size
         for m in plan.manifests:
@@ -411,6 +423,8 @@ def _plan_in(
 ) -> GcPlan:
     """The plan, from the catalog as ``session`` sees it and the store's files read after."""
     catalog = read_catalog(session)
+    if shared_with_other_homes(session.get_bind().engine, blobs, records):
+        catalog = replace(catalog, shared=True)
     store = read_store(records, blobs, catalogued=catalog.adapters)
     return plan_gc(catalog, store, grace=grace, cutoff=cutoff, force=force)
 

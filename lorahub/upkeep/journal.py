@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ..blobs import BlobStore
 from ..catalog import db
 from ..catalog import queries as q
 from ..records import BACKFILLED, Records
@@ -125,6 +126,22 @@ def unconfirmed_moves(records: Records) -> dict[tuple[str, str], set[str]]:
         elif e.op == "tag":
             moves.setdefault(key, set()).add(str(e.get("digest")))
     return moves
+
+
+def shared_with_other_homes(engine: Engine, blobs: BlobStore, records: Records) -> bool:
+    """Whether other homes write this store too (the team setup): its blobs are in an object
+    store and its catalog is not this home's own SQLite file. The shared catalog then alone
+    says what is live: this home's records know only the adds and removals made here, so an
+    adapter they hold that the catalog lacks was removed through another home, and a blob
+    row with no adapter is a removal the catalog recorded. gc and verify ask this."""
+    from ..s3blobs import S3BlobStore
+
+    if not isinstance(blobs, S3BlobStore):
+        return False  # a catalog shared without the blobs could not read other homes' adds
+    url = engine.url
+    if url.get_backend_name() != "sqlite" or not url.database:
+        return True
+    return Path(url.database).resolve() != (records.home / "lorahub.db").resolve()
 
 
 def weights_of(manifest_text: str) -> str | None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -288,12 +287,12 @@ def _repair_blobs(
         if fixed:
             repaired.append(weights)
             continue
-        path = blobs.path(Digest.parse(weights))
-        if problem != "missing" and quarantine is not None:
-            quarantine.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(path, quarantine / Digest.parse(weights).hex)
-                quarantined.append(weights)
+        if (
+            problem != "missing"
+            and quarantine is not None
+            and blobs.quarantine(Digest.parse(weights), quarantine)
+        ):
+            quarantined.append(weights)
         names = ", ".join(d for d, _, _ in using)
         unrecovered.append(
             f"blob {weights} is {problem} and could not be fetched again from its source; "

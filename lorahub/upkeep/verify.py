@@ -15,7 +15,7 @@ from ..catalog import queries as q
 from ..digest import Digest, hash_bytes
 from ..info import VerifyProblem, VerifyReport
 from ..records import Records
-from .journal import recorded, weights_of
+from .journal import recorded, shared_with_other_homes, weights_of
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -41,6 +41,10 @@ def verify_store(
         quick: check each blob's existence and size only, without re-hashing.
         progress: called with (bytes checked, bytes in all) after each blob.
 
+    In the team setup (:func:`.journal.shared_with_other_homes`) this home's records know
+    only its own writes: a manifest file is expected only for an adapter added here, and an
+    adapter they hold that the catalog lacks was removed through another home, not lost.
+
     Returns:
         A report listing each problem; ``.ok`` when there is none.
     """
@@ -60,17 +64,19 @@ def verify_store(
         done += size
         if progress:
             progress(done, total)
+    shared = shared_with_other_homes(engine, blobs, records)
+    journal = recorded(records)
     in_catalog = set()
     for digest, weights, text in adapters:
         in_catalog.add(digest)
-        problems.extend(_adapter_problems(records, digest, weights, text, blob_rows))
+        own = not shared or digest in journal.live  # its manifest file is this home's to keep
+        problems.extend(_adapter_problems(records, digest, weights, text, blob_rows, own))
     if by_index != {w for _, w, _ in adapters}:
         problems.append(
             VerifyProblem("catalog", str(engine.url), "the weights index disagrees with the rows")
         )
-    journal = recorded(records)
     settled = time.time() - SETTLE_S
-    for digest, mtime in records.manifest_digests():
+    for digest, mtime in () if shared else records.manifest_digests():
         if digest not in in_catalog and journal.status(digest) == "live" and mtime < settled:
             problems.append(
                 VerifyProblem(
@@ -83,9 +89,14 @@ def verify_store(
 
 
 def _adapter_problems(
-    records: Records, digest: str, weights: str, text: str, blob_rows: dict[str, int]
+    records: Records,
+    digest: str,
+    weights: str,
+    text: str,
+    blob_rows: dict[str, int],
+    own: bool = True,
 ) -> list[VerifyProblem]:
-    """One adapter row against its blob row, its manifest and the manifest file."""
+    """One adapter row against its blob row, its manifest and (``own``) the manifest file."""
     out: list[VerifyProblem] = []
     if weights not in blob_rows:
         out.append(VerifyProblem("adapter", digest, f"weights blob {weights} has no row"))
@@ -96,7 +107,7 @@ def _adapter_problems(
         out.append(VerifyProblem("adapter", digest, "manifest is not valid"))
     elif stated != weights:
         out.append(VerifyProblem("adapter", digest, "manifest names another blob"))
-    if records.manifest_text(digest) is None:
+    if own and records.manifest_text(digest) is None:
         out.append(
             VerifyProblem(
                 "adapter", digest, "its manifest file is missing or damaged; run `lorahub fsck`"

@@ -1,0 +1,159 @@
+"""Weights sent straight from the blob file with ``sendfile(2)``.
+
+Starlette's ``FileResponse`` reads a file 64 KiB at a time, each read a hop to a worker
+thread, and uvicorn implements neither ASGI's ``http.response.pathsend`` nor its
+``http.response.zerocopysend``: a 1 GB blob crosses loopback at a few hundred MB/s. So
+``lorahub serve`` runs uvicorn with :class:`H11ZeroCopyProtocol`, its h11 protocol plus the
+zero-copy send extension, which hands the socket to ``loop.sendfile`` (the kernel copies the
+page cache to the socket; no byte passes through Python), and the weights are answered by
+:class:`BlobResponse`, which uses the extension when the server offers it and falls back to
+``FileResponse`` (with bigger reads) under any other ASGI server.
+
+h11 keeps the response framing honest: the file's bytes go to it as a placeholder of the
+right length (``Connection.send_with_data_passthrough``, made for this), so ``Content-Length``
+and keep-alive stay h11's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import h11
+from starlette.datastructures import Headers
+from starlette.responses import FileResponse, Response
+from starlette.types import Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+#: The ASGI extension (https://asgi.readthedocs.io/en/latest/extensions.html).
+ZEROCOPY = "http.response.zerocopysend"
+#: What ``uvicorn.run(http=...)`` takes to serve with :class:`H11ZeroCopyProtocol` (a string,
+#: so ``--workers`` processes import it themselves).
+PROTOCOL = f"{__name__}:H11ZeroCopyProtocol"
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_FALLBACK_CHUNK = 1 << 20
+
+
+class _Body:
+    """h11's stand-in for the file's bytes: only its length is read."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+
+class H11ZeroCopyProtocol(H11Protocol):
+    """uvicorn's h11 protocol, offering ``http.response.zerocopysend`` to the app."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.loop, asyncio.BaseEventLoop):
+            return  # uvloop has no loop.sendfile: BlobResponse then reads the file itself
+        inner = self.app
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                return await inner(scope, receive, send)
+            scope["extensions"] = {**scope.get("extensions", {}), ZEROCOPY: {}}
+
+            async def send_zerocopy(message: Message) -> None:
+                if message["type"] == ZEROCOPY:
+                    await self._sendfile(message, send)
+                else:
+                    await send(message)
+
+            await inner(scope, receive, send_zerocopy)
+
+        self.app = app
+
+    async def _sendfile(self, message: Message, send: Send) -> None:
+        cycle = self.cycle
+        if cycle.disconnected:
+            return
+        file = message["file"]
+        offset = message.get("offset")
+        offset = file.tell() if offset is None else offset
+        count = message.get("count")
+        count = os.fstat(file.fileno()).st_size - offset if count is None else count
+        if self.flow.write_paused:
+            await self.flow.drain()
+        body = _Body(count)
+        event = h11.Data(data=body)  # type: ignore[arg-type]  # h11 reads only its len()
+        for part in self.conn.send_with_data_passthrough(event) or []:
+            if part is not body:
+                self.transport.write(part)
+                continue
+            try:
+                await self.loop.sendfile(self.transport, file, offset, count)
+            except (OSError, RuntimeError):  # the client went away (or the transport closed)
+                cycle.disconnected = True
+                self.transport.close()
+                return
+        if not message.get("more_body", False):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class BlobResponse(Response):
+    """A store blob, whole or one ``Range``, sent with ``sendfile`` where the server offers
+    zero-copy send; ``headers`` (the ETag among them) are sent as given.
+
+    ``If-Range`` is honoured against the ``ETag`` header; several ranges, a malformed or an
+    unsatisfiable one are answered by Starlette's ``FileResponse`` (206 multipart, 400, 416).
+    """
+
+    def __init__(self, path: Path, headers: dict[str, str]) -> None:
+        super().__init__(headers=headers, media_type="application/octet-stream")
+        self.path = path
+        self.given = headers
+        self.etag = next((v for k, v in headers.items() if k.lower() == "etag"), None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        span = self._span(Headers(scope=scope))
+        if ZEROCOPY not in scope.get("extensions", {}) or span is None:
+            return await self._fallback(scope, receive, send)
+        with open(self.path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            start, end, partial = span
+            end = size if end is None else min(end, size)
+            if start >= end:
+                return await self._fallback(scope, receive, send)  # 416, as FileResponse says
+            headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+            headers.append((b"content-length", str(end - start).encode()))
+            status = 200
+            if partial:
+                status = 206
+                headers.append((b"content-range", f"bytes {start}-{end - 1}/{size}".encode()))
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            if scope["method"].upper() == "HEAD":
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            await send({"type": ZEROCOPY, "file": file, "offset": start, "count": end - start})
+
+    async def _fallback(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = FileResponse(self.path, headers=self.given, media_type=self.media_type)
+        response.chunk_size = _FALLBACK_CHUNK
+        await response(scope, receive, send)
+
+    def _span(self, headers: Headers) -> tuple[int, int | None, bool] | None:
+        """``(start, end, partial)``: the one range asked (end exclusive, None: to the end
+        of the file; ``partial``: a 206), or the whole file; None for what ``FileResponse``
+        answers instead (several ranges, a suffix range, bad syntax)."""
+        wanted = headers.get("range")
+        if wanted is None:
+            return (0, None, False)
+        if_range = headers.get("if-range")
+        if if_range is not None and if_range != self.etag:
+            return (0, None, False)  # the client's copy is stale: the whole file
+        match = _RANGE.match(wanted.strip())
+        if match is None or not match.group(1):
+            return None
+        start, last = int(match.group(1)), match.group(2)
+        if last and int(last) < start:
+            return None
+        return (start, int(last) + 1 if last else None, True)
