@@ -168,6 +168,11 @@ def test_unknown_repo_revision_and_file_raise_the_clients_errors(api, served, tm
         hf_hub_download("nobody/nothing", "adapter_config.json", **kw)
     assert not api.file_exists(REPO, "missing.bin")
     assert api.file_exists(REPO, "adapter_config.json")
+    # team/other has no `latest`: its main is empty, as a Hub repo's main always exists
+    # (transformers probes main for adapter_config.json and takes only a missing file).
+    with pytest.raises(EntryNotFoundError, match="no `latest` tag"):
+        hf_hub_download(TEAM, "adapter_config.json", **kw)
+    assert hf_hub_download(TEAM, "adapter_config.json", revision="v1", **kw)
 
 
 @pytest.mark.parametrize(

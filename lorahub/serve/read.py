@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.responses import JSONResponse, Response
 
-from ..errors import AdapterNotFound, AmbiguousReference, IncompatibleAdapter, InvalidInput
+from ..errors import AdapterNotFound, IncompatibleAdapter, InvalidInput
 from .errors import HubError, repo_not_found
 from .files import WEIGHTS, RepoFile, RepoFiles
-from .mapping import VARIANT, Mapping, commit_id, names_base, variant_labels
+from .mapping import MAIN, VARIANT, Mapping, commit_id, names_base, variant_labels
 from .merged import MergedRepos
 from .zerocopy import BlobResponse
 
@@ -71,12 +71,13 @@ class ReadApi:
         elif rev.base is not None:
             return self.variant(name, rev.tag, rev.base, infos, revision)
         else:
-            try:
-                return self.hub.get(f"{name}:{rev.tag}")
-            except AmbiguousReference:
-                raise self.ambiguous(name, rev.tag, infos, revision) from None
-            except AdapterNotFound:
-                pass
+            # ``infos`` holds every adapter of the name with its refs: no second lookup.
+            ref = f"{name}:{rev.tag}"
+            found = [i for i in infos if ref in i.refs]
+            if len(found) == 1:
+                return found[0]
+            if found:
+                raise self.ambiguous(name, rev.tag, infos, revision)
         raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
 
     def variants(
@@ -214,7 +215,19 @@ class ReadApi:
         """A file of the repo; the weights' ``HEAD`` answers from the catalog's size and the
         kept sha256, without the blob (never fetched from an object store for it)."""
         repo_id, lname, infos = self.repo(ns, name)
-        info = self.revision(lname, infos, revision)
+        try:
+            info = self.revision(lname, infos, revision)
+        except HubError as exc:
+            if revision != MAIN or exc.code != "RevisionNotFound":
+                raise
+            # A Hub repo always has a main branch: a name without `latest` is a repo whose
+            # main holds nothing, so a client probing main for a file (transformers looks
+            # for adapter_config.json there) learns the file is missing, not the revision.
+            raise HubError(
+                404,
+                f"{path} does not exist at main: {lname!r} has no `latest` tag; name a tag",
+                "EntryNotFound",
+            ) from None
         commit = commit_id(info.digest)
         if path == WEIGHTS:  # the hot path (a HEAD per hf_hub_download): no card rendered
             files = {path: self.files.weights(info)}

@@ -30,9 +30,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 #: The ASGI extension (https://asgi.readthedocs.io/en/latest/extensions.html).
 ZEROCOPY = "http.response.zerocopysend"
-#: What ``uvicorn.run(http=...)`` takes to serve with :class:`H11ZeroCopyProtocol` (a string,
-#: so ``--workers`` processes import it themselves).
-PROTOCOL = f"{__name__}:H11ZeroCopyProtocol"
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _FALLBACK_CHUNK = 1 << 20
@@ -104,7 +101,7 @@ class BlobResponse(Response):
     zero-copy send; ``headers`` (the ETag among them) are sent as given.
 
     ``If-Range`` is honoured against the ``ETag`` header; several ranges, a malformed or an
-    unsatisfiable one are answered by Starlette's ``FileResponse`` (206 multipart, 400, 416).
+    malformed one are answered by Starlette's ``FileResponse`` (206 multipart, 400).
     """
 
     def __init__(self, path: Path, headers: dict[str, str]) -> None:
@@ -121,8 +118,11 @@ class BlobResponse(Response):
             size = os.fstat(file.fileno()).st_size
             start, end, partial = span
             end = size if end is None else min(end, size)
-            if start >= end:
-                return await self._fallback(scope, receive, send)  # 416, as FileResponse says
+            if start >= end:  # past the end (answered here: Starlette 0.39 garbles this one)
+                unsatisfiable = Response(
+                    status_code=416, headers={**self.given, "Content-Range": f"bytes */{size}"}
+                )
+                return await unsatisfiable(scope, receive, send)
             headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
             headers.append((b"content-length", str(end - start).encode()))
             status = 200
@@ -157,3 +157,9 @@ class BlobResponse(Response):
         if last and int(last) < start:
             return None
         return (start, int(last) + 1 if last else None, True)
+
+
+#: What ``uvicorn.run(http=...)`` takes to serve with :class:`H11ZeroCopyProtocol`: the class
+#: itself (a string must name one of uvicorn's own protocols before 0.31); ``--workers``
+#: processes get it by reference, as it is importable.
+PROTOCOL: type[H11Protocol] = H11ZeroCopyProtocol
