@@ -906,6 +906,18 @@ main()
 """
 
 
+def _die_after_commit(home: Path, *argv: str) -> None:
+    """Run ``lorahub *argv``, killed right after its catalog commit: the journal never
+    hears that the commit happened."""
+    died = subprocess.run(
+        [sys.executable, "-c", _DIE_AFTER_COMMIT, "--home", str(home), *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert died.returncode == -signal.SIGKILL, died.stderr
+
+
 def test_a_move_whose_confirmation_was_lost_is_not_a_conflict(zygote, world, tmp_path):
     """Seen in CI: a compose killed between its commit and the journal's confirmation left
     the catalog right and the journal's last confirmed word older; fsck reported a conflict
@@ -915,13 +927,7 @@ def test_a_move_whose_confirmation_was_lost_is_not_a_conflict(zygote, world, tmp
     first, second = world.pool[0], world.pool[1]
     cli.ok("add", first, "-n", "x")
     cli.ok("add", second, "-n", "y")
-    died = subprocess.run(
-        [sys.executable, "-c", _DIE_AFTER_COMMIT, "--home", str(home), "tag", "y", "x"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert died.returncode == -signal.SIGKILL, died.stderr
+    _die_after_commit(home, "tag", "y", "x")
     assert snapshot(home).refs["x:latest"] == world.digest[second]  # the move committed
     out = cli.ok("fsck")
     assert "NOT RECOVERED" not in out.output
@@ -942,13 +948,7 @@ def test_a_name_moved_without_confirmation_then_removed_stays_removed(
     first, second = world.pool[0], world.pool[1]
     cli.ok("add", first, "-n", "x")
     cli.ok("add", second, "-n", "y")
-    died = subprocess.run(
-        [sys.executable, "-c", _DIE_AFTER_COMMIT, "--home", str(home), "tag", "y", "x"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert died.returncode == -signal.SIGKILL, died.stderr
+    _die_after_commit(home, "tag", "y", "x")
     assert snapshot(home).refs["x:latest"] == world.digest[second]
     target = "@" + world.digest[second] if removal == "@second" else removal
     cli.ok("rm", "-y", target)
@@ -970,14 +970,8 @@ def test_a_removal_killed_after_its_commit_never_brings_back_an_older_target(
     first, second = world.pool[0], world.pool[1]
     cli.ok("add", first, "-n", "x")
     cli.ok("add", second, "-n", "y")
-    for argv in (["tag", "y", "x"], ["rm", "-y", "x"]):
-        died = subprocess.run(
-            [sys.executable, "-c", _DIE_AFTER_COMMIT, "--home", str(home), *argv],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert died.returncode == -signal.SIGKILL, died.stderr
+    _die_after_commit(home, "tag", "y", "x")
+    _die_after_commit(home, "rm", "-y", "x")
     assert "x:latest" not in snapshot(home).refs
     out = cli.ok("fsck")
     # An unconfirmed removal may be undone (doubt keeps data), but only to what it removed.
