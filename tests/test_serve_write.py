@@ -304,7 +304,6 @@ def _put(
     path: str,
     chunks: Iterator[bytes],
     length: int | None = None,
-    close_early: bool = False,
 ) -> tuple[int | None, int]:
     """A PUT sent chunk by chunk on a raw socket (chunked unless ``length``): the status
     the server answers (None if none) and the bytes it took before answering."""
@@ -319,9 +318,6 @@ def _put(
             else:
                 sock.sendall(chunk)
             sent += len(chunk)
-            if close_early:
-                sock.close()
-                return None, sent
         if length is None:
             sock.sendall(b"0\r\n\r\n")
     except OSError:  # the server answered and closed while we were still sending
@@ -384,11 +380,18 @@ def test_bytes_that_do_not_match_the_oid_are_refused(served, loopback_only):
 def test_a_client_that_drops_mid_put_leaves_no_partial_file(served, loopback_only):
     data = os.urandom(500_000)
     path = _upload_url(served, "local/dropped", hashlib.sha256(data).hexdigest(), len(data))
-    status, sent = _put(served, path, iter([data[:100_000]]), length=len(data), close_early=True)
-    assert status is None and sent == 100_000
+    sock = socket.create_connection(("127.0.0.1", served.server.port), timeout=30)
+    sock.sendall(f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode())
+    sock.sendall(data[:100_000])
+    # The server holds the partial file while it waits for the rest; only then drop.
+    deadline = time.monotonic() + 20
+    while not _partials(served) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _partials(served), "the upload never started"
+    sock.close()
     deadline = time.monotonic() + 20
     while _partials(served) and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert _partials(served) == []
 
 
