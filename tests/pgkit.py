@@ -113,12 +113,14 @@ class Cluster:
 
     def checkin(self, url: str) -> None:
         """Take back a database from :meth:`checkout`: close the connections a test left
-        open, empty every table of the catalog and restart its ids, as a new one would be."""
+        open, empty every table of the catalog and restart its ids, as a new one would be
+        (but the generation's one row, which only ever counts up)."""
         import psycopg
 
         from lorahub.catalog.models import Base
 
-        tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+        kept = "catalog_generation"
+        tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables if t.name != kept)
         with psycopg.connect(
             host="127.0.0.1",
             port=self.port,

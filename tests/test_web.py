@@ -213,6 +213,13 @@ def test_adapter_page(public, store, page, tmp_path):
         "4",
         "2",
     ]
+    # the per-module chart: one bar per module, each named in its tooltip
+    chart = page.locator("#norms svg.norms")
+    assert chart.is_visible()
+    titles = texts(page, "#norms svg.norms g.bar title")
+    assert len(titles) == len(modules) == 2
+    assert titles[0].startswith("model.layers.0.self_attn.q_proj: ")
+    assert titles[1].startswith("model.layers.1.self_attn.q_proj: ")
     # the card: rendered, its script and handlers gone
     card = page.locator("article.card")
     assert card.locator("h1").inner_text() == "SQL expert"

@@ -274,7 +274,7 @@ def _reason(exc: BaseException, url: URL) -> str:
 
 
 @contextlib.contextmanager
-def _database_errors(engine: Engine) -> Iterator[None]:
+def database_errors(engine: Engine) -> Iterator[None]:
     """A full disk, a read-only or damaged database file: a StoreError, not a traceback.
     SQLite rolls the transaction back, so what the catalog held is untouched."""
     from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -296,7 +296,7 @@ def _database_errors(engine: Engine) -> Iterator[None]:
 @contextlib.contextmanager
 def write_session(engine: Engine) -> Iterator[Session]:
     """A session whose transaction holds the write lock from its first statement."""
-    with _database_errors(engine), engine.connect() as conn:
+    with database_errors(engine), engine.connect() as conn:
         conn = conn.execution_options(lorahub_write=True)
         with Session(bind=conn) as session, session.begin():
             yield session
@@ -304,5 +304,5 @@ def write_session(engine: Engine) -> Iterator[Session]:
 
 @contextlib.contextmanager
 def read_session(engine: Engine) -> Iterator[Session]:
-    with _database_errors(engine), Session(engine) as session:
+    with database_errors(engine), Session(engine) as session:
         yield session

@@ -147,6 +147,8 @@ class Adapter(Base):
         # `ls --filter rank=N --limit K` walks the adapters whose config says r = N in
         # created_at order; those with a module of rank N come from ix_adapter_modules_rank.
         Index("ix_adapters_rank_created_at", "rank", "created_at"),
+        # The web list sorted by size walks it (ORDER BY size DESC, id DESC ... LIMIT).
+        Index("ix_adapters_size_id", "size", "id"),
     )
 
 
@@ -224,3 +226,13 @@ class Token(Base):
     namespaces: Mapped[str] = mapped_column(Text)  # JSON list; [] = every namespace
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class CatalogGeneration(Base):
+    """One row whose ``n`` triggers move on every change to the tables an adapter's answer
+    reads (migration 0005): a reader's kept answers hold while it stands."""
+
+    __tablename__ = "catalog_generation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)

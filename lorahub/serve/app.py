@@ -91,6 +91,7 @@ def _route(api: ReadApi, auth: Auth, request: Request) -> Response:
 
 def _answer(api: ReadApi, auth: Auth, caller: Caller, request: Request, s: list[str]) -> Response:
     method = request.method
+    kept = api.kept.answer  # after each route's access check: the answer is the same for all
     if s[:1] == ["api"]:
         if s == ["api", "whoami-v2"]:
             return JSONResponse(auth.whoami(caller))
@@ -102,14 +103,21 @@ def _answer(api: ReadApi, auth: Auth, caller: Caller, request: Request, s: list[
             ns, name, rest = s[2], s[3], s[4:]
             auth.may_read(caller, ns)
             if not rest:
-                return api.model_info(ns, name, "main", _true(request, "blobs"))
+                blobs = _true(request, "blobs")
+                return kept(
+                    ("info", ns, name, "main", blobs),
+                    lambda: api.model_info(ns, name, "main", blobs),
+                )
             if rest[0] == "revision" and len(rest) == 2:
                 blobs = _true(request, "blobs")
                 return api.merged.answer(
                     ns,
                     name,
                     rest[1],
-                    lambda: api.model_info(ns, name, rest[1], blobs),
+                    lambda: kept(
+                        ("info", ns, name, rest[1], blobs),
+                        lambda: api.model_info(ns, name, rest[1], blobs),
+                    ),
                     lambda merged: api.merged.model_info(merged, blobs),
                 )
             if rest[0] == "tree" and len(rest) >= 2:
@@ -118,11 +126,13 @@ def _answer(api: ReadApi, auth: Auth, caller: Caller, request: Request, s: list[
                     ns,
                     name,
                     rest[1],
-                    lambda: api.tree(ns, name, rest[1], sub),
+                    lambda: kept(
+                        ("tree", ns, name, rest[1], sub), lambda: api.tree(ns, name, rest[1], sub)
+                    ),
                     lambda merged: api.merged.tree(merged, sub),
                 )
             if rest == ["refs"]:
-                return api.refs(ns, name)
+                return kept(("refs", ns, name), lambda: api.refs(ns, name))
             if rest[0] in ("xet-read-token", "xet-write-token"):
                 raise HubError(404, "lorahub serve does not serve Xet; set HF_HUB_DISABLE_XET=1")
         raise HubError(404, f"no such API route: /{'/'.join(s)}")
@@ -133,7 +143,10 @@ def _answer(api: ReadApi, auth: Auth, caller: Caller, request: Request, s: list[
             s[0],
             s[1],
             s[3],
-            lambda: api.resolve(s[0], s[1], s[3], path, head=method == "HEAD"),
+            lambda: kept(
+                ("resolve", s[0], s[1], s[3], path, method),
+                lambda: api.resolve(s[0], s[1], s[3], path, head=method == "HEAD"),
+            ),
             lambda merged: api.merged.resolve(merged, path, head=method == "HEAD"),
         )
     raise HubError(404, "not found")

@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, Response
 from ..errors import AdapterNotFound, IncompatibleAdapter, InvalidInput
 from .errors import HubError, repo_not_found
 from .files import WEIGHTS, RepoFile, RepoFiles
+from .kept import KeptAnswers
 from .mapping import MAIN, VARIANT, Mapping, commit_id, names_base, variant_labels
 from .merged import MergedRepos
 from .zerocopy import BlobResponse
@@ -38,6 +39,7 @@ class ReadApi:
         self.mapping = mapping
         self.files = RepoFiles(hub)
         self.merged = MergedRepos(self)  # revisions tag+base: merged checkpoints
+        self.kept = KeptAnswers(hub.engine)  # metadata answers, while the catalog stands
 
     # ------------------------------------------------------------------ lookups
 

@@ -30,11 +30,13 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from ...card import original_card
 from ...catalog import queries as catalog
 from ...catalog import reads
+from ...digest import Digest
 from ...errors import AdapterNotFound, AmbiguousReference, LorahubError
 from ..auth import ANONYMOUS, Auth, Caller
 from ..errors import HubError
 from ..mapping import Mapping, commit_id
-from . import queries, render
+from . import chart, queries, render
+from .norms import NORMS_FOLDER, ModuleNorm, NormCache
 
 if TYPE_CHECKING:
     from ...hub import Hub
@@ -81,6 +83,7 @@ class WebPages:
         self.env.globals["prefix"] = PREFIX
         self.env.globals["quote"] = quote
         self._totals: tuple[float, queries.Totals] | None = None
+        self.norms = NormCache(hub.home.joinpath(*NORMS_FOLDER))
 
     def totals(self) -> queries.Totals:
         """The store's totals, recounted every :data:`TOTALS_TTL_S` at most: summing every
@@ -233,7 +236,9 @@ class WebPages:
         infos, total = self.read(
             queries.page, filters, access, sort, PAGE_SIZE, (number - 1) * PAGE_SIZE
         )
+        many = total > queries.COUNT_CAP  # not counted further: page on while pages are full
         pages = max(1, math.ceil(total / PAGE_SIZE))
+        more = len(infos) == PAGE_SIZE if many else number < pages
         kept = {k: v for k, v in {**chosen, "q": q, "sort": sort}.items() if v}
 
         def link(n: int) -> str:
@@ -243,7 +248,8 @@ class WebPages:
             "adapters.html",
             caller=caller,
             rows=[self.row(i) for i in infos],
-            total=total,
+            total=min(total, queries.COUNT_CAP),
+            many=many,
             chosen=chosen,
             q=q,
             sort=sort,
@@ -252,7 +258,7 @@ class WebPages:
             number=number,
             pages=pages,
             prev_link=link(number - 1) if number > 1 else None,
-            next_link=link(number + 1) if number < pages else None,
+            next_link=link(number + 1) if more else None,
         )
 
     def row(self, info: AdapterInfo) -> dict[str, Any]:
@@ -304,6 +310,7 @@ class WebPages:
             info=info,
             title=info.refs[0] if info.refs else info.short,
             modules=_modules(info),
+            chart=self.norm_chart(info),
             variants=self.variants(caller, info),
             compat=[self.compat(info, b) for b in bases],
             card=render.card_html(original_card(info)),
@@ -312,6 +319,22 @@ class WebPages:
             children=[self.row(c) for c in self.read(queries.children, info.digest)],
             merged=self.read(queries.merged_of, info.digest),
         )
+
+    def module_norms(self, info: AdapterInfo) -> tuple[ModuleNorm, ...] | None:
+        """Each module's ``‖scale · B · A‖`` (``norms.py``), with the module table's own
+        scales so the two agree; None when the weights blob is missing or damaged."""
+        weights = Digest.parse(info.weights_digest)
+        return self.norms.get(
+            info.weights_digest,
+            {m["name"]: m["scale"] for m in _modules(info)},
+            lambda: self.hub.blobs.checked_path(weights),
+        )
+
+    def norm_chart(self, info: AdapterInfo) -> dict[str, Any]:
+        """The per-module chart; ``unreadable`` when the weights cannot be read, which the
+        page says instead of failing."""
+        norms = self.module_norms(info)
+        return {"svg": chart.norms_svg(norms) if norms else None, "unreadable": norms is None}
 
     def variants(self, caller: Caller, info: AdapterInfo) -> list[dict[str, Any]]:
         """Each name the adapter has, with every adapter under that name (its tags, one
