@@ -9,6 +9,7 @@ import hashlib
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -237,10 +238,12 @@ def test_hf_cli_downloads_a_revision_into_a_folder(store, two_workers, tmp_path)
     assert json.loads((out / "lorahub.json").read_text())["digest"] == store.info.digest
 
 
-def test_the_protocol_offers_zero_copy_send_and_blobs_use_it(tmp_path, loopback_only):
-    """uvicorn with lorahub's protocol (what ``lorahub serve`` runs) offers the ASGI
-    zero-copy extension, and a blob sent through it arrives whole, or the range asked,
-    on one keep-alive connection."""
+@pytest.mark.parametrize("kind", ["httptools", "h11"])
+def test_the_protocol_offers_zero_copy_send_and_blobs_use_it(kind, tmp_path, loopback_only):
+    """uvicorn with lorahub's protocols (``lorahub serve`` runs the httptools one, the h11
+    one where httptools is missing) offers the ASGI zero-copy extension, and a blob sent
+    through it arrives whole, or the range asked, on one keep-alive connection, pipelined
+    requests included."""
     import threading
     import time
 
@@ -250,7 +253,15 @@ def test_the_protocol_offers_zero_copy_send_and_blobs_use_it(tmp_path, loopback_
     from starlette.requests import Request
     from starlette.routing import Route
 
-    from lorahub.serve.zerocopy import PROTOCOL, ZEROCOPY, BlobResponse
+    from lorahub.serve import zerocopy
+    from lorahub.serve.zerocopy import ZEROCOPY, BlobResponse
+
+    protocol = {
+        "httptools": zerocopy.HttpToolsZeroCopyProtocol,
+        "h11": zerocopy.H11ZeroCopyProtocol,
+    }[kind]
+    if kind == "httptools":
+        assert zerocopy.PROTOCOL is protocol  # what `lorahub serve` runs
 
     data = os.urandom(3 << 20)  # more than a socket buffer holds
     blob = tmp_path / "blob"
@@ -263,7 +274,7 @@ def test_the_protocol_offers_zero_copy_send_and_blobs_use_it(tmp_path, loopback_
 
     port = free_port()
     app = Starlette(routes=[Route("/b", endpoint)])
-    config = uvicorn.Config(app, port=port, http=PROTOCOL, lifespan="off", log_level="warning")
+    config = uvicorn.Config(app, port=port, http=protocol, lifespan="off", log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -279,7 +290,20 @@ def test_the_protocol_offers_zero_copy_send_and_blobs_use_it(tmp_path, loopback_
         res = conn.getresponse()
         assert res.status == 206 and res.read() == data[100:]
         conn.close()
+        # Two requests sent at once (pipelined): each answer whole, in order.
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            ask = b"GET /b HTTP/1.1\r\nHost: x\r\n%s\r\n"
+            sock.sendall(ask % b"Range: bytes=10-19\r\n" + ask % b"")
+            got = b""
+            while got.count(b"HTTP/1.1 ") < 2 or not got.endswith(data[-1000:]):
+                chunk = sock.recv(1 << 20)
+                assert chunk, got[:300]
+                got += chunk
+        first, _, rest = got.partition(b"\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 206") and rest.startswith(data[10:20])
+        second, _, body = rest[10:].partition(b"\r\n\r\n")
+        assert second.startswith(b"HTTP/1.1 200") and body == data
     finally:
         server.should_exit = True
         thread.join(30)
-    assert offered == [True, True]
+    assert offered == [True, True, True, True]

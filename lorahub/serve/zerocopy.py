@@ -3,15 +3,17 @@
 Starlette's ``FileResponse`` reads a file 64 KiB at a time, each read a hop to a worker
 thread, and uvicorn implements neither ASGI's ``http.response.pathsend`` nor its
 ``http.response.zerocopysend``: a 1 GB blob crosses loopback at a few hundred MB/s. So
-``lorahub serve`` runs uvicorn with :class:`H11ZeroCopyProtocol`, its h11 protocol plus the
+``lorahub serve`` runs uvicorn with :class:`HttpToolsZeroCopyProtocol` (its httptools
+protocol; :class:`H11ZeroCopyProtocol`, its h11 one, where httptools is missing) plus the
 zero-copy send extension, which hands the socket to ``loop.sendfile`` (the kernel copies the
 page cache to the socket; no byte passes through Python), and the weights are answered by
 :class:`BlobResponse`, which uses the extension when the server offers it and falls back to
 ``FileResponse`` (with bigger reads) under any other ASGI server.
 
-h11 keeps the response framing honest: the file's bytes go to it as a placeholder of the
-right length (``Connection.send_with_data_passthrough``, made for this), so ``Content-Length``
-and keep-alive stay h11's business.
+The response's framing stays uvicorn's: the headers go through it, and the file's bytes are
+accounted for as if they had too (h11: as a placeholder of the right length, through
+``Connection.send_with_data_passthrough``, made for this; httptools: off the
+``Content-Length`` the cycle expects), so ``Content-Length`` and keep-alive stay right.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ from starlette.datastructures import Headers
 from starlette.responses import FileResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    _HTTPTOOLS = True
+except ImportError:  # httptools not installed: the h11 protocol alone
+    HttpToolsProtocol = H11Protocol  # type: ignore[misc,assignment]
+    _HTTPTOOLS = False
 
 #: The ASGI extension (https://asgi.readthedocs.io/en/latest/extensions.html).
 ZEROCOPY = "http.response.zerocopysend"
@@ -45,39 +55,52 @@ class _Body:
         return self.count
 
 
+def _offer_zerocopy(protocol: Any, sendfile: Any) -> None:
+    """Wrap ``protocol``'s app so each HTTP request's scope offers the zero-copy extension,
+    its messages going to ``sendfile(message, send)``; nothing under uvloop (no
+    ``loop.sendfile``: BlobResponse then reads the file itself)."""
+    if not isinstance(protocol.loop, asyncio.BaseEventLoop):
+        return
+    inner = protocol.app
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await inner(scope, receive, send)
+        scope["extensions"] = {**scope.get("extensions", {}), ZEROCOPY: {}}
+
+        async def send_zerocopy(message: Message) -> None:
+            if message["type"] == ZEROCOPY:
+                await sendfile(message, send)
+            else:
+                await send(message)
+
+        await inner(scope, receive, send_zerocopy)
+
+    protocol.app = app
+
+
+def _span_of(message: Message) -> tuple[Any, int, int]:
+    """``(file, offset, count)`` of a zero-copy send message (the ASGI defaults filled in)."""
+    file = message["file"]
+    offset = message.get("offset")
+    offset = file.tell() if offset is None else offset
+    count = message.get("count")
+    count = os.fstat(file.fileno()).st_size - offset if count is None else count
+    return file, offset, count
+
+
 class H11ZeroCopyProtocol(H11Protocol):
     """uvicorn's h11 protocol, offering ``http.response.zerocopysend`` to the app."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if not isinstance(self.loop, asyncio.BaseEventLoop):
-            return  # uvloop has no loop.sendfile: BlobResponse then reads the file itself
-        inner = self.app
-
-        async def app(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] != "http":
-                return await inner(scope, receive, send)
-            scope["extensions"] = {**scope.get("extensions", {}), ZEROCOPY: {}}
-
-            async def send_zerocopy(message: Message) -> None:
-                if message["type"] == ZEROCOPY:
-                    await self._sendfile(message, send)
-                else:
-                    await send(message)
-
-            await inner(scope, receive, send_zerocopy)
-
-        self.app = app
+        _offer_zerocopy(self, self._sendfile)
 
     async def _sendfile(self, message: Message, send: Send) -> None:
         cycle = self.cycle
         if cycle.disconnected:
             return
-        file = message["file"]
-        offset = message.get("offset")
-        offset = file.tell() if offset is None else offset
-        count = message.get("count")
-        count = os.fstat(file.fileno()).st_size - offset if count is None else count
+        file, offset, count = _span_of(message)
         if self.flow.write_paused:
             await self.flow.drain()
         body = _Body(count)
@@ -92,6 +115,39 @@ class H11ZeroCopyProtocol(H11Protocol):
                 cycle.disconnected = True
                 self.transport.close()
                 return
+        if not message.get("more_body", False):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class HttpToolsZeroCopyProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol (its C parser: twice the requests a second of the h11
+    one), offering ``http.response.zerocopysend`` to the app.
+
+    The response's framing stays uvicorn's: it wrote the headers, and the file's bytes are
+    counted off the ``Content-Length`` it expects, as if they had gone through it. The
+    cycle is the one ``send`` belongs to (with pipelined requests, ``self.cycle`` is the
+    newest one read, not necessarily the one answering)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _offer_zerocopy(self, self._sendfile)
+
+    async def _sendfile(self, message: Message, send: Send) -> None:
+        cycle: Any = getattr(send, "__self__", None)
+        if cycle is None or cycle.disconnected:
+            return
+        file, offset, count = _span_of(message)
+        if cycle.chunked_encoding or count > cycle.expected_content_length:
+            raise RuntimeError("a zero-copy send needs a Content-Length that covers it")
+        if self.flow.write_paused:
+            await self.flow.drain()
+        try:
+            await self.loop.sendfile(self.transport, file, offset, count)
+        except (OSError, RuntimeError):  # the client went away (or the transport closed)
+            cycle.disconnected = True
+            self.transport.close()
+            return
+        cycle.expected_content_length -= count
         if not message.get("more_body", False):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -159,7 +215,8 @@ class BlobResponse(Response):
         return (start, int(last) + 1 if last else None, True)
 
 
-#: What ``uvicorn.run(http=...)`` takes to serve with :class:`H11ZeroCopyProtocol`: the class
-#: itself (a string must name one of uvicorn's own protocols before 0.31); ``--workers``
-#: processes get it by reference, as it is importable.
-PROTOCOL: type[H11Protocol] = H11ZeroCopyProtocol
+#: What ``uvicorn.run(http=...)`` takes: the class itself (a string must name one of
+#: uvicorn's own protocols before 0.31); ``--workers`` processes get it by reference, as it
+#: is importable. httptools where it is installed (a dependency; its wheels cover the usual
+#: platforms), else h11.
+PROTOCOL: type[Any] = HttpToolsZeroCopyProtocol if _HTTPTOOLS else H11ZeroCopyProtocol
