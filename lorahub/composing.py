@@ -103,6 +103,13 @@ def compose_and_store(
         origin={
             "method": o.method,
             "parents": [i.refs[0] if i.refs else i.digest for i in infos],
+            # How far the stored deltas are from their target: beside the identity, not
+            # in it (the figures depend on the device and library that computed them).
+            "error": {
+                "exact": report.exact,
+                "max": report.max_error,
+                "mean": report.mean_error,
+            },
         },
         provenance=provenance,
         base=base,

@@ -248,6 +248,12 @@ def test_migration_converts_a_catalog_made_by_the_previous_schema(store_home, wo
         con.execute(f"UPDATE {table} SET {column} = substr({column}, 1, 26)")
     con.execute("DROP INDEX ix_adapter_modules_rank")  # revision 0003's
     con.execute("DROP TABLE tokens")  # revision 0004's
+    triggers = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='trigger'")]
+    assert len(triggers) == 18  # revision 0005's: six tables, three kinds of change
+    for trigger in triggers:
+        con.execute(f"DROP TRIGGER {trigger}")
+    con.execute("DROP TABLE catalog_generation")
+    con.execute("DROP INDEX ix_adapters_size_id")  # revision 0006's
     con.execute("UPDATE alembic_version SET version_num = '0001'")
     con.commit()
     con.close()
@@ -259,9 +265,14 @@ def test_migration_converts_a_catalog_made_by_the_previous_schema(store_home, wo
         after = {i.digest: i.created_at for i in h.list_adapters()}  # migrates on open
         bases_after = [b.created_at for b in h.bases()]
     con = sqlite3.connect(db_path)
-    assert con.execute("SELECT version_num FROM alembic_version").fetchall() == [("0004",)]
+    assert con.execute("SELECT version_num FROM alembic_version").fetchall() == [
+        (lite.SCHEMA_HEAD,)
+    ]
     indexes = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-    assert "ix_adapter_modules_rank" in indexes
+    assert {"ix_adapter_modules_rank", "ix_adapters_size_id"} <= indexes
+    again = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='trigger'")}
+    assert again == set(triggers)
+    (generation,) = con.execute("SELECT n FROM catalog_generation").fetchone()
     con.close()
     assert after == before
     assert bases_after == bases_before
@@ -275,6 +286,9 @@ def test_migration_converts_a_catalog_made_by_the_previous_schema(store_home, wo
         h.add(world / "ad2", name="late")
         assert h.list_adapters()[0].refs == ("late:latest",)  # newest first, across the change
         assert h.verify().ok
+    con = sqlite3.connect(db_path)
+    assert con.execute("SELECT n FROM catalog_generation").fetchone()[0] > generation
+    con.close()
 
 
 def test_migration_downgrade_restores_the_previous_text(tmp_path):
@@ -299,7 +313,7 @@ def test_migration_downgrade_restores_the_previous_text(tmp_path):
         command.upgrade(cfg, "head")
     (value,) = _raw_timestamps(tmp_path / "x.db")[("blobs", "created_at")]
     assert value.endswith("+00:00")
-    assert db.current_revision(engine) == lite.SCHEMA_HEAD == "0004"
+    assert db.current_revision(engine) == lite.SCHEMA_HEAD == "0006"
 
 
 def _now() -> str:

@@ -134,3 +134,29 @@ def test_an_unverified_parent_must_fit_the_base_of_the_verified_ones(store_home,
             hub.compose(["v", "u"])
         loose = hub.compose(["v", "u"], allow_mixed_bases=True).adapter
         assert not loose.base.verified  # a base part of it does not fit is not claimed
+
+
+def test_the_error_is_recorded_beside_the_identity_and_the_page_shows_it(hub):
+    """An approximate composition records how far it is from the exact weighted sum (each
+    module's relative Frobenius error, recomputed here in float64 from the stored factors);
+    the figures are in the origin, not the manifest, so the digest does not depend on them."""
+    from lorahub.serve.web.pages import _error_text
+
+    exact = hub.compose(["a", "b"], [1.0, 0.5], method="cat", name="exact:v1")
+    assert hub.get("exact:v1").origin["error"] == {"exact": True, "max": 0.0, "mean": 0.0}
+    assert _error_text(hub.get("exact:v1").origin["error"]) == "exact"
+    approx = hub.compose(["a", "b"], [1.0, 0.5], method="svd", rank=2, name="approx:v1")
+    info = hub.get("approx:v1")
+    error = info.origin["error"]
+    blend, a, b = hub.load("approx:v1"), hub.load("a"), hub.load("b")
+    errors = []
+    for module in LLAMA_MODULES:
+        target = _delta(a, module) + 0.5 * _delta(b, module)
+        errors.append(float(torch.linalg.norm(_delta(blend, module) - target) / target.norm()))
+    assert error["exact"] is False
+    assert error["max"] == pytest.approx(max(errors), rel=1e-3)
+    assert error["mean"] == pytest.approx(sum(errors) / len(errors), rel=1e-3)
+    assert _error_text(error) == f"relative error max {error['max']:.3g}, mean {error['mean']:.3g}"
+    assert "error" not in json.dumps(info.manifest["provenance"])
+    assert exact.adapter.digest != approx.adapter.digest
+    assert _error_text(None) is None and _error_text({"max": "x"}) is None  # older adapters

@@ -252,6 +252,7 @@ def test_lineage_graph_and_what_was_made_from_it(public, store, page, tmp_path):
     assert texts(page, "#lineage svg g.child text") == ["blend:v1"]
     assert texts(page, "#lineage svg text.edge") == ["w=0.7", "w=0.3"]
     assert "cat" in page.locator("#lineage").inner_text()
+    assert page.locator("#lineage .error-figure").inner_text() == "exact"  # cat: no error
     shot(page, tmp_path, "lineage")
     graph.locator("a").first.click()  # a parent node links to its page
     assert page.locator("main > h1").inner_text() == "sql-expert:v1"

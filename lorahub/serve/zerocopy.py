@@ -89,6 +89,19 @@ def _span_of(message: Message) -> tuple[Any, int, int]:
     return file, offset, count
 
 
+async def _sendfile(protocol: Any, cycle: Any, file: Any, offset: int, count: int) -> bool:
+    """``count`` bytes of ``file`` from ``offset`` to the protocol's socket by the kernel;
+    False when the client went away (or the transport closed): the cycle is then marked
+    disconnected and the connection closed, as uvicorn does."""
+    try:
+        await protocol.loop.sendfile(protocol.transport, file, offset, count)
+    except (OSError, RuntimeError):
+        cycle.disconnected = True
+        protocol.transport.close()
+        return False
+    return True
+
+
 class H11ZeroCopyProtocol(H11Protocol):
     """uvicorn's h11 protocol, offering ``http.response.zerocopysend`` to the app."""
 
@@ -109,11 +122,7 @@ class H11ZeroCopyProtocol(H11Protocol):
             if part is not body:
                 self.transport.write(part)
                 continue
-            try:
-                await self.loop.sendfile(self.transport, file, offset, count)
-            except (OSError, RuntimeError):  # the client went away (or the transport closed)
-                cycle.disconnected = True
-                self.transport.close()
+            if not await _sendfile(self, cycle, file, offset, count):
                 return
         if not message.get("more_body", False):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -141,11 +150,7 @@ class HttpToolsZeroCopyProtocol(HttpToolsProtocol):
             raise RuntimeError("a zero-copy send needs a Content-Length that covers it")
         if self.flow.write_paused:
             await self.flow.drain()
-        try:
-            await self.loop.sendfile(self.transport, file, offset, count)
-        except (OSError, RuntimeError):  # the client went away (or the transport closed)
-            cycle.disconnected = True
-            self.transport.close()
+        if not await _sendfile(self, cycle, file, offset, count):
             return
         cycle.expected_content_length -= count
         if not message.get("more_body", False):

@@ -420,11 +420,14 @@ class WebPages:
         title = info.refs[0] if info.refs else info.short
         method = str(prov.get("method") or "?")
         params = [f"{k}={prov[k]}" for k in ("rank", "density", "seed") if prov.get(k) is not None]
+        error = _error_text(info.origin.get("error"))
+        caption = " ".join([method, *params]) + (f" · {error}" if error else "")
         return {
             "method": method,
             "params": params,
+            "error": error,
             "parents": parents,
-            "svg": render.lineage_svg(render.Node(title, None), nodes, " ".join([method, *params])),
+            "svg": render.lineage_svg(render.Node(title, None), nodes, caption),
         }
 
     def base(self, caller: Caller, ident: str) -> Response:
@@ -464,6 +467,19 @@ def _modules(info: AdapterInfo) -> list[dict[str, Any]]:
     for row in out:
         row["bytes"] = round(info.size * row["params"] / total)
     return out
+
+
+def _error_text(error: Any) -> str | None:
+    """How far a composition's stored deltas are from their target, as recorded when it was
+    made (None for one made before lorahub recorded it, or a malformed record)."""
+    if not isinstance(error, dict):
+        return None
+    if error.get("exact") is True:
+        return "exact"
+    worst, mean = error.get("max"), error.get("mean")
+    if not isinstance(worst, (int, float)) or not isinstance(mean, (int, float)):
+        return None
+    return f"relative error max {worst:.3g}, mean {mean:.3g}"
 
 
 def _search(q: str) -> tuple[str, list[Any]]:
