@@ -217,3 +217,23 @@ def test_natural_order_and_axis_ticks():
     assert chart.nice_ticks(13.7) == [0, 5, 10, 15]
     assert chart.nice_ticks(0.42) == [0, 0.1, 0.2, 0.3, 0.4, 0.5]
     assert chart.nice_ticks(0.0) == [0, 1]
+
+
+def test_large_weights_are_read_in_the_background_and_the_page_says_so(world, hub, monkeypatch):
+    """A page never waits on a large blob: the first view says the chart is coming, the
+    norms are computed by one background thread, and a later view draws them."""
+    import time
+
+    from lorahub.serve.web import pages as pages_module
+
+    monkeypatch.setattr(pages_module, "INLINE_NORMS_BYTES", 0)  # every blob counts as large
+    hub.add(world / "a", name="a:v1")
+    info = hub.get("a:v1")
+    pages = pages_of(hub)
+    first = pages.norm_chart(info)
+    assert first["pending"] and first["svg"] is None and not first["unreadable"]
+    deadline = time.monotonic() + 30
+    while (chart_now := pages.norm_chart(info))["pending"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert chart_now["svg"] is not None and not chart_now["pending"]
+    assert pages.module_norms(info) == pages_of(hub).module_norms(info)  # the same numbers

@@ -29,6 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +136,8 @@ class NormCache:
         self._failed: dict[str, float] = {}
         self._lock = threading.Lock()
         self._computing: dict[str, threading.Lock] = {}
+        self._queued: set[str] = set()
+        self._executor: ThreadPoolExecutor | None = None
 
     def entry(self, weights: str) -> Path:
         """The file holding the factor norms of the blob ``weights`` (``xxh128:<hex>``)."""
@@ -152,6 +155,41 @@ class NormCache:
         thread pool), and each computes it once."""
         raw = self._raw(weights, blob)
         return None if raw is None else tuple(scaled(raw, scales))
+
+    def ready(
+        self, weights: str, scales: Mapping[str, float], blob: Callable[[], Path]
+    ) -> tuple[ModuleNorm, ...] | bool | None:
+        """:meth:`get` without waiting: the norms if kept (memory or file), None if the
+        blob could not be read lately, else False, the computation started in the
+        background (one thread per server process: a page never waits for a large blob)."""
+        with self._lock:
+            found = self._remember(weights)
+            if found is None and self._failed.get(weights, 0.0) > time.monotonic():
+                return None
+        if found is None:
+            found = self._read(weights)
+            if found is not None:
+                with self._lock:
+                    self._keep(weights, found)
+        if found is not None:
+            return tuple(scaled(found, scales))
+        with self._lock:
+            if weights not in self._queued:
+                self._queued.add(weights)
+                self._background().submit(self._compute_queued, weights, blob)
+        return False
+
+    def _compute_queued(self, weights: str, blob: Callable[[], Path]) -> None:
+        try:
+            self._raw(weights, blob)
+        finally:
+            with self._lock:
+                self._queued.discard(weights)
+
+    def _background(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="lorahub-norms")
+        return self._executor
 
     def _raw(self, weights: str, blob: Callable[[], Path]) -> dict[str, float] | None:
         with self._lock:

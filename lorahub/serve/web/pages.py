@@ -48,6 +48,9 @@ PREFIX = "/ui"
 COOKIE = "lorahub_token"
 PAGE_SIZE = 50
 TOTALS_TTL_S = 30.0
+#: Weights up to this size have their chart computed while the page waits (tens of ms);
+#: larger ones in the background.
+INLINE_NORMS_BYTES = 32 << 20
 _STATIC = {"style.css": "text/css; charset=utf-8"}
 _HEX = re.compile(r"^(?:xxh128:)?([0-9a-f]{32})$")
 _LIST_FILTERS = ("base", "rank", "target", "dora", "name")
@@ -332,9 +335,23 @@ class WebPages:
 
     def norm_chart(self, info: AdapterInfo) -> dict[str, Any]:
         """The per-module chart; ``unreadable`` when the weights cannot be read, which the
-        page says instead of failing."""
-        norms = self.module_norms(info)
-        return {"svg": chart.norms_svg(norms) if norms else None, "unreadable": norms is None}
+        page says instead of failing. Weights over :data:`INLINE_NORMS_BYTES` are read in
+        the background (``pending``: the page says to reload), so no page waits on them."""
+        norms: tuple[ModuleNorm, ...] | bool | None
+        if info.size <= INLINE_NORMS_BYTES:
+            norms = self.module_norms(info)
+        else:
+            weights = Digest.parse(info.weights_digest)
+            norms = self.norms.ready(
+                info.weights_digest,
+                {m["name"]: m["scale"] for m in _modules(info)},
+                lambda: self.hub.blobs.checked_path(weights),
+            )
+        return {
+            "svg": chart.norms_svg(norms) if isinstance(norms, tuple) and norms else None,
+            "unreadable": norms is None,
+            "pending": norms is False,
+        }
 
     def variants(self, caller: Caller, info: AdapterInfo) -> list[dict[str, Any]]:
         """Each name the adapter has, with every adapter under that name (its tags, one
