@@ -55,6 +55,16 @@ class BlobInfo:
     mtime: float
 
 
+def check_expected(actual: Digest, expected: Digest | None) -> None:
+    """Raise CorruptData when bytes meant to be ``expected`` hashed to ``actual``."""
+    if expected is not None and actual != expected:
+        raise CorruptData(
+            f"bytes hash to {actual}, not the expected {expected}",
+            expected=str(expected),
+            actual=str(actual),
+        )
+
+
 def _disk_error(exc: OSError, what: str) -> StoreError:
     if exc.errno == errno.ENOSPC:
         return StoreError(f"no space left on device while {what}; free some space and retry")
@@ -92,12 +102,7 @@ class BlobStore:
         docstring); ``digest``, when given, must be what the bytes hash to. ``sync=False``
         skips the fsyncs, for a caller that syncs the filesystem once after many writes."""
         actual = hash_bytes(data)
-        if digest is not None and actual != digest:
-            raise CorruptData(
-                f"bytes hash to {actual}, not the expected {digest}",
-                expected=str(digest),
-                actual=str(actual),
-            )
+        check_expected(actual, digest)
         tmp = self.tmp / f"blob-{uuid.uuid4().hex}"
         try:
             with self.writing():
@@ -144,12 +149,7 @@ class BlobStore:
                     synced = pool.submit(os.fsync, f.fileno())
                     digest, size = hash_stream(f)
                     synced.result()
-                if expect is not None and digest != expect:
-                    raise CorruptData(
-                        f"bytes hash to {digest}, not the expected {expect}",
-                        expected=str(expect),
-                        actual=str(digest),
-                    )
+                check_expected(digest, expect)
                 _read_only(tmp)
                 # Published by another writer between the check and the link: compare again.
                 if not self._reuse(tmp, digest, source) and not self._publish(tmp, digest):

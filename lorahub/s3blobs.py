@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import parse_qsl, urlsplit
 
-from .blobs import BlobInfo, BlobStore, _read_only, _same_bytes
+from .blobs import BlobInfo, BlobStore, _read_only, _same_bytes, check_expected
 from .digest import ALGO, CHUNK, Digest, Hasher, hash_file
 from .errors import BlobCollision, CorruptData, IntegrityError, InvalidArgument, StoreError
 
@@ -304,12 +304,7 @@ class S3BlobStore(BlobStore):
             with self.writing():
                 write(tmp)
                 digest, size = hash_file(tmp)
-                if expect is not None and digest != expect:
-                    raise CorruptData(
-                        f"bytes hash to {digest}, not the expected {expect}",
-                        expected=str(expect),
-                        actual=str(digest),
-                    )
+                check_expected(digest, expect)
                 self._store(tmp, digest, size, source)
                 _read_only(tmp)
                 self._cache(tmp, digest)

@@ -47,6 +47,7 @@ from factories import CliRun, cli_runner, peft_adapter, tiny_llama  # noqa: E402
 
 if TYPE_CHECKING:
     import pgkit
+    import s3kit
     from hubserver import HubServer
 
     import lorahub
@@ -90,6 +91,15 @@ def run(store_home: Path) -> CliRun:
 
 
 # ------------------------------------------------------------------ the catalog's database
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[s3kit.S3Server]:
+    """moto's S3 server on 127.0.0.1 (``tests/s3kit.py``), one per test module using it."""
+    import s3kit
+
+    with s3kit.s3_server() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -104,3 +104,19 @@ def serving(
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(10)
+
+
+def client_logits(script: str, args: list[str], env: dict[str, str], out: Path) -> object:
+    """The logits tensor a client ``script`` (run in its own process with ``env``, given
+    ``args`` and then ``out``) saved with ``torch.save`` to ``out``."""
+    res = subprocess.run(
+        [sys.executable, "-c", script, *args, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    import torch
+
+    return torch.load(out)

@@ -4,22 +4,15 @@ server on 127.0.0.1, through boto3), every digest verified, a second run a no-op
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 from factories import cli_runner
-from s3kit import PART_SIZE, SECRET_KEY, S3Server, s3_server
+from s3kit import PART_SIZE, SECRET_KEY, S3Server
 
 import lorahub
 from lorahub.digest import Digest
 
 pytestmark = pytest.mark.usefixtures("loopback_only")
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    with s3_server() as server:
-        yield server
 
 
 @pytest.fixture

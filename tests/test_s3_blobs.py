@@ -9,13 +9,12 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from factories import cli_runner
-from s3kit import PART_SIZE, SECRET_KEY, S3Server, s3_server
+from s3kit import PART_SIZE, SECRET_KEY, S3Server
 from safetensors.torch import load_file
 
 import lorahub
@@ -24,12 +23,6 @@ from lorahub.errors import CorruptData, InvalidArgument, StoreError
 from lorahub.s3blobs import S3BlobStore, parse_blobs_url
 
 pytestmark = pytest.mark.usefixtures("loopback_only")
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    with s3_server() as server:
-        yield server
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ import contextlib
 import hashlib
 import http.client
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from servekit import Server, client_env, serving
+from servekit import Server, client_env, client_logits, serving
 
 import lorahub
 from lorahub.digest import Digest
@@ -162,20 +160,11 @@ with torch.no_grad():
     with lorahub.open(served.home) as hub:
         hub.merge(served.world / "llama", "sql:v1", out=tmp_path / "local-merge")
     env = client_env(served.home, served.url, tmp_path / "hf")
-    runs = ((SQL, "v1+llama", "served.pt"), (str(tmp_path / "local-merge"), "", "local.pt"))
-    for repo, revision, out in runs:
-        res = subprocess.run(
-            [sys.executable, "-c", script, repo, revision, str(tmp_path / out)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert res.returncode == 0, res.stderr
     import torch
 
-    served_logits = torch.load(tmp_path / "served.pt")
-    local_logits = torch.load(tmp_path / "local.pt")
+    served_logits = client_logits(script, [SQL, "v1+llama"], env, tmp_path / "served.pt")
+    local = [str(tmp_path / "local-merge"), ""]
+    local_logits = client_logits(script, local, env, tmp_path / "local.pt")
     assert torch.allclose(served_logits, local_logits, rtol=0, atol=1e-6)
     # The adapter changed the model: these are not the base's logits.
     assert not torch.allclose(served_logits, _base_logits(served.world / "llama"), atol=1e-4)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from factories import cli_runner
-from servekit import client_env, serving
+from servekit import client_env, client_logits, serving
 
 import lorahub
 from lorahub.formats.peft_folder import FILES
@@ -227,19 +227,11 @@ with torch.no_grad():
     torch.save(model(torch.arange(12).reshape(2, 6)).logits, out)
 """
     env = client_env(served.home, served.url, tmp_path / "hf")
-    for adapter, out in ((REPO, "served.pt"), (str(world / "a"), "local.pt")):
-        res = subprocess.run(
-            [sys.executable, "-c", script, str(world / "llama"), adapter, str(tmp_path / out)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert res.returncode == 0, res.stderr
     import torch
 
-    served_logits = torch.load(tmp_path / "served.pt")
-    local_logits = torch.load(tmp_path / "local.pt")
+    base = str(world / "llama")
+    served_logits = client_logits(script, [base, REPO], env, tmp_path / "served.pt")
+    local_logits = client_logits(script, [base, str(world / "a")], env, tmp_path / "local.pt")
     assert torch.equal(served_logits, local_logits)
 
 

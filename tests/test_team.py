@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from factories import cli_runner, write_peft_adapter
-from s3kit import PART_SIZE, S3Server, s3_server
+from s3kit import PART_SIZE, S3Server
 from safetensors.torch import load_file
 from servekit import Server, serving
 
@@ -25,12 +24,6 @@ from lorahub.digest import Digest
 from lorahub.serve.mapping import commit_id
 
 pytestmark = pytest.mark.usefixtures("loopback_only")
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    with s3_server() as server:
-        yield server
 
 
 @pytest.fixture
