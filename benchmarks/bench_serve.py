@@ -8,12 +8,13 @@ adapter's blob), then:
 
 (a) ``--clients`` (default 32) concurrent clients, each on its own keep-alive connection,
     asking for random adapters: ``GET`` model info at ``revision/v1`` and ``HEAD
-    /resolve/v1/adapter_model.safetensors`` (what ``hf_hub_download`` sends first). Model
-    info is measured cold (mostly adapters this server has not answered for yet: their model
-    card is rendered) and hot (``--hot`` adapters asked again and again: their card is kept
-    in memory). p50 and p99 per kind, twice: each client sending its next request as soon
-    as it has an answer (the server saturated: latency is then about clients / throughput),
-    and each waiting ``--think-ms`` (default 100) between requests. Target: p99 under 20 ms.
+    /resolve/v1/adapter_model.safetensors`` (what ``hf_hub_download`` sends first). Both are
+    measured cold (each request names an adapter no request of the run named before: the
+    catalog is read, the card's metadata made) and model info hot too (``--hot`` adapters
+    asked again and again: their answers are kept). p50 and p99 per kind, twice: each
+    client sending its next request as soon as it has an answer (the server saturated:
+    latency is then about clients / throughput), and each waiting ``--think-ms`` (default
+    100) between requests. Target: p99 under 20 ms.
     The clients are one asyncio process on the same machine: its CPU is part of the figures.
     A route that reads nothing (``/api/agent-harnesses``) gives the floor: uvicorn,
     Starlette and the client alone.
@@ -26,8 +27,8 @@ adapter's blob), then:
     rank, by target and sorted by size, a name search) and adapter pages, each with
     ``--page-clients`` (default 4) readers back to back. Target: p99 under 100 ms.
 
-The first ``model_info`` of the large adapter hashes its blob (sha256, the LFS oid); its time
-is printed, and a second server started on the same store answers at once (the hash is kept
+The first ``HEAD`` of the large adapter's weights hashes its blob (sha256, the LFS oid); its
+time is printed, and a second server started on the same store answers at once (the hash is kept
 under the store, shared by every worker and restart).
 
 Usage:
@@ -268,9 +269,16 @@ def download(port: int, path: str, size: int, buf: bytearray) -> float:
 
 def metadata(port: int, args: argparse.Namespace, rng: random.Random) -> None:
     """Part (a): model info and HEAD latencies, back to back and with think time."""
-    picks = [rng.randrange(args.count) for _ in range(args.requests)]
-    info_paths = [f"/api/models/{NAMESPACE}/name-{i}/revision/v1" for i in picks]
-    head_paths = [f"/{NAMESPACE}/name-{i}/resolve/v1/{WEIGHTS}" for i in picks]
+    # Cold means never asked before, in any pass: every cold request of the run names an
+    # adapter of its own (as long as the catalog holds enough of them).
+    fresh = iter(rng.sample(range(args.count), min(args.count, 4 * args.requests + 1024)))
+
+    def cold(template: str, n: int) -> list[str]:
+        picks = [next(fresh, -1) for _ in range(n)]
+        return [template.format(i if i >= 0 else rng.randrange(args.count)) for i in picks]
+
+    info_cold = f"/api/models/{NAMESPACE}/name-{{}}/revision/v1"
+    head_cold = f"/{NAMESPACE}/name-{{}}/resolve/v1/{WEIGHTS}"
     hot = rng.sample(range(args.count), min(args.hot, args.count))
     hot_paths = [
         f"/api/models/{NAMESPACE}/name-{rng.choice(hot)}/revision/v1" for _ in range(args.requests)
@@ -282,16 +290,16 @@ def metadata(port: int, args: argparse.Namespace, rng: random.Random) -> None:
         f"== metadata: {args.count:,} adapters, {args.clients} concurrent clients, "
         f"{args.requests:,} requests each, --workers {args.workers}"
     )
-    latencies(port, "GET", info_paths[: args.clients * 4], args.clients)  # warm up
+    latencies(port, "GET", cold(info_cold, args.clients * 4), args.clients)  # warm up
     for think in (0, args.think_ms / 1e3):
         if think:
             print(f"-- each client waiting {args.think_ms:.0f} ms between requests")
         else:
             print("-- each client sending its next request as soon as answered")
         for label, method, paths in (
-            ("GET model info, cold", "GET", info_paths),
+            ("GET model info, cold", "GET", cold(info_cold, args.requests)),
             (f"GET model info, {len(hot):,} hot", "GET", hot_paths),
-            ("HEAD resolve (weights)", "HEAD", head_paths),
+            ("HEAD resolve, cold", "HEAD", cold(head_cold, args.requests)),
             ("GET, no store read (floor)", "GET", floor_paths),
         ):
             t0 = time.perf_counter()
@@ -402,15 +410,17 @@ def main() -> None:
         else:
             home, blob, size = build(work, args.count, args.size_mb)
         log = work / "server.log"
-        info_path = f"/api/models/{NAMESPACE}/{BIG}/revision/v1"
+        head_path = f"/{NAMESPACE}/{BIG}/resolve/v1/{WEIGHTS}"
         with serving(home, args.workers, log) as port:
             t0 = time.perf_counter()
-            latencies(port, "GET", [info_path], 1)
+            latencies(port, "HEAD", [head_path], 1)
             first = time.perf_counter() - t0
-            print(f"first model info of {BIG}:v1 (sha256 of {size / MB:,.0f} MB) {first:6.2f} s")
+            print(
+                f"first HEAD of {BIG}:v1's weights (sha256 of {size / MB:,.0f} MB) {first:6.2f} s"
+            )
         with serving(home, args.workers, log) as port:
             t0 = time.perf_counter()
-            latencies(port, "GET", [info_path], 1)
+            latencies(port, "HEAD", [head_path], 1)
             again = time.perf_counter() - t0
             print(f"the same, first request after a restart     {again * 1e3:6.1f} ms")
 

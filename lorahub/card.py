@@ -328,6 +328,23 @@ def adapter_card(
     return _render(data, text)
 
 
+def adapter_card_data(info: AdapterInfo, *, base_model_id: str | None = None) -> dict[str, Any]:
+    """The metadata :func:`adapter_card` writes in the card's front matter (what a reader of
+    the card parses back), without rendering the card: a hundredth of its time, for
+    ``lorahub serve``'s model info (``cardData``) of an adapter it has not answered for yet.
+    Metadata the Hub's card code refuses takes the rendering path, which drops it as
+    :func:`adapter_card` does."""
+    from huggingface_hub import ModelCardData
+
+    original, _ = split_card(original_card(info))
+    base = base_model_id or hub_base_id(info)
+    data = _adapter_metadata(original, base, info.config.get("task_type"))
+    try:
+        return dict(ModelCardData(ignore_metadata_errors=True, **data).to_dict())
+    except Exception:  # any failure of a third party's card code: as the card handles it
+        return split_card(adapter_card(info, base_model_id=base_model_id))[0]
+
+
 def _adapter_metadata(
     original: Mapping[str, Any], base: str | None, task_type: Any
 ) -> dict[str, Any]:

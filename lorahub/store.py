@@ -91,8 +91,8 @@ class Store:
                     return
                 finally:
                     conn.close()
-        with db.read_session(self.engine) as s:
-            yield q.runner(s)
+        with db.plain_reads(self.engine) as run:
+            yield run
 
     def open_catalog(self, *, check: bool) -> Engine:
         """Open and migrate the catalog. With ``check``, a new, empty catalog over a store

@@ -422,3 +422,37 @@ def test_the_typed_fields_match_model_card_data():
     params = set(inspect.signature(ModelCardData.__init__).parameters) - {"kwargs"}
     checked = cards._STRING_FIELDS | cards._STRINGS_FIELDS | cards._RESERVED
     assert params <= checked, params - checked
+
+
+VALID_MODEL_INDEX = (
+    "model-index: [{name: sql, results: [{task: {type: text-generation}, dataset: {name: d,"
+    " type: d}, metrics: [{type: accuracy, value: 0.5}]}]}]"
+)
+
+
+@pytest.mark.parametrize(
+    "front",
+    [
+        None,  # no card of its own
+        ORIGINAL,
+        f"---\n{VALID_MODEL_INDEX}\nlicense: mit\n---\n\nText.\n",
+        "---\nlicense: other\nlicense_name: x\ncustom: {deep: [1, 2.5, null, 'yes']}\n---\n",
+        "---\npipeline_tag: summarization\ntags: [a, base_model:x, b]\n---\n",
+        "---\neval_results: 3\nlicense: [1, 2]\ntags: 5\nmodel_name: [x]\n---\n",
+        "---\nmodel-index: [{name: [1], results: [{task: {type: [1]}, dataset: {name: d,"
+        " type: d}, metrics: [{type: m, value: 1}]}]}]\ndatasets: [a/b]\n---\n",
+    ],
+)
+@pytest.mark.parametrize("base_model_id", [None, "org/base"])
+def test_the_card_data_is_what_the_rendered_card_parses_to(tmp_path, front, base_model_id):
+    """``adapter_card_data`` (serve's cardData, without rendering) equals the front matter
+    of the card ``adapter_card`` renders, for cards of every shape the tests above use."""
+    import lorahub
+    from lorahub.card import adapter_card, adapter_card_data, split_card
+
+    src = sql_adapter(tmp_path / "src", card=front)
+    with lorahub.Hub(tmp_path / "home") as hub:
+        info = hub.add(src, name="sql:v1").adapter
+    rendered, _ = split_card(adapter_card(info, base_model_id=base_model_id))
+    assert rendered["library_name"] == "peft"
+    assert adapter_card_data(info, base_model_id=base_model_id) == rendered

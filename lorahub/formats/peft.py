@@ -179,5 +179,10 @@ def write_canonical(adapter: LoraAdapter, path: Path) -> None:
 def write_config(config: Mapping[str, Any], out: Path) -> None:
     """Write ``adapter_config.json``. ``peft_type`` is always written: PEFT picks the config
     class by it and cannot load a folder without it, while lorahub reads a missing one as LoRA."""
+    (out / CONFIG).write_bytes(config_bytes(config))
+
+
+def config_bytes(config: Mapping[str, Any]) -> bytes:
+    """The bytes :func:`write_config` writes."""
     data = {"peft_type": "LORA", **config}
-    (out / CONFIG).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()

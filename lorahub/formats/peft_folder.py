@@ -13,9 +13,11 @@ restores the stored one and keeps the adapter's digest.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,17 +64,59 @@ def published_base(
 def _config_repo_id(info: AdapterInfo) -> str | None:
     """The config's ``base_model_name_or_path`` when the Hub would take it as a repo id
     (``org/name``, or a bare legacy name); None for a path (absolute, ``~``, ``./``...)."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     value = info.config.get(BASE_KEY)
     if not isinstance(value, str) or not value or value.startswith(("~", ".")):
         return None
+    validate, invalid = _repo_id_validator()
     try:
-        validate_repo_id(value)
-    except HFValidationError:
+        validate(value)
+    except invalid:
         return None
     return value
+
+
+@functools.cache
+def _repo_id_validator() -> tuple[Callable[[str], object], type[Exception]]:
+    """The Hub client's repo-id check and its error, imported once (not at import time: the
+    Hub client is slow to import; through its lazy module, a tenth of a ms per call)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    return validate_repo_id, HFValidationError
+
+
+def small_files(
+    info: AdapterInfo,
+    *,
+    title: str | None = None,
+    list_files: bool = True,
+    repo_id: str | None = None,
+    subfolder: str | None = None,
+    base_model_id: str | None = None,
+    rewrite_base: bool = False,
+    config_base: str | None = None,
+) -> dict[str, bytes]:
+    """The folder's files but the weights, by name: their bytes, made in memory (what
+    :func:`write_peft_folder` writes, with the same arguments; ``lorahub serve`` answers
+    with them)."""
+    config = info.config
+    rewritten: dict[str, Any] = {}
+    if rewrite_base and config.get(BASE_KEY) != config_base:
+        config[BASE_KEY] = rewritten[BASE_KEY] = config_base
+    card = adapter_card(
+        info, title=title, repo_id=repo_id, subfolder=subfolder, base_model_id=base_model_id
+    )
+    names = FILES if list_files else None
+    text = lorahub_json_text(info.digest, info.manifest, names)
+    if rewritten:
+        doc = json.loads(text)
+        doc[lorahub_json.REWRITTEN] = rewritten
+        text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    return {
+        peft.CONFIG: peft.config_bytes(config),
+        README: card.encode(),
+        LORAHUB_JSON: text.encode(),
+    }
 
 
 def write_peft_folder(
@@ -126,25 +170,19 @@ def write_peft_folder(
     if copy_weights:
         shutil.copyfile(weights, out / peft.SAFETENSORS)
         written.append(out / peft.SAFETENSORS)
-    config = info.config
-    rewritten: dict[str, Any] = {}
-    if rewrite_base and config.get(BASE_KEY) != config_base:
-        config[BASE_KEY] = rewritten[BASE_KEY] = config_base
-    peft.write_config(config, out)
-    written.append(out / peft.CONFIG)
-    card = adapter_card(
-        info, title=title, repo_id=repo_id, subfolder=subfolder, base_model_id=base_model_id
+    small = small_files(
+        info,
+        title=title,
+        list_files=list_files,
+        repo_id=repo_id,
+        subfolder=subfolder,
+        base_model_id=base_model_id,
+        rewrite_base=rewrite_base,
+        config_base=config_base,
     )
-    (out / README).write_text(card, encoding="utf-8")
-    written.append(out / README)
-    names = FILES if list_files else None
-    text = lorahub_json_text(info.digest, info.manifest, names)
-    if rewritten:
-        doc = json.loads(text)
-        doc[lorahub_json.REWRITTEN] = rewritten
-        text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
-    (out / LORAHUB_JSON).write_text(text, "utf-8")
-    written.append(out / LORAHUB_JSON)
+    for name, data in small.items():
+        (out / name).write_bytes(data)
+        written.append(out / name)
     if fsync:
         for path in written:
             with path.open("rb") as fh:

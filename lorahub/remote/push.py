@@ -25,7 +25,7 @@ from ..errors import (
     RemoteConflict,
     RemoteError,
 )
-from ..formats.peft_folder import published_base, write_peft_folder
+from ..formats.peft_folder import published_base, small_files, write_peft_folder
 from .errors import http_status, hub_errors
 from .repo import (
     COMMIT,
@@ -119,22 +119,49 @@ def write_push_files(
     Raises:
         InvalidReference: ``base_model_id`` is not a Hub repo id.
     """
-    config_base, card_base = published_base(
-        info, base_model_id=base_model_id, recorded_base=recorded_base
-    )
     return write_peft_folder(
         info,
         weights,
         out,
         copy_weights=False,
-        title=title,
-        list_files=False,
-        repo_id=title,
-        subfolder=path_in_repo,
-        base_model_id=card_base,
-        rewrite_base=True,
-        config_base=config_base,
+        **_push_folder(info, title, path_in_repo, recorded_base, base_model_id),
     )
+
+
+def push_small_files(
+    info: AdapterInfo,
+    *,
+    title: str,
+    path_in_repo: str | None = None,
+    recorded_base: str | None = None,
+    base_model_id: str | None = None,
+) -> dict[str, bytes]:
+    """The bytes of the small files :func:`write_push_files` writes (all but the weights),
+    made in memory: what ``lorahub serve`` answers for a repo."""
+    folder = _push_folder(info, title, path_in_repo, recorded_base, base_model_id)
+    return small_files(info, **folder)
+
+
+def _push_folder(
+    info: AdapterInfo,
+    title: str,
+    path_in_repo: str | None,
+    recorded_base: str | None,
+    base_model_id: str | None,
+) -> dict[str, Any]:
+    """The folder arguments of a push (``peft_folder``'s)."""
+    config_base, card_base = published_base(
+        info, base_model_id=base_model_id, recorded_base=recorded_base
+    )
+    return {
+        "title": title,
+        "list_files": False,
+        "repo_id": title,
+        "subfolder": path_in_repo,
+        "base_model_id": card_base,
+        "rewrite_base": True,
+        "config_base": config_base,
+    }
 
 
 def push_adapter(

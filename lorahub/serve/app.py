@@ -18,7 +18,10 @@ The raw path is split on ``/`` before each segment is percent-decoded, as the cl
 revision into one segment. Errors carry ``X-Error-Code`` (``RepoNotFound``,
 ``RevisionNotFound``, ``EntryNotFound``), which is what the client maps to its exception
 classes; bad input (a ``..``, a slash or a NUL where a name goes) is a 400. No Xet header is
-ever sent. Handlers run in Starlette's thread pool; the store allows concurrent readers.
+ever sent. Over a SQLite catalog, an answer kept while the catalog stands (``kept.py``), a
+model info and a ``HEAD`` of the weights are given from the event loop (:func:`_on_loop`); the
+rest run in threads (``lanes.py``: a few for metadata, the pool for downloads); the store
+allows concurrent readers.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
@@ -39,7 +42,10 @@ from starlette.routing import Route
 from ..errors import InvalidInput, LorahubError
 from .auth import Auth, Caller
 from .errors import HubError, repo_not_found
-from .mapping import Mapping
+from .files import WEIGHTS, HashNeeded, deferring_hashes
+from .kept import NotKept
+from .lanes import ReadLanes
+from .mapping import MERGED, Mapping
 from .read import ReadApi
 from .uploads import DEFAULT_MAX_UPLOAD, Uploads
 from .web import WebPages, is_page
@@ -47,6 +53,7 @@ from .write import WriteApi
 
 if TYPE_CHECKING:
     from ..hub import Hub
+    from .merged import MergedRevision
 
 log = logging.getLogger(__name__)
 
@@ -89,32 +96,62 @@ def _route(api: ReadApi, auth: Auth, request: Request) -> Response:
         raise
 
 
-def _answer(api: ReadApi, auth: Auth, caller: Caller, request: Request, s: list[str]) -> Response:
+def _on_loop(api: ReadApi, auth: Auth, request: Request, s: list[str]) -> Response | None:
+    """The read's answer when the event loop may give it itself, else None (a thread then
+    computes it: ``lanes.py``). On the loop: a kept answer (``kept.py``), or one of the two
+    reads every download starts with, a model info without ``blobs`` and a ``HEAD`` of the
+    weights (a few indexed reads of a local SQLite catalog: less time than handing them to
+    a thread), for a caller known without the catalog. Anything else, an error or a blob to
+    hash included, is left to a thread."""
+    caller = auth.known_caller(request)
+    if caller is None:
+        return None
+    try:
+        with deferring_hashes():
+            return _answer(api, auth, caller, request, s, on_loop=True)
+    except (NotKept, HashNeeded, LorahubError, HubError):
+        return None
+
+
+def _answer(
+    api: ReadApi,
+    auth: Auth,
+    caller: Caller,
+    request: Request,
+    s: list[str],
+    on_loop: bool = False,
+) -> Response:
+    """The read's answer; ``on_loop``, only a kept or a quick one (else :class:`NotKept`)."""
     method = request.method
-    kept = api.kept.answer  # after each route's access check: the answer is the same for all
+    # After each route's access check: the answer is then the same for every caller.
+    quick = api.kept.answer
+    kept = api.kept.peek if on_loop else api.kept.answer  # the other routes, on the loop
+    merged = _adapters_only if on_loop else api.merged.answer
     if s[:1] == ["api"]:
         if s == ["api", "whoami-v2"]:
             return JSONResponse(auth.whoami(caller))
         if s == ["api", "agent-harnesses"]:
             return JSONResponse({"standardEnvVars": [], "harnesses": {}})
         if s == ["api", "models"] or s == ["api", "models", ""]:
+            if on_loop:
+                raise NotKept(s)
             return api.list_models(request.query_params, lambda ns: auth.can_read(caller, ns))
         if len(s) >= 4 and s[1] == "models":
             ns, name, rest = s[2], s[3], s[4:]
             auth.may_read(caller, ns)
             if not rest:
                 blobs = _true(request, "blobs")
-                return kept(
+                return (kept if blobs else quick)(
                     ("info", ns, name, "main", blobs),
                     lambda: api.model_info(ns, name, "main", blobs),
                 )
             if rest[0] == "revision" and len(rest) == 2:
                 blobs = _true(request, "blobs")
-                return api.merged.answer(
+                return merged(
                     ns,
                     name,
                     rest[1],
-                    lambda: kept(
+                    lambda: (kept if blobs else quick)(
                         ("info", ns, name, rest[1], blobs),
                         lambda: api.model_info(ns, name, rest[1], blobs),
                     ),
@@ -122,7 +159,7 @@ def _answer(api: ReadApi, auth: Auth, caller: Caller, request: Request, s: list[
                 )
             if rest[0] == "tree" and len(rest) >= 2:
                 sub = "/".join(rest[2:])
-                return api.merged.answer(
+                return merged(
                     ns,
                     name,
                     rest[1],
@@ -139,17 +176,49 @@ def _answer(api: ReadApi, auth: Auth, caller: Caller, request: Request, s: list[
     if len(s) >= 5 and s[2] == "resolve":
         auth.may_download(caller, s[0])
         path = "/".join(s[4:])
-        return api.merged.answer(
+        return merged(
             s[0],
             s[1],
             s[3],
-            lambda: kept(
+            lambda: (quick if method == "HEAD" and path == WEIGHTS else kept)(
                 ("resolve", s[0], s[1], s[3], path, method),
                 lambda: api.resolve(s[0], s[1], s[3], path, head=method == "HEAD"),
             ),
             lambda merged: api.merged.resolve(merged, path, head=method == "HEAD"),
         )
     raise HubError(404, "not found")
+
+
+def _adapters_only(
+    ns: str,
+    name: str,
+    revision: str,
+    adapter: Callable[[], Response],
+    merged: Callable[[MergedRevision], Response],
+) -> Response:
+    """``MergedRepos.answer`` on the event loop: a merged revision is never kept, and
+    finding it reads the catalog."""
+    if MERGED in revision:
+        raise NotKept(revision)
+    return adapter()
+
+
+def _local_wal(hub: Hub) -> bool:
+    """Whether the catalog is a local SQLite file in WAL mode, whose reads take tens of µs
+    and never wait on a writer: the event loop may then run them (not a round trip to a
+    database server, nor a rollback journal's wait for a commit)."""
+    engine = hub.engine
+    if engine.dialect.name != "sqlite":
+        return False
+    with engine.connect() as conn:
+        return str(conn.exec_driver_sql("PRAGMA journal_mode").scalar()).lower() == "wal"
+
+
+def _warm_imports() -> None:
+    """Import now what a first model info needs (the Hub client's card and repo-id code,
+    a tenth of a second): not on the event loop, in the first request."""
+    from huggingface_hub import ModelCardData  # noqa: F401
+    from huggingface_hub.utils import validate_repo_id  # noqa: F401
 
 
 def _true(request: Request, key: str) -> bool:
@@ -188,12 +257,17 @@ def create_app(
                 raise
             return found
 
+    lanes = ReadLanes(read)
+    inline = _local_wal(hub)
+
     async def endpoint(request: Request) -> Response:
         try:
             if is_page(segments := _segments(request), request.method):
                 return await pages.handle(request, segments)
             if request.method in ("GET", "HEAD"):
-                return await run_in_threadpool(read, request)
+                if inline and (quick := _on_loop(api, auth, request, segments)) is not None:
+                    return quick
+                return await lanes(request, segments)
             return await writes.handle(request, _segments(request))
         except HubError as exc:
             error = exc
@@ -211,6 +285,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await run_in_threadpool(uploads.collect)  # a killed server's, abandoned pushes
+        await run_in_threadpool(_warm_imports)
         yield
         hub.close()
 

@@ -1,7 +1,7 @@
 """The files a served repo holds: the adapter's PEFT folder, as ``lorahub push`` uploads it.
 
-The small files (``adapter_config.json``, ``README.md``, ``lorahub.json``) are written by
-:func:`lorahub.remote.push.write_push_files` into a temporary folder and kept in memory;
+The small files (``adapter_config.json``, ``README.md``, ``lorahub.json``) are made in memory
+by :func:`lorahub.remote.push.push_small_files` (the bytes a push uploads) and kept there;
 the weights are the store's blob itself, sent with ``sendfile``. Only a download needs the
 blob's file: its size is the catalog's and its sha256 is kept (below), so model info, tree
 listings and ``HEAD`` requests never fetch a blob from an object store (``LORAHUB_BLOBS_URL``)
@@ -17,13 +17,14 @@ folder cannot be written still serves, hashing once per process.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
-import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,6 +102,34 @@ class RepoFile:
         return entry
 
 
+#: Set in a thread answering metadata (``lanes.py``): a sha256 not kept yet is not hashed
+#: there, :class:`HashNeeded` is raised for another thread to hash it.
+_DEFERRING: ContextVar[bool] = ContextVar("lorahub_defer_hashing", default=False)
+
+
+class HashNeeded(Exception):
+    """A blob's sha256 is not kept yet and hashing was deferred (:func:`deferring_hashes`):
+    :meth:`hash` computes it (seconds per GB), then the request is asked again."""
+
+    def __init__(self, cache: Sha256Cache, key: str, blob: Callable[[], Path]) -> None:
+        super().__init__(key)
+        self.cache, self.key, self.blob = cache, key, blob
+
+    def hash(self) -> str:
+        return self.cache.get(self.key, self.blob)
+
+
+@contextlib.contextmanager
+def deferring_hashes() -> Iterator[None]:
+    """In this block, a sha256 that would need hashing raises :class:`HashNeeded` instead:
+    the few threads answering metadata are never held for seconds by one large blob."""
+    token = _DEFERRING.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRING.reset(token)
+
+
 class Sha256Cache:
     """Each blob's sha256 by its xxh128 digest: in memory, then in ``root``, else computed
     (once across processes, under a file lock) and written there."""
@@ -120,6 +149,12 @@ class Sha256Cache:
         asked only when the value is not kept yet (it may fetch the blob)."""
         found = self._known.get(key)
         if found is not None:
+            return found
+        if _DEFERRING.get():
+            found = self._read(key)  # one small file: not worth another thread
+            if found is None:
+                raise HashNeeded(self, key, blob)
+            self._known[key] = found
             return found
         with self._lock:
             lock = self._hashing.setdefault(key, threading.Lock())
@@ -238,9 +273,23 @@ class RepoFiles:
             )
         return path
 
-    def card_data(self, info: AdapterInfo, repo_id: str) -> dict[str, Any]:
-        """The model card's metadata (``cardData``), parsed once per repo kept."""
-        return self._small_files(info, repo_id)[1]
+    def card_base(self, info: AdapterInfo) -> str | None:
+        """The base the served card and config name (a push's: ``published_base``)."""
+        from ..formats.peft_folder import published_base
+
+        return published_base(info, recorded_base=self._hub.base_repo_id(info))[1]
+
+    def card_data(self, info: AdapterInfo, repo_id: str, base: str | None) -> dict[str, Any]:
+        """The model card's metadata (``cardData``): the rendered card's when it is kept,
+        else made without rendering it (model info needs no file's bytes); ``base`` is
+        :meth:`card_base`'s."""
+        from ..card import adapter_card_data
+
+        with self._lock:
+            kept = self._small.get((info.digest, repo_id))
+        if kept is not None:
+            return kept[1]
+        return adapter_card_data(info, base_model_id=base)
 
     def _small_files(
         self, info: AdapterInfo, repo_id: str
@@ -251,20 +300,10 @@ class RepoFiles:
                 self._small.move_to_end(key)
                 return self._small[key]
         from ..card import split_card
-        from ..remote.push import write_push_files
+        from ..remote.push import push_small_files
 
         recorded = self._hub.base_repo_id(info)
-        with tempfile.TemporaryDirectory(prefix="lorahub-serve-") as tmp:
-            # The weights are neither read nor copied (only named): no fetch.
-            weights = self._hub.blobs.path(Digest.parse(info.weights_digest))
-            written = write_push_files(
-                info, weights, Path(tmp), title=repo_id, recorded_base=recorded
-            )
-            small = {
-                name: path.read_bytes()
-                for name, path in written.items()
-                if name != peft.SAFETENSORS
-            }
+        small = push_small_files(info, title=repo_id, recorded_base=recorded)
         card, _ = split_card(small["README.md"].decode()) if "README.md" in small else ({}, "")
         with self._lock:
             self._small[key] = (small, card)

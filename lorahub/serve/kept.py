@@ -31,6 +31,10 @@ DEFAULT_BUDGET = 64 << 20
 _LARGEST = 1 << 20
 
 
+class NotKept(Exception):
+    """:meth:`KeptAnswers.peek` found no answer kept: the request needs computing."""
+
+
 class KeptAnswers:
     """Answers by key, valid for one catalog generation; safe across threads."""
 
@@ -49,18 +53,37 @@ class KeptAnswers:
         generation = current(self.engine)
         if generation is None:  # a database without the triggers: nothing can be trusted
             return compute()
+        hit = self._lookup(key, generation)
+        if hit is not None:
+            return hit
+        response = compute()
+        self._keep(key, generation, response)
+        return response
+
+    def peek(self, key: Hashable, compute: Callable[[], Response] | None = None) -> Response:
+        """The answer kept for ``key`` under the current generation (``compute`` is never
+        called: it is there to take :meth:`answer`'s place).
+
+        Raises:
+            NotKept: no such answer is kept.
+        """
+        generation = current(self.engine)
+        hit = None if generation is None else self._lookup(key, generation)
+        if hit is None:
+            raise NotKept(key)
+        return hit
+
+    def _lookup(self, key: Hashable, generation: int) -> Response | None:
         with self._lock:
             if generation > self._generation:
                 self._kept.clear()  # all stale together: free them now
                 self._bytes = 0
                 self._generation = generation
             hit = self._kept.get(key) if generation == self._generation else None
-            if hit is not None:
-                self._kept.move_to_end(key)
-                return hit[1]
-        response = compute()
-        self._keep(key, generation, response)
-        return response
+            if hit is None:
+                return None
+            self._kept.move_to_end(key)
+            return hit[1]
 
     def _keep(self, key: Hashable, generation: int, response: Response) -> None:
         if type(response) not in _KEPT_KINDS or not 200 <= response.status_code < 300:

@@ -142,17 +142,16 @@ class ReadApi:
     def model_info(self, ns: str, name: str, revision: str, blobs: bool) -> Response:
         repo_id, lname, infos = self.repo(ns, name)
         info = self.revision(lname, infos, revision)
-        files = self.files.files(info, repo_id)
-        card = self.files.card_data(info, repo_id)
-        siblings = []
-        for f in files.values():
-            entry: dict[str, Any] = {"rfilename": f.name}
-            if blobs:
-                entry["size"] = f.size
-                entry["blobId"] = f.etag
-                if f.is_lfs:
-                    pointer = f.tree_entry()["lfs"]["pointerSize"]  # type: ignore[index]
-                    entry["lfs"] = {"size": f.size, "sha256": f.sha256, "pointerSize": pointer}
+        base = self.files.card_base(info)
+        card = self.files.card_data(info, repo_id, base)
+        siblings: list[dict[str, Any]] = []
+        if not blobs:  # names only: no file is made, no blob hashed
+            siblings = [{"rfilename": name} for name in self.files.names()]
+        for f in self.files.files(info, repo_id).values() if blobs else ():
+            entry: dict[str, Any] = {"rfilename": f.name, "size": f.size, "blobId": f.etag}
+            if f.is_lfs:
+                pointer = f.tree_entry()["lfs"]["pointerSize"]  # type: ignore[index]
+                entry["lfs"] = {"size": f.size, "sha256": f.sha256, "pointerSize": pointer}
             siblings.append(entry)
         stamp = _stamp(info.created_at)
         body = {
@@ -167,7 +166,7 @@ class ReadApi:
             "downloads": 0,
             "likes": 0,
             "library_name": "peft",
-            "tags": self.tags(info),
+            "tags": self.tags(base),
             "cardData": card,
             "siblings": siblings,
             "createdAt": stamp,
@@ -276,7 +275,7 @@ class ReadApi:
                 continue
             if not readable(repo_id.split("/")[0]):
                 continue
-            tags = self.tags(info)
+            tags = self.tags(self.files.card_base(info))
             if any(w not in tags for w in wanted):
                 continue
             stamp = _stamp(info.created_at)
@@ -300,10 +299,8 @@ class ReadApi:
                 break
         return JSONResponse(out)
 
-    def tags(self, info: AdapterInfo) -> list[str]:
-        from ..formats.peft_folder import published_base
-
-        _, card_base = published_base(info, recorded_base=self.hub.base_repo_id(info))
+    def tags(self, card_base: str | None) -> list[str]:
+        """The repo's tags; ``card_base`` is ``RepoFiles.card_base``'s."""
         tags = ["peft", "safetensors", "lora", "lorahub"]
         if card_base:
             tags += [f"base_model:adapter:{card_base}", f"base_model:{card_base}"]
