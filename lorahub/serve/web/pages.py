@@ -22,14 +22,13 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, urlencode
 
 from jinja2 import Environment, PackageLoader, select_autoescape
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from ...card import original_card
-from ...catalog import queries as catalog
 from ...catalog import reads
+from ...catalog.db import plain_reads
 from ...digest import Digest
 from ...errors import AdapterNotFound, AmbiguousReference, LorahubError
 from ..auth import ANONYMOUS, Auth, Caller
@@ -205,9 +204,10 @@ class WebPages:
         return any(self.auth.can_read(caller, ns) for ns in spaces)
 
     def read(self, fn: Any, *args: Any) -> Any:
-        """``fn(run, *args)`` on one catalog connection (the server's pooled engine)."""
-        with Session(self.hub.engine) as session:
-            return fn(catalog.runner(session), *args)
+        """``fn(run, *args)`` in one read snapshot of the catalog (the server's pooled
+        engine)."""
+        with plain_reads(self.hub.engine) as run:
+            return fn(run, *args)
 
     # ------------------------------------------------------------------ pages
 
