@@ -88,7 +88,15 @@ class AdapterInfo:
 
     @property
     def config(self) -> dict[str, Any]:
-        return dict(self.manifest.get("config", {}))
+        if "manifest" in self.__dict__:  # already parsed
+            return dict(self.manifest.get("config", {}))
+        return dict(self._config)
+
+    @cached_property
+    def _config(self) -> dict[str, Any]:
+        """The config alone (:func:`config_of`): a model info of ``lorahub serve`` needs it,
+        never the modules, tens of KB of JSON on a large model."""
+        return config_of(self.manifest_text)
 
     @property
     def modules(self) -> dict[str, dict[str, Any]]:
@@ -159,6 +167,31 @@ def provenance_of(manifest_text: str) -> dict[str, Any]:
             if stop == end:
                 return value if isinstance(value, dict) else {}
     value = json.loads(manifest_text).get("provenance", {})
+    return value if isinstance(value, dict) else {}
+
+
+def config_of(manifest_text: str) -> dict[str, Any]:
+    """A stored manifest's ``config``, parsing only the top-level values before it.
+
+    Canonical JSON sorts the top-level keys, and ``config`` comes second (after ``base``):
+    each key and value up to it is decoded in turn, the modules after it never are.
+    Anything unexpected is parsed whole.
+    """
+    pos = 1 if manifest_text.startswith("{") else -1
+    try:
+        while 0 < pos < len(manifest_text):
+            key, pos = _DECODER.raw_decode(manifest_text, pos)
+            if not isinstance(key, str) or manifest_text[pos] != ":" or key > "config":
+                break
+            value, pos = _DECODER.raw_decode(manifest_text, pos + 1)
+            if key == "config":
+                return value if isinstance(value, dict) else {}
+            if manifest_text[pos] != ",":
+                break
+            pos += 1
+    except (ValueError, IndexError):
+        pass
+    value = json.loads(manifest_text).get("config", {})
     return value if isinstance(value, dict) else {}
 
 

@@ -14,7 +14,7 @@ import lorahub
 from lorahub import compat
 from lorahub.base import open_base
 from lorahub.digest import canonical_json
-from lorahub.info import provenance_of
+from lorahub.info import config_of, provenance_of
 from lorahub.manifest import skeleton
 
 # A program that runs one CLI command and then says which heavy modules it imported.
@@ -118,6 +118,27 @@ def test_provenance_of_reads_only_the_top_level_value(provenance):
     odd = canonical_json({**manifest, "zzz": {"provenance": {"kind": "no"}}}).decode()
     assert provenance_of(odd) == provenance
     assert provenance_of(canonical_json({"schema": 2}).decode()) == {}
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        {"base": {"name": "t", "x": ["config", {"config": 1}]}, "config": {"r": 4, "a": [1]}},
+        {"config": {"target_modules": ["q"], "config": {"nested": True}}, "modules": {}},
+        {"base": {}, "config": {}, "modules": {"m": {"config": "no"}}},
+        {"base": {"name": '","config":{"fake":1}'}, "config": {"real": 1}},
+        {"base": {}, "modules": {"config": 1}},  # no config at all
+        {"a": 1, "base": {}, "config": {"r": 8}},  # another key before it
+    ],
+)
+def test_config_of_reads_only_the_top_level_config(manifest):
+    """The config of a manifest of any shape, as a full parse gives it, without decoding
+    the modules (a module value that is not JSON never reaches the decoder)."""
+    text = canonical_json(manifest).decode()
+    assert config_of(text) == manifest.get("config", {})
+    if "modules" in manifest and "config" in manifest:
+        broken = text.replace('"modules":', '"modules":not json,', 1)
+        assert config_of(broken) == manifest["config"]
 
 
 def test_the_plain_sqlite_reads_answer_as_the_engine_does(world, store_home, tmp_path):

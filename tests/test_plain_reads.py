@@ -3,11 +3,15 @@ pooled driver connection, in one read snapshot, on SQLite and PostgreSQL alike."
 
 from __future__ import annotations
 
+import os
+import threading
+from pathlib import Path
+
 import pytest
 from factories import cli_runner
 
 import lorahub
-from lorahub.catalog.db import plain_reads
+from lorahub.catalog.plain import plain_reads
 from lorahub.errors import StoreError
 
 pytestmark = pytest.mark.usefixtures("catalog")
@@ -36,3 +40,42 @@ def test_a_failed_read_is_a_store_error_and_the_pool_goes_on(tmp_path):
                 read("SELECT nothing FROM no_such_table WHERE x = ?", [1])
             with plain_reads(hub.engine) as read:
                 assert read("SELECT COUNT(*) FROM adapters", []) == [(0,)]
+
+
+def test_a_generation_read_inside_a_block_is_not_held_to_its_snapshot(world, tmp_path):
+    """A read nested in a block on the same thread (the generation, another block) takes
+    another connection: the thread's own is in the block's snapshot."""
+    from lorahub.catalog.generation import current
+
+    home = tmp_path / "store"
+    run = cli_runner(home)
+    run("add", world / "a", "--name", "sql:v1")
+    with lorahub.open(home) as hub, plain_reads(hub.engine) as read:
+        before = current(hub.engine)
+        assert read(REFS, []) == [("sql", "v1")]
+        assert run("tag", "sql:v1", "sql:v2").exit_code == 0
+        assert current(hub.engine) > before  # a commit by another process shows at once
+        with plain_reads(hub.engine) as nested:
+            assert nested(REFS, []) == [("sql", "v1"), ("sql", "v2")]
+        assert read(REFS, []) == [("sql", "v1")]  # the outer block's snapshot stands
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files in /proc")
+def test_closing_the_store_closes_every_thread_s_catalog_connection(tmp_path):
+    def open_catalogs() -> int:
+        return sum(
+            1
+            for fd in Path("/proc/self/fd").iterdir()
+            if os.path.realpath(fd).startswith(str(tmp_path / "store" / "lorahub.db"))
+        )
+
+    hub = lorahub.open(tmp_path / "store")
+    for _ in range(4):  # each thread keeps a connection of its own
+        t = threading.Thread(target=hub.list_adapters)
+        t.start()
+        t.join()
+    hub.list_adapters()
+    assert open_catalogs() >= 5
+    hub.close()
+    assert open_catalogs() == 0

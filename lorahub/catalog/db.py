@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -214,7 +214,7 @@ def current_revision_or_none(engine: Engine) -> str | None:
         return current_revision(engine)
     except Exception as exc:  # sqlalchemy's errors about the database itself
         raise StoreError(
-            f"cannot open the catalog at {safe_url(engine.url)}: {_reason(exc, engine.url)}"
+            f"cannot open the catalog at {safe_url(engine.url)}: {reason(exc, engine.url)}"
         ) from exc
 
 
@@ -248,11 +248,11 @@ def upgrade(engine: Engine, lock_path: Path | None) -> None:
         raise
     except Exception as exc:  # sqlalchemy/alembic errors about the database itself
         raise StoreError(
-            f"cannot open the catalog at {safe_url(engine.url)}: {_reason(exc, engine.url)}"
+            f"cannot open the catalog at {safe_url(engine.url)}: {reason(exc, engine.url)}"
         ) from exc
 
 
-def _reason(exc: BaseException, url: URL) -> str:
+def reason(exc: BaseException, url: URL) -> str:
     """The database's own words, on one line, without SQLAlchemy's statement and link, and
     without the URL's password should the driver have quoted it."""
     from sqlalchemy.exc import DBAPIError
@@ -285,11 +285,11 @@ def database_errors(engine: Engine) -> Iterator[None]:
         raise  # a unique violation: callers that expect one retry
     except OperationalError as exc:
         raise StoreError(
-            f"the catalog at {safe_url(engine.url)} refused a change: {_reason(exc, engine.url)}"
+            f"the catalog at {safe_url(engine.url)} refused a change: {reason(exc, engine.url)}"
         ) from exc
     except DBAPIError as exc:  # the database's own failures; a misuse of the ORM stays a bug
         raise StoreError(
-            f"the catalog at {safe_url(engine.url)} failed: {_reason(exc, engine.url)}"
+            f"the catalog at {safe_url(engine.url)} failed: {reason(exc, engine.url)}"
         ) from exc
 
 
@@ -306,55 +306,3 @@ def write_session(engine: Engine) -> Iterator[Session]:
 def read_session(engine: Engine) -> Iterator[Session]:
     with database_errors(engine), Session(engine) as session:
         yield session
-
-
-@contextlib.contextmanager
-def plain_reads(engine: Engine) -> Iterator[Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]]:
-    """Plain-SQL reads (``reads.Run``) in one read transaction on a pooled driver connection,
-    begun as a read session's is (SQLite ``BEGIN DEFERRED``; PostgreSQL a read-only
-    REPEATABLE READ snapshot). A third of a session's cost per read: ``lorahub serve``
-    runs a few per metadata request. Other drivers take a session.
-    """
-    driver = (engine.dialect.name, engine.dialect.driver)
-    if driver not in (("sqlite", "pysqlite"), ("postgresql", "psycopg")):
-        from .queries import runner
-
-        with read_session(engine) as session:
-            yield runner(session)
-        return
-    with database_errors(engine):  # a refused connection: SQLAlchemy's own errors
-        conn = engine.raw_connection()
-    dbapi_error: type[Exception] = engine.dialect.loaded_dbapi.Error
-    sqlite = driver[0] == "sqlite"
-    cursor = None
-    try:
-        if not sqlite:
-            from psycopg import IsolationLevel
-
-            raw: Any = conn.driver_connection
-            raw.isolation_level = IsolationLevel.REPEATABLE_READ
-            raw.read_only = True
-        cursor = conn.cursor()
-
-        def run(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-            if not sqlite:
-                sql = sql.replace("%", "%%").replace("?", "%s")
-            cursor.execute(sql, tuple(params))
-            return [tuple(row) for row in cursor.fetchall()]
-
-        try:
-            if sqlite:
-                cursor.execute("BEGIN DEFERRED")
-            yield run
-        except dbapi_error as exc:
-            raise StoreError(
-                f"the catalog at {safe_url(engine.url)} failed: {_reason(exc, engine.url)}"
-            ) from exc
-    finally:
-        try:
-            if cursor is not None:
-                cursor.close()
-            conn.rollback()  # nothing was written: the snapshot ends
-        except dbapi_error:
-            conn.invalidate()  # a connection that cannot roll back is not reused
-        conn.close()

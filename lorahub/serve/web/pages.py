@@ -28,7 +28,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from ...card import original_card
 from ...catalog import reads
-from ...catalog.db import plain_reads
+from ...catalog.plain import plain_reads
 from ...digest import Digest
 from ...errors import AdapterNotFound, AmbiguousReference, LorahubError
 from ..auth import ANONYMOUS, Auth, Caller
