@@ -114,7 +114,12 @@ def serve(
         )
     if workers == 1:
         app = create_app(
-            hub, namespace, allow_anonymous=allow_anonymous, gated=gated, max_upload_size=max_upload
+            hub,
+            namespace,
+            allow_anonymous=allow_anonymous,
+            gated=gated,
+            max_upload_size=max_upload,
+            freeze_gc=True,
         )
         uvicorn.run(app, host=host, port=port, access_log=False, http=PROTOCOL)
         return

@@ -233,12 +233,15 @@ def create_app(
     allow_anonymous: bool = False,
     gated: Iterable[str] = (),
     max_upload_size: int = DEFAULT_MAX_UPLOAD,
+    freeze_gc: bool = False,
 ) -> Starlette:
     """The Starlette app serving ``hub``'s store; names without a namespace appear under
     ``namespace``; anonymous callers may read only with ``allow_anonymous``; downloads from
     a ``gated`` namespace need a token for it (``hub``'s tokens: ``lorahub token``). Writes
     (``write.py``) need a write token; an uploaded file over ``max_upload_size`` bytes is
-    refused while it streams.
+    refused while it streams. ``freeze_gc``: at startup, ``gc.freeze()`` what the process
+    holds (a process of its own, as ``lorahub serve``'s: it shortens every full collection;
+    an app embedding this one keeps its collector as it is).
 
     Example:
         >>> uvicorn.run(create_app(lorahub.open(), allow_anonymous=True))  # doctest: +SKIP
@@ -287,11 +290,12 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await run_in_threadpool(uploads.collect)  # a killed server's, abandoned pushes
         await run_in_threadpool(_warm_imports)
-        # What is loaded now (modules, the catalog's engine) lives as long as the process:
-        # out of the collector's sight, a full collection scans only what requests made,
-        # not the few hundred thousand objects of the libraries.
-        gc.collect()
-        gc.freeze()
+        if freeze_gc:
+            # What is loaded now (modules, the catalog's engine) lives as long as the
+            # process: out of the collector's sight, a full collection scans only what
+            # requests made, not the few hundred thousand objects of the libraries.
+            gc.collect()
+            gc.freeze()
         yield
         hub.close()
 
@@ -312,4 +316,5 @@ def app_from_env() -> Starlette:
         allow_anonymous=os.environ.get(ANONYMOUS_ENV) == "1",
         gated=[g for g in os.environ.get(GATED_ENV, "").split(",") if g],
         max_upload_size=int(os.environ.get(MAX_UPLOAD_ENV) or DEFAULT_MAX_UPLOAD),
+        freeze_gc=True,
     )
