@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from factories import cli_runner
 
 import lorahub
-from lorahub.catalog.plain import plain_reads
+from lorahub.catalog.plain import keep_connections, plain_reads
 from lorahub.errors import StoreError
 
 pytestmark = pytest.mark.usefixtures("catalog")
@@ -42,6 +43,24 @@ def test_a_failed_read_is_a_store_error_and_the_pool_goes_on(tmp_path):
                 assert read("SELECT COUNT(*) FROM adapters", []) == [(0,)]
 
 
+def _in_a_keeping_thread(work: Callable[[], None]) -> None:
+    """Run ``work`` in a thread that keeps its own connections (as serve's event loop)."""
+    failed: list[BaseException] = []
+
+    def target() -> None:
+        keep_connections()
+        try:
+            work()
+        except BaseException as exc:  # re-raised in the test's thread
+            failed.append(exc)
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if failed:
+        raise failed[0]
+
+
 def test_a_generation_read_inside_a_block_is_not_held_to_its_snapshot(world, tmp_path):
     """A read nested in a block on the same thread (the generation, another block) takes
     another connection: the thread's own is in the block's snapshot."""
@@ -50,14 +69,18 @@ def test_a_generation_read_inside_a_block_is_not_held_to_its_snapshot(world, tmp
     home = tmp_path / "store"
     run = cli_runner(home)
     run("add", world / "a", "--name", "sql:v1")
-    with lorahub.open(home) as hub, plain_reads(hub.engine) as read:
-        before = current(hub.engine)
-        assert read(REFS, []) == [("sql", "v1")]
-        assert run("tag", "sql:v1", "sql:v2").exit_code == 0
-        assert current(hub.engine) > before  # a commit by another process shows at once
-        with plain_reads(hub.engine) as nested:
-            assert nested(REFS, []) == [("sql", "v1"), ("sql", "v2")]
-        assert read(REFS, []) == [("sql", "v1")]  # the outer block's snapshot stands
+
+    def work() -> None:
+        with lorahub.open(home) as hub, plain_reads(hub.engine) as read:
+            before = current(hub.engine)
+            assert read(REFS, []) == [("sql", "v1")]
+            assert run("tag", "sql:v1", "sql:v2").exit_code == 0
+            assert current(hub.engine) > before  # another process's commit shows at once
+            with plain_reads(hub.engine) as nested:
+                assert nested(REFS, []) == [("sql", "v1"), ("sql", "v2")]
+            assert read(REFS, []) == [("sql", "v1")]  # the outer block's snapshot stands
+
+    _in_a_keeping_thread(work)
 
 
 @pytest.mark.sqlite_only
@@ -71,11 +94,8 @@ def test_closing_the_store_closes_every_thread_s_catalog_connection(tmp_path):
         )
 
     hub = lorahub.open(tmp_path / "store")
-    for _ in range(4):  # each thread keeps a connection of its own
-        t = threading.Thread(target=hub.list_adapters)
-        t.start()
-        t.join()
-    hub.list_adapters()
-    assert open_catalogs() >= 5
+    for _ in range(4):  # each keeping thread keeps a connection of its own
+        _in_a_keeping_thread(hub.list_adapters)
+    assert open_catalogs() >= 4
     hub.close()
     assert open_catalogs() == 0

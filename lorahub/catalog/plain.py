@@ -7,9 +7,12 @@ return) about 50 µs: as much as the indexed reads a model info or a ``HEAD`` ne
 begun as a read session's is (SQLite ``BEGIN DEFERRED``; PostgreSQL a read-only REPEATABLE
 READ transaction), and :func:`connection` lends the connection:
 
-* on SQLite, each thread keeps one of its own per engine (made by the engine, so with its
-  pragmas, then detached from its pool), closed when the engine is disposed; a block nested
-  in another on the same thread borrows from the pool instead;
+* on SQLite, a thread that asked to (:func:`keep_connections`: the event loop's thread of
+  ``lorahub serve``, which runs most of each request's reads) keeps one of its own per
+  engine (made by the engine, so with its pragmas, then detached from its pool), closed
+  when the engine is disposed; a block nested in another on that thread borrows from the
+  pool instead. Other threads borrow from the pool: each connection has its own page
+  cache, and dozens of cold ones cost more reads than a pool of warm ones;
 * on PostgreSQL, the pool's (a connection per thread would multiply the server's).
 """
 
@@ -50,13 +53,21 @@ class _Own:
 
 _owned: weakref.WeakKeyDictionary[Engine, dict[int, _Own]] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
+_keeping = threading.local()
+
+
+def keep_connections() -> None:
+    """From now on this thread keeps a SQLite connection of its own per engine for its
+    plain reads (until the engine is disposed)."""
+    _keeping.on = True
 
 
 @contextlib.contextmanager
 def connection(engine: Engine) -> Iterator[PoolProxiedConnection]:
     """A driver connection of ``engine`` for a few reads; leave it as found (no open
     transaction)."""
-    if (engine.dialect.name, engine.dialect.driver) != _SQLITE:
+    driver = (engine.dialect.name, engine.dialect.driver)
+    if driver != _SQLITE or not getattr(_keeping, "on", False):
         with _pooled(engine) as conn:
             yield conn
         return

@@ -40,6 +40,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..catalog.plain import keep_connections
 from ..errors import InvalidInput, LorahubError
 from .auth import Auth, Caller
 from .errors import HubError, repo_not_found
@@ -290,6 +291,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await run_in_threadpool(uploads.collect)  # a killed server's, abandoned pushes
         await run_in_threadpool(_warm_imports)
+        keep_connections()  # this thread, the event loop's, runs the quick reads
         if freeze_gc:
             # What is loaded now (modules, the catalog's engine) lives as long as the
             # process: out of the collector's sight, a full collection scans only what
