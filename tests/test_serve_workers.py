@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -54,6 +55,12 @@ def store(world: Path, tmp_path: Path) -> Store:
 @pytest.fixture
 def two_workers(store: Store) -> Iterator[Server]:
     with serving(store.home, store.work, "--allow-anonymous", "--workers", "2") as server:
+        # The first worker up answers the readiness probe; a worker accepts connections only
+        # once its own startup is done, and the tests here need both taking them.
+        deadline = time.monotonic() + 60
+        while server.output().count("Application startup complete") < 2:
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.1)
         yield server
 
 
