@@ -27,14 +27,12 @@ if TYPE_CHECKING:
     from . import upkeep
     from .adapter import LoraAdapter
     from .catalog import db, plain
-    from .catalog import queries as q
     from .info import AdapterInfo
     from .settings import Settings
 else:  # SQLAlchemy, behind these, takes longer to import than `show` may take in all
     upkeep = lazy_module("lorahub.upkeep")
     db = lazy_module("lorahub.catalog.db")
     plain = lazy_module("lorahub.catalog.plain")
-    q = lazy_module("lorahub.catalog.queries")
 
 # A write transaction's session and the journal events to append when it commits.
 Writing = tuple["Session", list[dict[str, Any]]]

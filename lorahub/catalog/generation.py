@@ -6,9 +6,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import StoreError
-from .db import reason, safe_url
-
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
@@ -21,29 +18,13 @@ _READ = "SELECT n FROM catalog_generation WHERE id = 1"
 def current(engine: Engine) -> int | None:
     """The generation now; None on a database without the triggers (nothing to trust).
 
-    A driver connection (``plain.py``), not a SQLAlchemy one: this runs once per request
-    served, and the plain cursor costs a quarter of the time.
+    Through ``plain.py``'s driver cursor, not a session: this runs once per request served,
+    and the plain cursor costs a quarter of the time.
     """
     if engine.dialect.name not in TRACKED:
         return None
-    row = _read(engine)
-    return None if row is None else int(row[0])
+    from .plain import plain_reads
 
-
-def _read(engine: Engine) -> tuple[int] | None:
-    from .plain import connection
-
-    dbapi_error: type[Exception] = engine.dialect.loaded_dbapi.Error
-    with connection(engine) as conn:
-        cursor = conn.cursor()
-        try:
-            cursor.execute(_READ)
-            row = cursor.fetchone()
-            conn.rollback()  # PostgreSQL began a transaction: end it (SQLite began none)
-        except dbapi_error as exc:
-            raise StoreError(
-                f"the catalog at {safe_url(engine.url)} failed: {reason(exc, engine.url)}"
-            ) from exc
-        finally:
-            cursor.close()
-    return row
+    with plain_reads(engine, snapshot=False) as run:
+        rows = run(_READ, [])
+    return int(rows[0][0]) if rows else None

@@ -131,9 +131,11 @@ def _close_all(engine: Engine) -> None:
 
 
 @contextlib.contextmanager
-def plain_reads(engine: Engine) -> Iterator[Run]:
+def plain_reads(engine: Engine, snapshot: bool = True) -> Iterator[Run]:
     """``reads.Run`` statements in one read snapshot (on SQLite and psycopg; other drivers
-    take a session). A database failure is a :class:`~lorahub.errors.StoreError`."""
+    take a session). A database failure is a :class:`~lorahub.errors.StoreError`. Without
+    ``snapshot``, no transaction is begun for them: for one statement (the catalog's
+    generation, read per request), which sees the latest commit either way."""
     driver = (engine.dialect.name, engine.dialect.driver)
     if driver not in (_SQLITE, _PSYCOPG):
         from .queries import runner
@@ -146,7 +148,7 @@ def plain_reads(engine: Engine) -> Iterator[Run]:
     with connection(engine) as conn:
         cursor = None
         try:
-            if not sqlite:
+            if snapshot and not sqlite:
                 from psycopg import IsolationLevel
 
                 raw: Any = conn.driver_connection
@@ -161,7 +163,7 @@ def plain_reads(engine: Engine) -> Iterator[Run]:
                 return [tuple(row) for row in cursor.fetchall()]
 
             try:
-                if sqlite:
+                if snapshot and sqlite:
                     cursor.execute("BEGIN DEFERRED")
                 yield run
             except dbapi_error as exc:

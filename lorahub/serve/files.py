@@ -223,9 +223,7 @@ class RepoFiles:
     def __init__(self, hub: Hub) -> None:
         self._hub = hub
         self._lock = threading.Lock()
-        self._small: OrderedDict[tuple[str, str], tuple[dict[str, bytes], dict[str, Any]]] = (
-            OrderedDict()
-        )
+        self._small: OrderedDict[tuple[str, str], dict[str, bytes]] = OrderedDict()
         self.sha256s = Sha256Cache(hub.home.joinpath(*SHA256_FOLDER))
 
     def names(self) -> list[str]:
@@ -235,7 +233,7 @@ class RepoFiles:
 
     def files(self, info: AdapterInfo, repo_id: str) -> dict[str, RepoFile]:
         """The repo's files by name, the weights' sha256 included."""
-        small, _ = self._small_files(info, repo_id)
+        small = self._small_files(info, repo_id)
         out: dict[str, RepoFile] = {}
         for name in self.names():
             if name == peft.SAFETENSORS:
@@ -279,34 +277,25 @@ class RepoFiles:
 
         return published_base(info, recorded_base=self._hub.base_repo_id(info))[1]
 
-    def card_data(self, info: AdapterInfo, repo_id: str, base: str | None) -> dict[str, Any]:
-        """The model card's metadata (``cardData``): the rendered card's when it is kept,
-        else made without rendering it (model info needs no file's bytes); ``base`` is
-        :meth:`card_base`'s."""
+    def card_data(self, info: AdapterInfo, base: str | None) -> dict[str, Any]:
+        """The model card's metadata (``cardData``), made without rendering the card (model
+        info needs no file's bytes); ``base`` is :meth:`card_base`'s."""
         from ..card import adapter_card_data
 
-        with self._lock:
-            kept = self._small.get((info.digest, repo_id))
-        if kept is not None:
-            return kept[1]
         return adapter_card_data(info, base_model_id=base)
 
-    def _small_files(
-        self, info: AdapterInfo, repo_id: str
-    ) -> tuple[dict[str, bytes], dict[str, Any]]:
+    def _small_files(self, info: AdapterInfo, repo_id: str) -> dict[str, bytes]:
         key = (info.digest, repo_id)
         with self._lock:
             if key in self._small:
                 self._small.move_to_end(key)
                 return self._small[key]
-        from ..card import split_card
         from ..remote.push import push_small_files
 
         recorded = self._hub.base_repo_id(info)
         small = push_small_files(info, title=repo_id, recorded_base=recorded)
-        card, _ = split_card(small["README.md"].decode()) if "README.md" in small else ({}, "")
         with self._lock:
-            self._small[key] = (small, card)
+            self._small[key] = small
             while len(self._small) > _KEPT:
                 self._small.popitem(last=False)
-        return small, card
+        return small

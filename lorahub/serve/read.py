@@ -143,16 +143,10 @@ class ReadApi:
         repo_id, lname, infos = self.repo(ns, name)
         info = self.revision(lname, infos, revision)
         base = self.files.card_base(info)
-        card = self.files.card_data(info, repo_id, base)
-        siblings: list[dict[str, Any]] = []
-        if not blobs:  # names only: no file is made, no blob hashed
+        if blobs:
+            siblings = [_sibling(f) for f in self.files.files(info, repo_id).values()]
+        else:  # names only: no file is made, no blob hashed
             siblings = [{"rfilename": name} for name in self.files.names()]
-        for f in self.files.files(info, repo_id).values() if blobs else ():
-            entry: dict[str, Any] = {"rfilename": f.name, "size": f.size, "blobId": f.etag}
-            if f.is_lfs:
-                pointer = f.tree_entry()["lfs"]["pointerSize"]  # type: ignore[index]
-                entry["lfs"] = {"size": f.size, "sha256": f.sha256, "pointerSize": pointer}
-            siblings.append(entry)
         stamp = _stamp(info.created_at)
         body = {
             "_id": commit_id(info.digest)[:24],
@@ -167,7 +161,7 @@ class ReadApi:
             "likes": 0,
             "library_name": "peft",
             "tags": self.tags(base),
-            "cardData": card,
+            "cardData": self.files.card_data(info, base),
             "siblings": siblings,
             "createdAt": stamp,
             "lastModified": stamp,
@@ -305,6 +299,15 @@ class ReadApi:
         if card_base:
             tags += [f"base_model:adapter:{card_base}", f"base_model:{card_base}"]
         return tags
+
+
+def _sibling(f: RepoFile) -> dict[str, Any]:
+    """A file's ``siblings`` entry in a model info asked ``blobs``."""
+    entry: dict[str, Any] = {"rfilename": f.name, "size": f.size, "blobId": f.etag}
+    if f.is_lfs:
+        pointer = f.tree_entry()["lfs"]["pointerSize"]  # type: ignore[index]
+        entry["lfs"] = {"size": f.size, "sha256": f.sha256, "pointerSize": pointer}
+    return entry
 
 
 def _listing(variants: list[tuple[str | None, AdapterInfo]], revision: str) -> str:

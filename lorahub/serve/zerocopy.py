@@ -55,9 +55,9 @@ class _Body:
         return self.count
 
 
-def _offer_zerocopy(protocol: Any, sendfile: Any) -> None:
+def _offer_zerocopy(protocol: Any) -> None:
     """Wrap ``protocol``'s app so each HTTP request's scope offers the zero-copy extension,
-    its messages going to ``sendfile(message, send)``; nothing under uvloop (no
+    its messages going to ``protocol._sendfile(message, send)``; nothing under uvloop (no
     ``loop.sendfile``: BlobResponse then reads the file itself)."""
     if not isinstance(protocol.loop, asyncio.BaseEventLoop):
         return
@@ -70,7 +70,7 @@ def _offer_zerocopy(protocol: Any, sendfile: Any) -> None:
 
         async def send_zerocopy(message: Message) -> None:
             if message["type"] == ZEROCOPY:
-                await sendfile(message, send)
+                await protocol._sendfile(message, send)
             else:
                 await send(message)
 
@@ -107,7 +107,7 @@ class H11ZeroCopyProtocol(H11Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        _offer_zerocopy(self, self._sendfile)
+        _offer_zerocopy(self)
 
     async def _sendfile(self, message: Message, send: Send) -> None:
         cycle = self.cycle
@@ -139,7 +139,7 @@ class HttpToolsZeroCopyProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        _offer_zerocopy(self, self._sendfile)
+        _offer_zerocopy(self)
 
     async def _sendfile(self, message: Message, send: Send) -> None:
         cycle: Any = getattr(send, "__self__", None)

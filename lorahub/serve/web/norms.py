@@ -35,6 +35,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from ...adapter import PREFIX
 from ...digest import Digest
 from ...errors import LorahubError
 from ...fsutil import write_atomic
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 NORMS_FOLDER = ("serve", "norms")
 _KEPT = 256  # adapters whose norms stay in memory
 _RETRY_S = 60.0  # a blob that could not be read is tried again after this long
-_PREFIX = "base_model.model."
 _PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"))
 
 
@@ -55,29 +55,6 @@ class ModuleNorm:
 
     name: str
     norm: float
-
-
-def module_norms(path: Path, scales: Mapping[str, float]) -> list[ModuleNorm]:
-    """The norm of each module's delta ``scales[name] · B · A``, from the factors in the
-    safetensors file ``path``, without forming the delta.
-
-    Args:
-        path: a weights file with PEFT's keys (the store's blob).
-        scales: each module's scale (alpha/r, or alpha/sqrt(r) with rsLoRA), by name.
-
-    Returns:
-        One :class:`ModuleNorm` per module of ``scales`` that has a factor pair, in the
-        order of ``scales``.
-
-    Raises:
-        SafetensorError, OSError: the file cannot be read. ValueError: factors whose
-            ranks disagree.
-
-    Example:
-        >>> module_norms(blob, {"model.layers.0.self_attn.q_proj": 2.0})  # doctest: +SKIP
-        [ModuleNorm(name='model.layers.0.self_attn.q_proj', norm=13.7)]
-    """
-    return scaled(factor_norms(path), scales)
 
 
 def scaled(raw: Mapping[str, float], scales: Mapping[str, float]) -> list[ModuleNorm]:
@@ -105,7 +82,7 @@ def factor_norms(path: Path) -> dict[str, float]:
                 if not key.endswith(a_suffix) or key[: -len(a_suffix)] + b_suffix not in keys:
                     continue
                 stem = key[: -len(a_suffix)]
-                name = stem.removeprefix(_PREFIX)
+                name = stem.removeprefix(PREFIX)
                 # Widened to float64; conv factors flattened to matrices.
                 a = f.get_tensor(key).to(torch.float64).flatten(1)
                 gram_a = a @ a.T
@@ -163,14 +140,9 @@ class NormCache:
         blob could not be read lately, else False, the computation started in the
         background (one thread per server process: a page never waits for a large blob)."""
         with self._lock:
-            found = self._remember(weights)
-            if found is None and self._failed.get(weights, 0.0) > time.monotonic():
+            if self._failed_lately(weights) and weights not in self._known:
                 return None
-        if found is None:
-            found = self._read(weights)
-            if found is not None:
-                with self._lock:
-                    self._keep(weights, found)
+        found = self._cached(weights)
         if found is not None:
             return tuple(scaled(found, scales))
         with self._lock:
@@ -194,21 +166,18 @@ class NormCache:
     def _raw(self, weights: str, blob: Callable[[], Path]) -> dict[str, float] | None:
         with self._lock:
             found = self._remember(weights)
-            if found is not None:
+            if found is not None or self._failed_lately(weights):
                 return found
-            if self._failed.get(weights, 0.0) > time.monotonic():
-                return None
             lock = self._computing.setdefault(weights, threading.Lock())
         try:
             with lock:  # another request computing it: wait for its result
-                with self._lock:
-                    found = self._remember(weights)
-                    failed = self._failed.get(weights, 0.0) > time.monotonic()
-                if found is not None or failed:
+                found = self._cached(weights)
+                if found is not None:
                     return found
-                found = self._read(weights)
-                if found is None:
-                    found = self._compute(weights, blob)
+                with self._lock:
+                    if self._failed_lately(weights):
+                        return None
+                found = self._compute(weights, blob)
                 with self._lock:
                     if found is None:
                         self._failed[weights] = time.monotonic() + _RETRY_S
@@ -218,6 +187,21 @@ class NormCache:
         finally:
             with self._lock:
                 self._computing.pop(weights, None)
+
+    def _cached(self, weights: str) -> dict[str, float] | None:
+        """The norms in memory, else in their entry file (then kept in memory)."""
+        with self._lock:
+            found = self._remember(weights)
+        if found is None:
+            found = self._read(weights)
+            if found is not None:
+                with self._lock:
+                    self._keep(weights, found)
+        return found
+
+    def _failed_lately(self, weights: str) -> bool:
+        """Whether reading the blob failed less than :data:`_RETRY_S` ago (under the lock)."""
+        return self._failed.get(weights, 0.0) > time.monotonic()
 
     def _remember(self, weights: str) -> dict[str, float] | None:
         found = self._known.get(weights)

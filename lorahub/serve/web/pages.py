@@ -38,6 +38,9 @@ from . import chart, queries, render
 from .norms import NORMS_FOLDER, ModuleNorm, NormCache
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
     from ...hub import Hub
     from ...info import AdapterInfo, BaseInfo
 
@@ -307,13 +310,14 @@ class WebPages:
             return found
         info = found
         bases = self.hub.bases()
+        modules = _modules(info)
         return self.page(
             "adapter.html",
             caller=caller,
             info=info,
             title=info.refs[0] if info.refs else info.short,
-            modules=_modules(info),
-            chart=self.norm_chart(info),
+            modules=modules,
+            chart=self.norm_chart(info, {m["name"]: m["scale"] for m in modules}),
             variants=self.variants(caller, info),
             compat=[self.compat(info, b) for b in bases],
             card=render.card_html(original_card(info)),
@@ -326,27 +330,23 @@ class WebPages:
     def module_norms(self, info: AdapterInfo) -> tuple[ModuleNorm, ...] | None:
         """Each module's ``‖scale · B · A‖`` (``norms.py``), with the module table's own
         scales so the two agree; None when the weights blob is missing or damaged."""
-        weights = Digest.parse(info.weights_digest)
-        return self.norms.get(
-            info.weights_digest,
-            {m["name"]: m["scale"] for m in _modules(info)},
-            lambda: self.hub.blobs.checked_path(weights),
-        )
+        return self.norms.get(info.weights_digest, _scales(info), self._blob(info))
 
-    def norm_chart(self, info: AdapterInfo) -> dict[str, Any]:
-        """The per-module chart; ``unreadable`` when the weights cannot be read, which the
-        page says instead of failing. Weights over :data:`INLINE_NORMS_BYTES` are read in
-        the background (``pending``: the page says to reload), so no page waits on them."""
-        norms: tuple[ModuleNorm, ...] | bool | None
-        if info.size <= INLINE_NORMS_BYTES:
-            norms = self.module_norms(info)
-        else:
-            weights = Digest.parse(info.weights_digest)
-            norms = self.norms.ready(
-                info.weights_digest,
-                {m["name"]: m["scale"] for m in _modules(info)},
-                lambda: self.hub.blobs.checked_path(weights),
-            )
+    def _blob(self, info: AdapterInfo) -> Callable[[], Path]:
+        """What gives the adapter's checked weights file (asked only to compute norms)."""
+        return lambda: self.hub.blobs.checked_path(Digest.parse(info.weights_digest))
+
+    def norm_chart(
+        self, info: AdapterInfo, scales: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        """The per-module chart (``scales``: the module table's, when the caller has them
+        already); ``unreadable`` when the weights cannot be read, which the page says
+        instead of failing. Weights over :data:`INLINE_NORMS_BYTES` are read in the
+        background (``pending``: the page says to reload), so no page waits on them."""
+        fetch = self.norms.get if info.size <= INLINE_NORMS_BYTES else self.norms.ready
+        norms: tuple[ModuleNorm, ...] | bool | None = fetch(
+            info.weights_digest, _scales(info) if scales is None else scales, self._blob(info)
+        )
         return {
             "svg": chart.norms_svg(norms) if isinstance(norms, tuple) and norms else None,
             "unreadable": norms is None,
@@ -457,6 +457,11 @@ class WebPages:
             exact = base.content_hash is not None and info.base.content_hash == base.content_hash
             rows.append({**self.row(info), "fit": "exact" if exact else "same shapes"})
         return self.page("base.html", caller=caller, base=base, rows=rows)
+
+
+def _scales(info: AdapterInfo) -> dict[str, float]:
+    """Each module's scale, as the module table gives it."""
+    return {m["name"]: m["scale"] for m in _modules(info)}
 
 
 def _modules(info: AdapterInfo) -> list[dict[str, Any]]:
