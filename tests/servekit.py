@@ -23,6 +23,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def children(parent: int) -> list[int]:
+    """The pids whose parent is ``parent`` (Linux: read from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                out.append(int(entry))
+    return out
+
+
 def client_env(home: Path, url: str, hf_home: Path) -> dict[str, str]:
     """The environment of a client process: this store, this server, a fresh HF cache."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_TOKEN", "LORAHUB_"))}

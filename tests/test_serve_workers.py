@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from factories import cli_runner
-from servekit import Server, client_env, serving
+from servekit import Server, children, client_env, serving
 
 import lorahub
 from lorahub.digest import Digest
@@ -79,7 +79,7 @@ def _connections_by_worker(server: Server, ports: list[int]) -> dict[int, int]:
             ) in set(ports):
                 wanted.add(f"socket:[{inode}]")
     counts: dict[int, int] = {}
-    for pid in _children(server.proc.pid):
+    for pid in children(server.proc.pid):
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
@@ -93,23 +93,11 @@ def _connections_by_worker(server: Server, ports: list[int]) -> dict[int, int]:
     return counts
 
 
-def _children(parent: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-                out.append(int(entry))
-    return out
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_downloads_spread_over_both_workers_are_byte_exact(store, two_workers, loopback_only):
     """64 keep-alive connections each download the weights twice (once whole, once a
-    range); both worker processes serve some of them, and every byte is right."""
+    range); both worker processes serve a fair share of them (each listens on a socket of
+    its own, which the kernel fills evenly), and every byte is right."""
     server = two_workers
     conns = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=60) for _ in range(64)]
 
@@ -135,6 +123,9 @@ def test_downloads_spread_over_both_workers_are_byte_exact(store, two_workers, l
         assert etag == f'"{store.sha256}"'
     assert len(by_worker) == 2, (by_worker, server.output())
     assert sum(by_worker.values()) == len(ports) == 64
+    # A fair split by the kernel's hash gives fewer than 12 of 64 to one worker once in
+    # millions; a shared socket gives whichever worker wakes first a burst of them.
+    assert min(by_worker.values()) >= 12, by_worker
 
 
 def test_sha256_is_hashed_once_and_shared_by_workers_and_restarts(store, two_workers):

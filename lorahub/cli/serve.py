@@ -100,6 +100,12 @@ def serve(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--max-upload-size") from None
     hub = hub_from(ctx)  # opened (and migrated) here, so a bad store fails before listening
+    from ..serve.listen import listen, per_worker_sockets
+
+    # Listening before any worker starts: a taken port is an error here, not in a worker.
+    shared = workers == 1 or not per_worker_sockets()
+    sockets = listen(host, port, 1 if shared else workers)
+    port = int(sockets[0].getsockname()[1])
     access = "anonymous reads allowed" if allow_anonymous else "a token needed"
     click.echo(
         f"Serving {hub.home} at http://{host}:{port} ({access}); "
@@ -121,22 +127,33 @@ def serve(
             max_upload_size=max_upload,
             freeze_gc=True,
         )
-        uvicorn.run(app, host=host, port=port, access_log=False, http=PROTOCOL)
+        config = uvicorn.Config(app, host=host, port=port, access_log=False, http=PROTOCOL)
+        uvicorn.Server(config).run(sockets=sockets)
         return
     os.environ["LORAHUB_HOME"] = str(hub.home)
     os.environ[NAMESPACE_ENV] = namespace
     os.environ[ANONYMOUS_ENV] = "1" if allow_anonymous else "0"
     os.environ[GATED_ENV] = ",".join(gated)
     os.environ[MAX_UPLOAD_ENV] = str(max_upload)
-    uvicorn.run(
-        "lorahub.serve.app:app_from_env",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        access_log=False,
-        http=PROTOCOL,
-    )
+    if os.name != "posix":  # no descriptors to pass: uvicorn's own workers, one socket
+        for sock in sockets:
+            sock.close()
+        uvicorn.run(
+            "lorahub.serve.app:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            access_log=False,
+            http=PROTOCOL,
+        )
+        return
+    import logging.config
+
+    from ..serve.workers import Supervisor
+
+    logging.config.dictConfig(uvicorn.config.LOGGING_CONFIG)
+    Supervisor(sockets, workers, host).run()
 
 
 def register(group: click.Group) -> None:

@@ -1,0 +1,70 @@
+"""One process of ``lorahub serve --workers N``: uvicorn over a socket its supervisor made.
+
+Started by :mod:`lorahub.serve.workers` as ``python -m lorahub.serve.worker SOCKET LINK HOST
+PORT``. ``SOCKET`` is the inherited listening socket's descriptor; ``LINK`` one end of a
+socket pair whose other end the supervisor holds: the worker writes a byte on it once it
+serves, and reads it to learn that the supervisor is gone (end of file), so a killed
+supervisor never leaves workers holding the port. The store and the serve options come in the
+environment (``app.app_from_env``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+import uvicorn
+
+from .zerocopy import PROTOCOL
+
+#: The app each worker builds (uvicorn's ``factory``).
+APP = "lorahub.serve.app:app_from_env"
+#: How long a worker whose supervisor died may finish its answers before it quits anyway.
+ORPHAN_GRACE_S = 30.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the supervisor once it serves (its app started, listening)."""
+
+    def __init__(self, config: uvicorn.Config, link: socket.socket) -> None:
+        super().__init__(config)
+        self._link = link
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            # If the supervisor is gone, _exit_with_supervisor stops this worker.
+            with contextlib.suppress(OSError):
+                self._link.send(b"1")
+
+
+def _exit_with_supervisor(link: socket.socket) -> None:
+    """Waits for the supervisor's end of the link to close, then stops this worker."""
+    try:
+        while link.recv(64):
+            pass
+    except OSError:
+        pass
+    os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown
+    time.sleep(ORPHAN_GRACE_S)
+    os._exit(1)
+
+
+def main(argv: list[str]) -> None:
+    fd, link_fd, host, port = int(argv[0]), int(argv[1]), argv[2], int(argv[3])
+    sock = socket.socket(fileno=fd)  # family, type and proto (TCP) read from the socket
+    link = socket.socket(fileno=link_fd)
+    threading.Thread(target=_exit_with_supervisor, args=(link,), daemon=True).start()
+    config = uvicorn.Config(
+        APP, factory=True, host=host, port=port, access_log=False, http=PROTOCOL
+    )
+    _Server(config, link).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,217 @@
+"""``lorahub serve --workers N``: N uvicorn processes, kept running by this one.
+
+Why not uvicorn's own ``--workers``: its processes share one listening socket, and the one
+that wakes first accepts every connection then waiting; measured with 32 clients, one of two
+workers did 73% of the work and the slowest answers took half as long again. Here, on Linux,
+each worker gets a socket of its own on the same address (``SO_REUSEPORT``), and the kernel
+spreads new connections over them evenly (:mod:`.listen`); elsewhere they share one.
+
+This process holds every socket, so connections arriving while a worker is replaced wait for
+the replacement instead of being refused. A worker that dies after it served is replaced at
+once; one that dies before it ever served is retried twice, then the server stops (an app that
+cannot start fails the same way each time). ``SIGINT``/``SIGTERM`` stop the workers gracefully
+(a second one kills them); if this process is killed, the workers notice and stop themselves
+(:mod:`.worker`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import FrameType
+
+from ..errors import LorahubError
+
+log = logging.getLogger("uvicorn.error")  # the logger uvicorn's workers write to
+
+#: Attempts a worker slot gets to start serving again before the server gives up.
+START_ATTEMPTS = 3
+#: How often dead workers are looked for when nothing else wakes the loop.
+POLL_S = 0.5
+
+
+class WorkerFailed(LorahubError):
+    """A worker could not start serving: the app, the store or the environment is broken."""
+
+
+@dataclass
+class _Worker:
+    """One worker process and the state of its slot."""
+
+    slot: int
+    sock: socket.socket
+    proc: subprocess.Popen[bytes]
+    link: socket.socket
+    served: bool = False
+    failed_starts: int = 0  # in a row, in this slot
+    started: float = field(default_factory=time.monotonic)
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class Supervisor:
+    """Starts ``count`` workers over ``sockets`` (one each, or one shared) and keeps them."""
+
+    def __init__(
+        self,
+        sockets: list[socket.socket],
+        count: int,
+        host: str,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        if len(sockets) not in (1, count):
+            raise ValueError("one socket per worker, or one for all")
+        self._sockets = sockets
+        self._count = count
+        self._host = host
+        self._port = int(sockets[0].getsockname()[1])
+        self._env = dict(os.environ if env is None else env)
+        self._workers: list[_Worker] = []
+        self._selector = selectors.DefaultSelector()
+        self._stopping = False
+        self._signals = 0
+        self._ever_served = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> None:
+        """Serves until a signal stops it; raises :class:`WorkerFailed` if workers cannot
+        start. Workers are stopped and the sockets closed either way."""
+        previous = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            log.info("Started supervisor process [%d]", os.getpid())
+            self._workers = [self._spawn(slot) for slot in range(self._count)]
+            while not self._stopping:
+                self._wait(POLL_S)
+                self._reap()
+        finally:
+            self._stop_all()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._selector.close()
+            for sock in self._sockets:
+                sock.close()
+            log.info("Stopped supervisor process [%d]", os.getpid())
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if not self._stopping:
+            log.info("Received %s, stopping the workers", signal.Signals(signum).name)
+        self._stopping = True
+        if self._signals > 1:
+            for worker in self._workers:
+                if worker.proc.poll() is None:
+                    worker.proc.kill()
+
+    def _spawn(self, slot: int) -> _Worker:
+        sock = self._sockets[slot % len(self._sockets)]
+        ours, theirs = socket.socketpair()
+        try:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "lorahub.serve.worker",
+                    str(sock.fileno()),
+                    str(theirs.fileno()),
+                    self._host,
+                    str(self._port),
+                ],
+                env=self._env,
+                pass_fds=(sock.fileno(), theirs.fileno()),
+            )
+        except OSError as exc:
+            ours.close()
+            raise WorkerFailed(f"cannot start a worker process: {exc.strerror or exc}") from None
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        worker = _Worker(slot, sock, proc, ours)
+        self._selector.register(ours, selectors.EVENT_READ, worker)
+        log.info("Started worker process [%d]", proc.pid)
+        return worker
+
+    # ------------------------------------------------------------------ the loop
+
+    def _wait(self, timeout: float) -> None:
+        """Reads the workers' links: a byte says a worker serves."""
+        for key, _ in self._selector.select(timeout):
+            worker: _Worker = key.data
+            try:
+                data = worker.link.recv(64)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if data:
+                worker.served, worker.failed_starts = True, 0
+                self._ever_served = True
+            else:  # the worker closed it: it is exiting; _reap sees it go
+                self._selector.unregister(worker.link)
+
+    def _reap(self) -> None:
+        for i, worker in enumerate(self._workers):
+            code = worker.proc.poll()
+            if code is None or self._stopping:
+                continue
+            self._forget(worker)
+            if worker.served:
+                log.warning(
+                    "Worker process [%d] died (%s); starting another",
+                    worker.proc.pid,
+                    _describe(code),
+                )
+                failed = 0
+            else:
+                failed = worker.failed_starts + 1
+                if not self._ever_served or failed >= START_ATTEMPTS:
+                    self._stopping = True
+                    raise WorkerFailed(
+                        f"a server worker could not start ({_describe(code)}); "
+                        "its messages are above"
+                    )
+                log.warning(
+                    "Worker process [%d] died before serving (%s); trying again",
+                    worker.proc.pid,
+                    _describe(code),
+                )
+                time.sleep(failed)  # a moment for whatever failed to pass
+            self._workers[i] = self._spawn(worker.slot)
+            self._workers[i].failed_starts = failed
+
+    def _forget(self, worker: _Worker) -> None:
+        with contextlib.suppress(KeyError, ValueError):  # unregistered, or closed already
+            self._selector.unregister(worker.link)
+        worker.link.close()
+
+    def _stop_all(self) -> None:
+        """SIGTERM to every worker, then wait for all (a second signal kills them)."""
+        self._stopping = True
+        for worker in self._workers:
+            if worker.proc.poll() is None:
+                worker.proc.terminate()
+        for worker in self._workers:
+            while worker.proc.poll() is None:
+                try:
+                    worker.proc.wait(POLL_S)
+                except subprocess.TimeoutExpired:
+                    continue
+            self._forget(worker)

@@ -1,0 +1,299 @@
+"""``lorahub serve``'s sockets and ``--workers`` supervisor: each worker listens on a socket of
+its own (Linux), accepted connections send at once (``TCP_NODELAY``), a taken address is a
+plain error, a dead worker is replaced without refusing the connections that came meanwhile, a
+signal stops everything, a killed supervisor takes its workers with it, and workers that
+cannot start stop the server with an error."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from factories import cli_runner
+from servekit import Server, children, client_env, free_port, serving, wait_ready
+
+from lorahub.serve.listen import ListenError, listen
+from lorahub.serve.workers import Supervisor, WorkerFailed
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+WORKER = "lorahub.serve.worker"
+
+
+@pytest.fixture
+def home(world: Path, tmp_path: Path) -> Path:
+    home = tmp_path / "store"
+    cli_runner(home)("add", world / "a", "--name", "sql-expert:v1")
+    return home
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """The inodes of the sockets listening on ``port`` (state 0A in /proc/net/tcp)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if os.path.exists(table):
+            for line in Path(table).read_text().splitlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                    found.add(f"socket:[{cols[9]}]")
+    return found
+
+
+def _sockets_of(pid: int) -> set[str]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return out
+
+
+def _workers(server: Server, count: int, timeout: float = 60) -> list[int]:
+    """The supervisor's worker pids, once ``count`` of them are alive and serving."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = children(server.proc.pid)
+        started = server.output().count("Application startup complete")
+        if len(pids) == count and started >= count:
+            return sorted(pids)
+        assert time.monotonic() < deadline, (pids, server.output())
+        time.sleep(0.1)
+
+
+def _gone(pids: list[int], timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _get(port: int, path: str = "/api/models/local/sql-expert/revision/v1") -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", path)
+        res = conn.getresponse()
+        res.read()
+        return res.status
+    finally:
+        conn.close()
+
+
+def _serve_once(home: Path, port: int, workers: str) -> tuple[int | None, str]:
+    """``lorahub serve`` in its own process, expected to stop at once: its exit status and
+    output, or None if it was still running (serving) after a while, and was killed."""
+    env = client_env(home, f"http://127.0.0.1:{port}", home.parent / "hf")
+    cmd = [sys.executable, "-c", "from lorahub.cli import main; main()", "serve"]
+    cmd += ["--port", str(port), "--workers", workers]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.communicate(timeout=60)
+        return proc.returncode, out.decode()
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        return None, out.decode()
+
+
+# ---------------------------------------------------------------------- sockets
+
+
+@linux_only
+def test_each_worker_listens_on_a_socket_of_its_own(home, tmp_path):
+    with serving(home, tmp_path, "--allow-anonymous", "--workers", "3") as server:
+        pids = _workers(server, 3)
+        listening = _listening_inodes(server.port)
+        assert len(listening) == 3, server.output()
+        held = [_sockets_of(pid) & listening for pid in pids]
+        assert all(len(h) == 1 for h in held), held  # one each...
+        assert set().union(*held) == listening  # ...and no two the same
+        assert _sockets_of(server.proc.pid) >= listening  # the supervisor keeps them all
+
+
+def test_accepted_connections_send_without_delay():
+    """asyncio sets TCP_NODELAY on a connection only when the listening socket's proto says
+    TCP; without it a small answer written in two parts waits for the client's delayed ACK."""
+    (sock,) = listen("127.0.0.1", 0)
+    assert sock.proto == socket.IPPROTO_TCP
+    # As a worker rebuilds it from the inherited descriptor.
+    rebuilt = socket.socket(fileno=os.dup(sock.fileno()))
+    assert rebuilt.proto == socket.IPPROTO_TCP
+    sock.close()
+
+    async def accepted_nodelay() -> int:
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            s = writer.get_extra_info("socket")
+            seen.set_result(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connect, sock=rebuilt)
+        port = rebuilt.getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
+
+
+def test_a_taken_address_is_a_plain_error(home, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ListenError, match="in use"):
+            listen("127.0.0.1", port, 2)
+        for workers in ("1", "2"):
+            code, out = _serve_once(home, port, workers)
+            assert code not in (0, None), out
+            assert f"cannot listen on 127.0.0.1:{port}: the address is in use" in out
+            assert "Traceback" not in out
+    with pytest.raises(ListenError, match="not an address of this machine"):
+        listen("192.0.2.1", 0)  # TEST-NET-1, never local
+
+
+@linux_only
+def test_a_second_server_cannot_join_a_running_ones_port(home, tmp_path):
+    """The workers' sockets share the port with SO_REUSEPORT; a second ``--workers`` server
+    must not slip into their group and take half the connections."""
+    with serving(home, tmp_path, "--allow-anonymous", "--workers", "2") as server:
+        code, out = _serve_once(home, server.port, "2")
+        assert code not in (0, None) and "the address is in use" in out, out
+        assert len(_listening_inodes(server.port)) == 2
+
+
+# ---------------------------------------------------------------------- the supervisor
+
+
+@linux_only
+def test_a_dead_worker_is_replaced_and_connections_meanwhile_wait_for_it(home, tmp_path):
+    with serving(home, tmp_path, "--allow-anonymous", "--workers", "2") as server:
+        before = _workers(server, 2)
+        os.kill(before[0], signal.SIGKILL)
+        # Connections the kernel hands to the dead worker's socket wait in its queue (the
+        # supervisor still holds it) until the replacement accepts them.
+        with ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(lambda _: _get(server.port), range(32)))
+        assert statuses == [200] * 32, server.output()
+        after = _workers(server, 2)
+        assert before[0] not in after and before[1] in after
+        assert f"Worker process [{before[0]}] died (killed by SIGKILL)" in server.output()
+        assert len(_listening_inodes(server.port)) == 2
+
+
+@linux_only
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_workers_and_the_supervisor(home, tmp_path, sig):
+    with serving(home, tmp_path, "--allow-anonymous", "--workers", "2") as server:
+        pids = _workers(server, 2)
+        server.proc.send_signal(sig)
+        assert server.proc.wait(30) == 0, server.output()
+        assert _gone(pids), server.output()
+        assert _listening_inodes(server.port) == set()
+        assert "Stopped supervisor process" in server.output()
+
+
+@linux_only
+def test_a_killed_supervisor_takes_its_workers_with_it(home, tmp_path):
+    with serving(home, tmp_path, "--allow-anonymous", "--workers", "2") as server:
+        pids = _workers(server, 2)
+        server.proc.kill()
+        server.proc.wait(10)
+        assert _gone(pids), "workers outlived their supervisor"
+        assert _listening_inodes(server.port) == set()
+        # The port is free for the next server at once.
+        env = client_env(home, server.url, tmp_path / "hf")
+        log = tmp_path / "again.log"
+        with log.open("wb") as out:
+            cmd = [sys.executable, "-c", "from lorahub.cli import main; main()", "serve"]
+            cmd += ["--port", str(server.port), "--workers", "2", "--allow-anonymous"]
+            again = Server(
+                server.url,
+                server.port,
+                subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT),
+                log,
+            )
+            try:
+                wait_ready(again)
+                assert _get(again.port) == 200
+            finally:
+                again.proc.terminate()
+                again.proc.wait(30)
+
+
+def test_workers_that_cannot_start_stop_the_server_with_an_error(home, tmp_path):
+    """A store that breaks after the CLI opened it: each worker fails to build its app. The
+    supervisor stops at the first failure, before any worker served, with an error; no
+    worker is left and the sockets are closed."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "lorahub.db").write_bytes(b"not a database" * 100)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAHUB_")}
+    env["LORAHUB_HOME"] = str(broken)
+    sockets = listen("127.0.0.1", 0, 2)
+    supervisor = Supervisor(sockets, 2, "127.0.0.1", env)
+    started = time.monotonic()
+    with pytest.raises(WorkerFailed, match="could not start"):
+        supervisor.run()
+    assert time.monotonic() - started < 60
+    assert all(s.fileno() == -1 for s in sockets)
+    assert all(w.proc.poll() is not None for w in supervisor._workers)
+
+
+def test_workers_share_one_socket_where_the_kernel_does_not_spread(home, tmp_path):
+    """Elsewhere than Linux, all workers take connections from one socket: run here by
+    giving the supervisor one socket for two workers."""
+    port = free_port()
+    script = textwrap.dedent(
+        f"""
+        import logging.config, uvicorn
+        from lorahub.serve.listen import listen
+        from lorahub.serve.workers import Supervisor
+        logging.config.dictConfig(uvicorn.config.LOGGING_CONFIG)
+        Supervisor(listen("127.0.0.1", {port}, 1), 2, "127.0.0.1").run()
+        """
+    )
+    env = client_env(home, f"http://127.0.0.1:{port}", tmp_path / "hf")
+    env["LORAHUB_SERVE_ANONYMOUS"] = "1"
+    log = tmp_path / "shared.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+        server = Server(f"http://127.0.0.1:{port}", port, proc, log)
+        try:
+            wait_ready(server)
+            deadline = time.monotonic() + 60
+            while server.output().count("Application startup complete") < 2:
+                assert time.monotonic() < deadline, server.output()
+                time.sleep(0.1)
+            with ThreadPoolExecutor(8) as pool:
+                assert set(pool.map(lambda _: _get(port), range(16))) == {200}
+            if sys.platform.startswith("linux"):
+                assert len(_listening_inodes(port)) == 1
+        finally:
+            proc.terminate()
+            assert proc.wait(30) == 0, server.output()
