@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from factories import cli_runner
 from servekit import Server, children, client_env, free_port, serving, wait_ready
 
 from lorahub.serve.listen import ListenError, listen
-from lorahub.serve.workers import Supervisor, WorkerFailed
+from lorahub.serve.workers import START_ATTEMPTS, Supervisor, WorkerFailed
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 WORKER = "lorahub.serve.worker"
@@ -98,13 +99,25 @@ def _get(port: int, path: str = "/api/models/local/sql-expert/revision/v1") -> i
         conn.close()
 
 
-def _serve_once(home: Path, port: int, workers: str) -> tuple[int | None, str]:
+def _serve_once(
+    home: Path, port: int, workers: str, *, stop_after_ready: bool = False
+) -> tuple[int | None, str]:
     """``lorahub serve`` in its own process, expected to stop at once: its exit status and
-    output, or None if it was still running (serving) after a while, and was killed."""
+    output, or None if it was still running (serving) after a while, and was killed. With
+    ``stop_after_ready``: once it answers, it is sent SIGTERM."""
     env = client_env(home, f"http://127.0.0.1:{port}", home.parent / "hf")
     cmd = [sys.executable, "-c", "from lorahub.cli import main; main()", "serve"]
-    cmd += ["--port", str(port), "--workers", workers]
+    cmd += ["--port", str(port), "--workers", workers, "--allow-anonymous"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if stop_after_ready:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if _get(port) == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        proc.terminate()
     try:
         out, _ = proc.communicate(timeout=60)
         return proc.returncode, out.decode()
@@ -171,8 +184,12 @@ def test_a_taken_address_is_a_plain_error(home, tmp_path):
             assert code not in (0, None), out
             assert f"cannot listen on 127.0.0.1:{port}: the address is in use" in out
             assert "Traceback" not in out
-    with pytest.raises(ListenError, match="not an address of this machine"):
-        listen("192.0.2.1", 0)  # TEST-NET-1, never local
+    try:
+        listen("192.0.2.1", 0)[0].close()  # TEST-NET-1: not local, unless nonlocal binds
+    except ListenError as exc:
+        assert "not an address of this machine" in str(exc)
+    with pytest.raises(ListenError, match=re.escape("unknown host 'no.such.host.invalid'")):
+        listen("no.such.host.invalid", 0)
 
 
 @linux_only
@@ -188,32 +205,70 @@ def test_a_second_server_cannot_join_a_running_ones_port(home, tmp_path):
 # ---------------------------------------------------------------------- the supervisor
 
 
+def _held_by(pids: list[int], port: int, client_ports: set[int]) -> dict[int, int]:
+    """How many server ends of the client connections (by client port) each pid holds."""
+    wanted = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if os.path.exists(table):
+            for line in Path(table).read_text().splitlines()[1:]:
+                cols = line.split()
+                local, remote = cols[1], cols[2]
+                if int(local.rsplit(":", 1)[1], 16) == port and (
+                    int(remote.rsplit(":", 1)[1], 16) in client_ports
+                ):
+                    wanted.add(f"socket:[{cols[9]}]")
+    return {pid: len(_sockets_of(pid) & wanted) for pid in pids}
+
+
 @linux_only
 def test_a_dead_worker_is_replaced_and_connections_meanwhile_wait_for_it(home, tmp_path):
     with serving(home, tmp_path, "--allow-anonymous", "--workers", "2") as server:
         before = _workers(server, 2)
         os.kill(before[0], signal.SIGKILL)
-        # Connections the kernel hands to the dead worker's socket wait in its queue (the
-        # supervisor still holds it) until the replacement accepts them.
-        with ThreadPoolExecutor(16) as pool:
-            statuses = list(pool.map(lambda _: _get(server.port), range(32)))
+        # Connections opened now that the kernel hands to the dead worker's socket wait in
+        # its queue (the supervisor still holds it) until the replacement accepts them.
+        conns = [
+            http.client.HTTPConnection("127.0.0.1", server.port, timeout=60) for _ in range(32)
+        ]
+
+        def get(conn: http.client.HTTPConnection) -> int:
+            conn.request("GET", "/api/models/local/sql-expert/revision/v1")
+            res = conn.getresponse()
+            res.read()
+            return res.status
+
+        try:
+            with ThreadPoolExecutor(16) as pool:
+                statuses = list(pool.map(get, conns))
+            after = _workers(server, 2)
+            ports = {c.sock.getsockname()[1] for c in conns if c.sock is not None}
+            held = _held_by(after, server.port, ports)
+        finally:
+            for c in conns:
+                c.close()
         assert statuses == [200] * 32, server.output()
-        after = _workers(server, 2)
         assert before[0] not in after and before[1] in after
+        (new,) = set(after) - set(before)
+        assert held[new] > 0, held  # it took the connections that waited for it
+        assert sum(held.values()) == 32
         assert f"Worker process [{before[0]}] died (killed by SIGKILL)" in server.output()
         assert len(_listening_inodes(server.port)) == 2
 
 
 @linux_only
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_stops_the_workers_and_the_supervisor(home, tmp_path, sig):
+@pytest.mark.parametrize(
+    ("sig", "status"), [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)]
+)
+def test_a_signal_stops_the_workers_and_the_supervisor(home, tmp_path, sig, status):
+    """Ended as one uvicorn process ends: killed by SIGTERM, 130 ("interrupted") on SIGINT."""
     with serving(home, tmp_path, "--allow-anonymous", "--workers", "2") as server:
         pids = _workers(server, 2)
         server.proc.send_signal(sig)
-        assert server.proc.wait(30) == 0, server.output()
+        assert server.proc.wait(30) == status, server.output()
         assert _gone(pids), server.output()
         assert _listening_inodes(server.port) == set()
         assert "Stopped supervisor process" in server.output()
+        assert "Traceback" not in server.output()
 
 
 @linux_only
@@ -225,23 +280,9 @@ def test_a_killed_supervisor_takes_its_workers_with_it(home, tmp_path):
         assert _gone(pids), "workers outlived their supervisor"
         assert _listening_inodes(server.port) == set()
         # The port is free for the next server at once.
-        env = client_env(home, server.url, tmp_path / "hf")
-        log = tmp_path / "again.log"
-        with log.open("wb") as out:
-            cmd = [sys.executable, "-c", "from lorahub.cli import main; main()", "serve"]
-            cmd += ["--port", str(server.port), "--workers", "2", "--allow-anonymous"]
-            again = Server(
-                server.url,
-                server.port,
-                subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT),
-                log,
-            )
-            try:
-                wait_ready(again)
-                assert _get(again.port) == 200
-            finally:
-                again.proc.terminate()
-                again.proc.wait(30)
+        code, out = _serve_once(home, server.port, "2", stop_after_ready=True)
+        assert code == -signal.SIGTERM, out
+        assert "Application startup complete" in out
 
 
 def test_workers_that_cannot_start_stop_the_server_with_an_error(home, tmp_path):
@@ -261,6 +302,79 @@ def test_workers_that_cannot_start_stop_the_server_with_an_error(home, tmp_path)
     assert time.monotonic() - started < 60
     assert all(s.fileno() == -1 for s in sockets)
     assert all(w.proc.poll() is not None for w in supervisor._workers)
+
+
+@linux_only
+def test_replacements_that_cannot_start_stop_the_server_after_a_few_tries(home, tmp_path):
+    """The store's catalog is replaced by garbage while two workers serve (they keep their
+    open file); a killed worker's replacements all fail, and after START_ATTEMPTS of them the
+    server stops with an error instead of trying forever."""
+    with serving(home, tmp_path, "--allow-anonymous", "--workers", "2") as server:
+        pids = _workers(server, 2)
+        db = home / "lorahub.db"
+        garbage = home / "garbage.db"
+        garbage.write_bytes(b"not a database" * 1000)
+        os.replace(garbage, db)
+        os.kill(pids[0], signal.SIGKILL)
+        code = server.proc.wait(120)
+        out = server.output()
+        assert code not in (0, None), out
+        assert out.count("died before serving") == START_ATTEMPTS - 1, out
+        assert "Error: a server worker could not start" in out
+        assert _gone(pids), out
+
+
+def _supervised(
+    tmp_path: Path, home: Path, grace: float
+) -> tuple[subprocess.Popen[bytes], Path, int]:
+    """A supervisor of two workers, run alone (``grace`` seconds to stop), as a process."""
+    port = free_port()
+    script = textwrap.dedent(
+        f"""
+        import logging.config, signal, uvicorn
+        from lorahub.serve.listen import listen
+        from lorahub.serve.workers import Supervisor
+        logging.config.dictConfig(uvicorn.config.LOGGING_CONFIG)
+        stopped = Supervisor(listen("127.0.0.1", {port}, 2), 2, "127.0.0.1", grace={grace}).run()
+        print("stopped by", signal.Signals(stopped).name, flush=True)
+        """
+    )
+    env = client_env(home, f"http://127.0.0.1:{port}", tmp_path / "hf")
+    env["LORAHUB_SERVE_ANONYMOUS"] = "1"
+    log = tmp_path / f"supervised-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    return proc, log, port
+
+
+@linux_only
+@pytest.mark.parametrize("second_signal", [False, True])
+def test_a_worker_that_does_not_stop_is_killed(home, tmp_path, second_signal):
+    """A stopped (hung) worker: the supervisor kills it after ``grace`` seconds and a few
+    more, or at once on a second signal."""
+    proc, log, port = _supervised(tmp_path, home, grace=60 if second_signal else 1)
+    server = Server(f"http://127.0.0.1:{port}", port, proc, log)
+    try:
+        pids = _workers(server, 2)
+        os.kill(pids[0], signal.SIGSTOP)
+        proc.send_signal(signal.SIGTERM)
+        if second_signal:
+            time.sleep(1)
+            proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert proc.wait(30) == 0, server.output()
+        took = time.monotonic() - started
+        assert took < (5 if second_signal else 1 + 5 + 10), took
+        assert _gone(pids), server.output()
+        assert "stopped by SIGTERM" in server.output()
+        if not second_signal:
+            assert f"Worker process [{pids[0]}] did not stop; killing it" in server.output()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_workers_share_one_socket_where_the_kernel_does_not_spread(home, tmp_path):

@@ -8,6 +8,7 @@ Callers send a token made by ``lorahub token add`` (``Authorization: Bearer``); 
 from __future__ import annotations
 
 import os
+import signal
 
 import click
 
@@ -82,6 +83,7 @@ def serve(
 
     from ..serve.app import ANONYMOUS_ENV, GATED_ENV, MAX_UPLOAD_ENV, NAMESPACE_ENV, create_app
     from ..serve.mapping import Mapping
+    from ..serve.workers import Supervisor, WorkerFailed
     from ..serve.zerocopy import PROTOCOL
 
     try:
@@ -107,11 +109,8 @@ def serve(
     sockets = listen(host, port, 1 if shared else workers)
     port = int(sockets[0].getsockname()[1])
     access = "anonymous reads allowed" if allow_anonymous else "a token needed"
-    click.echo(
-        f"Serving {hub.home} at http://{host}:{port} ({access}); "
-        f"clients: HF_ENDPOINT=http://{host}:{port}",
-        err=True,
-    )
+    url = f"http://[{host}]:{port}" if ":" in host and "[" not in host else f"http://{host}:{port}"
+    click.echo(f"Serving {hub.home} at {url} ({access}); clients: HF_ENDPOINT={url}", err=True)
     if not hub.tokens():
         click.echo(
             "hint: this store has no token yet: make one with `lorahub token add NAME` "
@@ -128,7 +127,10 @@ def serve(
             freeze_gc=True,
         )
         config = uvicorn.Config(app, host=host, port=port, access_log=False, http=PROTOCOL)
-        uvicorn.Server(config).run(sockets=sockets)
+        server = uvicorn.Server(config)
+        server.run(sockets=sockets)
+        if not server.started:  # uvicorn before 0.31 returns quietly when startup fails
+            raise WorkerFailed("the server could not start; its messages are above")
         return
     os.environ["LORAHUB_HOME"] = str(hub.home)
     os.environ[NAMESPACE_ENV] = namespace
@@ -150,10 +152,10 @@ def serve(
         return
     import logging.config
 
-    from ..serve.workers import Supervisor
-
     logging.config.dictConfig(uvicorn.config.LOGGING_CONFIG)
-    Supervisor(sockets, workers, host).run()
+    stopped_by = Supervisor(sockets, workers, host).run()
+    if stopped_by is not None:  # end as the signal says, as one uvicorn process does
+        signal.raise_signal(stopped_by)
 
 
 def register(group: click.Group) -> None:

@@ -10,8 +10,10 @@ when it wakes, and whichever worker wakes first takes a burst of them.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import sys
+from typing import Any
 
 from ..errors import LorahubError
 
@@ -33,21 +35,23 @@ def per_worker_sockets() -> bool:
 def listen(host: str, port: int, count: int = 1) -> list[socket.socket]:
     """``count`` listening TCP sockets on ``host:port`` (``port`` 0: one free port for all).
 
-    With ``count`` > 1 they are bound with ``SO_REUSEPORT``; first, one socket bound without it
-    proves nobody listens there already (a socket with the option would otherwise join another
-    process's group and take half its connections).
+    ``host`` is an address (``[::1]`` or ``::1`` for IPv6) or a name; a name with both kinds
+    of address is listened on at its IPv4 one. With ``count`` > 1 the sockets are bound with
+    ``SO_REUSEPORT``; first, one socket bound without it proves nobody listens there already
+    (a socket with the option would otherwise join another process's group and take half its
+    connections). Two servers started in the same instant can both pass that check.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family, address = _address(host, port)
     if count > 1:
-        with _bound(family, host, port, reuse_port=False) as probe:
-            port = probe.getsockname()[1]
+        with _bound(family, address, host, reuse_port=False) as probe:
+            address = _with_port(address, probe.getsockname()[1])
     sockets: list[socket.socket] = []
     try:
         for _ in range(count):
-            sock = _bound(family, host, port, reuse_port=count > 1)
+            sock = _bound(family, address, host, reuse_port=count > 1)
             sockets.append(sock)
             sock.listen(BACKLOG)
-            port = sock.getsockname()[1]
+            address = _with_port(address, sock.getsockname()[1])
     except BaseException:
         for sock in sockets:
             sock.close()
@@ -55,19 +59,37 @@ def listen(host: str, port: int, count: int = 1) -> list[socket.socket]:
     return sockets
 
 
-def _bound(family: int, host: str, port: int, *, reuse_port: bool) -> socket.socket:
+def _address(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
+    """The family and socket address to bind for ``host``, IPv4 first."""
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        found = socket.getaddrinfo(
+            name, port, socket.AF_UNSPEC, socket.SOCK_STREAM, socket.IPPROTO_TCP, socket.AI_PASSIVE
+        )
+    except (socket.gaierror, UnicodeError):
+        raise ListenError(f"cannot listen on {host}:{port}: unknown host {host!r}") from None
+    family, _, _, _, address = min(found, key=lambda f: f[0] != socket.AF_INET)
+    return family, address
+
+
+def _with_port(address: tuple[Any, ...], port: int) -> tuple[Any, ...]:
+    return (address[0], port, *address[2:])
+
+
+def _bound(family: int, address: tuple[Any, ...], host: str, *, reuse_port: bool) -> socket.socket:
     # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY on accepted connections only when
     # the listening socket's proto says TCP, and without it uvicorn's separate header and
     # body writes wait out the client's delayed ACK (40 ms a small answer).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if os.name == "posix":  # elsewhere (Windows) it would let two servers bind one port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
+        sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise _listen_error(host, port, exc) from None
+        raise _listen_error(host, address[1], exc) from None
     except BaseException:
         sock.close()
         raise
@@ -76,8 +98,6 @@ def _bound(family: int, host: str, port: int, *, reuse_port: bool) -> socket.soc
 
 def _listen_error(host: str, port: int, exc: OSError) -> ListenError:
     where = f"{host}:{port}"
-    if isinstance(exc, socket.gaierror):
-        return ListenError(f"cannot listen on {where}: unknown host {host!r}")
     if exc.errno == errno.EADDRINUSE:
         return ListenError(
             f"cannot listen on {where}: the address is in use (another server is running "

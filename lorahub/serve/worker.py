@@ -1,11 +1,12 @@
 """One process of ``lorahub serve --workers N``: uvicorn over a socket its supervisor made.
 
 Started by :mod:`lorahub.serve.workers` as ``python -m lorahub.serve.worker SOCKET LINK HOST
-PORT``. ``SOCKET`` is the inherited listening socket's descriptor; ``LINK`` one end of a
+PORT GRACE``. ``SOCKET`` is the inherited listening socket's descriptor; ``LINK`` one end of a
 socket pair whose other end the supervisor holds: the worker writes a byte on it once it
 serves, and reads it to learn that the supervisor is gone (end of file), so a killed
 supervisor never leaves workers holding the port. The store and the serve options come in the
-environment (``app.app_from_env``).
+environment (``app.app_from_env``). ``GRACE``: the seconds a stopping worker gives the answers
+it is sending.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from .zerocopy import PROTOCOL
 APP = "lorahub.serve.app:app_from_env"
 #: How long a worker whose supervisor died may finish its answers before it quits anyway.
 ORPHAN_GRACE_S = 30.0
+#: A worker's exit status when its app could not start (uvicorn's own).
+STARTUP_FAILURE = 3
 
 
 class _Server(uvicorn.Server):
@@ -57,13 +60,25 @@ def _exit_with_supervisor(link: socket.socket) -> None:
 
 def main(argv: list[str]) -> None:
     fd, link_fd, host, port = int(argv[0]), int(argv[1]), argv[2], int(argv[3])
-    sock = socket.socket(fileno=fd)  # family, type and proto (TCP) read from the socket
+    grace = int(argv[4])
+    # proto named: asyncio sets TCP_NODELAY on accepted connections only for a TCP socket,
+    # and where SO_PROTOCOL is missing (macOS) a socket rebuilt from a descriptor says 0.
+    sock = socket.socket(proto=socket.IPPROTO_TCP, fileno=fd)
     link = socket.socket(fileno=link_fd)
     threading.Thread(target=_exit_with_supervisor, args=(link,), daemon=True).start()
     config = uvicorn.Config(
-        APP, factory=True, host=host, port=port, access_log=False, http=PROTOCOL
+        APP,
+        factory=True,
+        host=host,
+        port=port,
+        access_log=False,
+        http=PROTOCOL,
+        timeout_graceful_shutdown=grace,
     )
-    _Server(config, link).run(sockets=[sock])
+    server = _Server(config, link)
+    server.run(sockets=[sock])
+    if not server.started:  # uvicorn before 0.31 returns quietly when the app cannot start
+        sys.exit(STARTUP_FAILURE)
 
 
 if __name__ == "__main__":
