@@ -1,12 +1,17 @@
 """One process of ``lorahub serve --workers N``: uvicorn over a socket its supervisor made.
 
 Started by :mod:`lorahub.serve.workers` as ``python -m lorahub.serve.worker SOCKET LINK HOST
-PORT GRACE``. ``SOCKET`` is the inherited listening socket's descriptor; ``LINK`` one end of a
-socket pair whose other end the supervisor holds: the worker writes a byte on it once it
-serves, and reads it to learn that the supervisor is gone (end of file), so a killed
-supervisor never leaves workers holding the port. The store and the serve options come in the
-environment (``app.app_from_env``). ``GRACE``: the seconds a stopping worker gives the answers
-it is sending.
+PORT GRACE [TABLE SLOT COUNT]``:
+
+* ``SOCKET``: the inherited listening socket's descriptor;
+* ``LINK``: one end of a socket pair whose other end the supervisor holds: the worker writes
+  a byte on it once it serves, and reads it to learn that the supervisor is gone (end of
+  file), so a killed supervisor never leaves workers holding the port;
+* ``GRACE``: the seconds a stopping worker gives the answers it is sending;
+* ``TABLE``, ``SLOT``, ``COUNT``: the descriptor of the connection counts the workers share,
+  this worker's slot in it, and how many slots (:mod:`.shares`).
+
+The store and the serve options come in the environment (``app.app_from_env``).
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import socket
 import sys
 import threading
 import time
+from typing import Any
 
 import uvicorn
 
+from . import shares
 from .zerocopy import PROTOCOL
 
 #: The app each worker builds (uvicorn's ``factory``).
@@ -40,6 +47,8 @@ class _Server(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
+        if self.started and shares.current is not None:
+            shares.current.serving()
         if self.started:
             # If the supervisor is gone, _exit_with_supervisor stops this worker.
             with contextlib.suppress(OSError):
@@ -61,6 +70,10 @@ def _exit_with_supervisor(link: socket.socket) -> None:
 def main(argv: list[str]) -> None:
     fd, link_fd, host, port = int(argv[0]), int(argv[1]), argv[2], int(argv[3])
     grace = int(argv[4])
+    http: Any = PROTOCOL
+    if len(argv) > 5:  # the supervisor's table of connections per worker
+        shares.current = shares.Shares(int(argv[5]), int(argv[6]), int(argv[7]))
+        http = shares.balanced_protocol() or PROTOCOL
     # proto named: asyncio sets TCP_NODELAY on accepted connections only for a TCP socket,
     # and where SO_PROTOCOL is missing (macOS) a socket rebuilt from a descriptor says 0.
     sock = socket.socket(proto=socket.IPPROTO_TCP, fileno=fd)
@@ -72,7 +85,7 @@ def main(argv: list[str]) -> None:
         host=host,
         port=port,
         access_log=False,
-        http=PROTOCOL,
+        http=http,
         timeout_graceful_shutdown=grace,
     )
     server = _Server(config, link)

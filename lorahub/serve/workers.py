@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from ..errors import LorahubError
+from . import shares
 
 log = logging.getLogger("uvicorn.error")  # the logger uvicorn's workers write to
 
@@ -94,6 +95,12 @@ class Supervisor:
         self._stopped_by: int | None = None  # the signal that asked for the stop
         self._stopping = False
         self._ever_served = False
+        # Workers with a socket each keep their shares of connections even (shares.py).
+        self._table: int | None = None
+        self._shares: shares.Shares | None = None
+        if count > 1 and len(sockets) == count and shares.supported():
+            self._table = shares.create(count)
+            self._shares = shares.Shares(self._table, 0, count)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -118,6 +125,8 @@ class Supervisor:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._selector.close()
+            if self._table is not None:
+                os.close(self._table)
             log.info("Stopped supervisor process [%d]", os.getpid())
         return self._stopped_by
 
@@ -130,6 +139,12 @@ class Supervisor:
 
     def _spawn(self, slot: int) -> _Worker:
         sock = self._sockets[slot % len(self._sockets)]
+        passed = [sock.fileno()]
+        table: list[str] = []
+        if self._table is not None and self._shares is not None:
+            self._shares.reset(slot)  # a dead worker's connections are gone with it
+            passed.append(self._table)
+            table = [str(self._table), str(slot), str(self._count)]
         ours, theirs = socket.socketpair()
         # -P (3.11+): the working directory stays off the worker's import path, as it is
         # off the supervisor's (a console script), so both run the same lorahub.
@@ -146,9 +161,10 @@ class Supervisor:
                     self._host,
                     str(self._port),
                     str(max(1, int(self._grace))),
+                    *table,
                 ],
                 env=self._env,
-                pass_fds=(sock.fileno(), theirs.fileno()),
+                pass_fds=(*passed, theirs.fileno()),
             )
         except OSError as exc:
             ours.close()
