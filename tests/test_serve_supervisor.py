@@ -508,33 +508,36 @@ def test_a_worker_over_its_share_closes_a_connection_after_an_answer(home, tmp_p
 
 @linux_only
 def test_keep_alive_connections_end_up_even_over_the_workers(home, tmp_path):
-    """64 keep-alive clients, 10 requests each (http.client reconnects when told to close):
-    every answer is right, and no worker ends up holding more than half of 64 plus one, where
-    the kernel's hash alone leaves them that even only about a third of the time."""
+    """64 keep-alive clients sending requests for 5 seconds (http.client reconnects when told
+    to close; a worker closes one connection per 0.1 s at most): every answer is right, and
+    no worker ends up holding more than half of 64 plus one, where the kernel's hash alone
+    leaves them that even only about a third of the time."""
     with serving(home, tmp_path, "--allow-anonymous", "--workers", "2") as server:
         pids = _workers(server, 2)
         conns = [
             http.client.HTTPConnection("127.0.0.1", server.port, timeout=60) for _ in range(64)
         ]
+        until = time.monotonic() + 5
 
         def requests(conn: http.client.HTTPConnection) -> list[int]:
             out = []
-            for _ in range(10):
+            while time.monotonic() < until or not out:
                 conn.request("GET", "/api/models/local/sql-expert/revision/v1")
                 res = conn.getresponse()
                 res.read()
                 out.append(res.status)
+                time.sleep(0.01)
             return out
 
         try:
-            with ThreadPoolExecutor(32) as pool:
+            with ThreadPoolExecutor(64) as pool:
                 statuses = [s for batch in pool.map(requests, conns) for s in batch]
             ports = {c.sock.getsockname()[1] for c in conns if c.sock is not None}
             held = _held_by(pids, server.port, ports)
         finally:
             for c in conns:
                 c.close()
-        assert statuses == [200] * 640
+        assert set(statuses) == {200} and len(statuses) >= 64
         # A connection closed on its last request stays closed: fewer than 64 may be open.
         assert sum(held.values()) == len(ports) > 48, held
         assert max(held.values()) <= 33, held

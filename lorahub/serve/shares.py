@@ -5,9 +5,10 @@ by a hash of its addresses. Clients keep their connections open, so a few dozen 
 be split 11/21 between two workers, and the busier worker's clients wait about twice as
 long. So the workers count their open connections in a small table they share (memory the
 supervisor makes, :func:`create`, passed down as a descriptor), and a worker holding more
-than its share plus one answers its next request with ``Connection: close``: the client
-reconnects, and the kernel's hash places the new connection again, until every worker holds
-its share. A client that is closed on reconnects once, at the cost of a handshake.
+than its share plus one answers a request with ``Connection: close`` (one every
+:data:`SPACING_S` at most): the client reconnects, and the kernel's hash places the new
+connection again, until every worker holds its share. A client that is closed on reconnects
+once, at the cost of a handshake.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from __future__ import annotations
 import mmap
 import os
 import sys
+import time
 from typing import Any
 
 #: Bytes per worker in the table: one signed 64-bit count, -1 while it does not serve.
 _SLOT = 8
 _IDLE = (-1).to_bytes(_SLOT, sys.byteorder, signed=True)
+#: The least time between two connections a worker closes.
+SPACING_S = 0.1
 
 
 def supported() -> bool:
@@ -44,6 +48,7 @@ class Shares:
         self._counts = memoryview(self._map).cast("q")
         self._slot = slot
         self.live = False  # counting this worker's connections (after serving())
+        self._last_close = -SPACING_S
 
     def serving(self) -> None:
         """Counts this worker in from now: it takes connections."""
@@ -67,6 +72,17 @@ class Shares:
         serving = [c for c in self._counts if c >= 0]
         n = len(serving)
         return n > 1 and self._counts[self._slot] * n > sum(serving) + n
+
+    def close_one(self) -> bool:
+        """Whether to close a connection now: over its share, and none closed in the last
+        :data:`SPACING_S`. The spacing lets the counts settle (connections opened at once
+        are accepted in batches) and a reconnect that landed here again be counted before
+        another goes: each reconnect's request waits about twice as long as others."""
+        now = time.monotonic()
+        if now - self._last_close < SPACING_S or not self.over():
+            return False
+        self._last_close = now
+        return True
 
     def counts(self) -> list[int]:
         return list(self._counts)
@@ -100,7 +116,7 @@ def balanced_protocol() -> type[Any] | None:
 
         def on_headers_complete(self) -> None:
             super().on_headers_complete()
-            if self._counted and current is not None and current.over():
+            if self._counted and current is not None and current.close_one():
                 self.cycle.keep_alive = False  # "connection: close", then closed
                 self._uncount()  # now: requests read meanwhile must not close others
 
