@@ -22,6 +22,7 @@ from typing import Any
 #: Bytes per worker in the table: one signed 64-bit count, -1 while it does not serve.
 _SLOT = 8
 _IDLE = (-1).to_bytes(_SLOT, sys.byteorder, signed=True)
+_CLOSE = (b"connection", b"close")
 #: The least time between two connections a worker closes.
 SPACING_S = 0.1
 
@@ -31,11 +32,19 @@ def supported() -> bool:
     return sys.platform.startswith("linux") and hasattr(os, "memfd_create")
 
 
-def create(count: int) -> int:
-    """A descriptor of a table for ``count`` workers, none of them serving yet."""
-    fd = os.memfd_create("lorahub-serve-connections", 0)  # passed on with pass_fds only
-    os.ftruncate(fd, _SLOT * count)
-    os.pwrite(fd, _IDLE * count, 0)
+def create(count: int) -> int | None:
+    """A descriptor of a table for ``count`` workers, none of them serving yet; None where
+    it cannot be made (the workers then go unbalanced)."""
+    try:
+        fd = os.memfd_create("lorahub-serve-connections")  # close-on-exec: pass_fds only
+    except OSError:
+        return None
+    try:
+        os.ftruncate(fd, _SLOT * count)
+        os.pwrite(fd, _IDLE * count, 0)
+    except OSError:
+        os.close(fd)
+        return None
     return fd
 
 
@@ -116,8 +125,20 @@ def balanced_protocol() -> type[Any] | None:
 
         def on_headers_complete(self) -> None:
             super().on_headers_complete()
-            if self._counted and current is not None and current.close_one():
-                self.cycle.keep_alive = False  # "connection: close", then closed
+            cycle = self.cycle
+            if (
+                self._counted
+                and current is not None
+                and cycle is not None
+                and cycle.scope is self.scope  # this request's (not an upgrade's)
+                and self.scope["method"] in ("GET", "HEAD")  # never after an upload
+                and current.close_one()
+            ):
+                cycle.keep_alive = False  # closed after the answer
+                # The answer says "connection: close": uvicorn adds it itself for a cycle not
+                # kept alive, older ones (0.30) only when the request said it: so it does.
+                headers: Any = self.scope["headers"]
+                headers.append(_CLOSE)
                 self._uncount()  # now: requests read meanwhile must not close others
 
         def _uncount(self) -> None:

@@ -71,9 +71,12 @@ def main(argv: list[str]) -> None:
     fd, link_fd, host, port = int(argv[0]), int(argv[1]), argv[2], int(argv[3])
     grace = int(argv[4])
     http: Any = PROTOCOL
-    if len(argv) > 5:  # the supervisor's table of connections per worker
-        shares.current = shares.Shares(int(argv[5]), int(argv[6]), int(argv[7]))
-        http = shares.balanced_protocol() or PROTOCOL
+    balanced = shares.balanced_protocol()
+    if len(argv) > 5 and balanced is not None:  # the table of connections per worker
+        table = int(argv[5])
+        shares.current = shares.Shares(table, int(argv[6]), int(argv[7]))
+        os.close(table)  # mapped
+        http = balanced
     # proto named: asyncio sets TCP_NODELAY on accepted connections only for a TCP socket,
     # and where SO_PROTOCOL is missing (macOS) a socket rebuilt from a descriptor says 0.
     sock = socket.socket(proto=socket.IPPROTO_TCP, fileno=fd)
@@ -86,6 +89,7 @@ def main(argv: list[str]) -> None:
         port=port,
         access_log=False,
         http=http,
+        ws="none",  # no websockets served: an upgrade is an ordinary request
         timeout_graceful_shutdown=grace,
     )
     server = _Server(config, link)

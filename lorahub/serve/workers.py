@@ -100,7 +100,8 @@ class Supervisor:
         self._shares: shares.Shares | None = None
         if count > 1 and len(sockets) == count and shares.supported():
             self._table = shares.create(count)
-            self._shares = shares.Shares(self._table, 0, count)
+            if self._table is not None:
+                self._shares = shares.Shares(self._table, 0, count)
 
     # ------------------------------------------------------------------ lifecycle
 
