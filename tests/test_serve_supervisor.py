@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from factories import cli_runner
-from servekit import Server, children, client_env, free_port, serving, wait_ready
+from servekit import Server, children, client_env, free_port, serving
 
 from lorahub.serve import shares
 from lorahub.serve.listen import ListenError, listen
@@ -326,9 +326,10 @@ def test_replacements_that_cannot_start_stop_the_server_after_a_few_tries(home, 
 
 
 def _supervised(
-    tmp_path: Path, home: Path, grace: float
+    tmp_path: Path, home: Path, grace: float = 30, sockets: int = 2
 ) -> tuple[subprocess.Popen[bytes], Path, int]:
-    """A supervisor of two workers, run alone (``grace`` seconds to stop), as a process."""
+    """A supervisor of two workers over ``sockets`` listening sockets, run alone (``grace``
+    seconds to stop), as a process."""
     port = free_port()
     script = textwrap.dedent(
         f"""
@@ -336,7 +337,8 @@ def _supervised(
         from lorahub.serve.listen import listen
         from lorahub.serve.workers import Supervisor
         logging.config.dictConfig(uvicorn.config.LOGGING_CONFIG)
-        stopped = Supervisor(listen("127.0.0.1", {port}, 2), 2, "127.0.0.1", grace={grace}).run()
+        listening = listen("127.0.0.1", {port}, {sockets})
+        stopped = Supervisor(listening, 2, "127.0.0.1", grace={grace}).run()
         print("stopped by", signal.Signals(stopped).name, flush=True)
         """
     )
@@ -381,37 +383,17 @@ def test_a_worker_that_does_not_stop_is_killed(home, tmp_path, second_signal):
 def test_workers_share_one_socket_where_the_kernel_does_not_spread(home, tmp_path):
     """Elsewhere than Linux, all workers take connections from one socket: run here by
     giving the supervisor one socket for two workers."""
-    port = free_port()
-    script = textwrap.dedent(
-        f"""
-        import logging.config, uvicorn
-        from lorahub.serve.listen import listen
-        from lorahub.serve.workers import Supervisor
-        logging.config.dictConfig(uvicorn.config.LOGGING_CONFIG)
-        Supervisor(listen("127.0.0.1", {port}, 1), 2, "127.0.0.1").run()
-        """
-    )
-    env = client_env(home, f"http://127.0.0.1:{port}", tmp_path / "hf")
-    env["LORAHUB_SERVE_ANONYMOUS"] = "1"
-    log = tmp_path / "shared.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", script], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-        server = Server(f"http://127.0.0.1:{port}", port, proc, log)
-        try:
-            wait_ready(server)
-            deadline = time.monotonic() + 60
-            while server.output().count("Application startup complete") < 2:
-                assert time.monotonic() < deadline, server.output()
-                time.sleep(0.1)
-            with ThreadPoolExecutor(8) as pool:
-                assert set(pool.map(lambda _: _get(port), range(16))) == {200}
-            if sys.platform.startswith("linux"):
-                assert len(_listening_inodes(port)) == 1
-        finally:
-            proc.terminate()
-            assert proc.wait(30) == 0, server.output()
+    proc, log, port = _supervised(tmp_path, home, sockets=1)
+    server = Server(f"http://127.0.0.1:{port}", port, proc, log)
+    try:
+        _workers(server, 2)  # both serving
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(lambda _: _get(port), range(16))) == {200}
+        if sys.platform.startswith("linux"):
+            assert len(_listening_inodes(port)) == 1
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0, server.output()
 
 
 # ---------------------------------------------------------------------- connection shares

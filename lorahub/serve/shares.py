@@ -53,6 +53,7 @@ class Shares:
     ``slot``."""
 
     def __init__(self, fd: int, slot: int, count: int) -> None:
+        self.fd = fd  # the caller's to close (mapped, the table no longer needs it)
         self._map = mmap.mmap(fd, _SLOT * count)
         self._counts = memoryview(self._map).cast("q")
         self._slot = slot

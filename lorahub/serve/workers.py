@@ -96,12 +96,11 @@ class Supervisor:
         self._stopping = False
         self._ever_served = False
         # Workers with a socket each keep their shares of connections even (shares.py).
-        self._table: int | None = None
         self._shares: shares.Shares | None = None
         if count > 1 and len(sockets) == count and shares.supported():
-            self._table = shares.create(count)
-            if self._table is not None:
-                self._shares = shares.Shares(self._table, 0, count)
+            table = shares.create(count)
+            if table is not None:
+                self._shares = shares.Shares(table, 0, count)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -126,8 +125,8 @@ class Supervisor:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._selector.close()
-            if self._table is not None:
-                os.close(self._table)
+            if self._shares is not None:
+                os.close(self._shares.fd)
             log.info("Stopped supervisor process [%d]", os.getpid())
         return self._stopped_by
 
@@ -142,10 +141,10 @@ class Supervisor:
         sock = self._sockets[slot % len(self._sockets)]
         passed = [sock.fileno()]
         table: list[str] = []
-        if self._table is not None and self._shares is not None:
+        if self._shares is not None:
             self._shares.reset(slot)  # a dead worker's connections are gone with it
-            passed.append(self._table)
-            table = [str(self._table), str(slot), str(self._count)]
+            passed.append(self._shares.fd)
+            table = [str(self._shares.fd), str(slot), str(self._count)]
         ours, theirs = socket.socketpair()
         # -P (3.11+): the working directory stays off the worker's import path, as it is
         # off the supervisor's (a console script), so both run the same lorahub.
