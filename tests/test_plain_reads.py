@@ -43,6 +43,28 @@ def test_a_failed_read_is_a_store_error_and_the_pool_goes_on(tmp_path):
                 assert read("SELECT COUNT(*) FROM adapters", []) == [(0,)]
 
 
+def test_a_listing_by_name_gives_each_adapter_all_its_refs_newest_first(world, tmp_path):
+    # Listing by name reads the refs with the adapters, in one statement: what it gives must
+    # be what the plain listing (adapters, then their refs) gives for the same adapters.
+    home = tmp_path / "store"
+    run = cli_runner(home)
+    run("add", world / "a", "--name", "sql:v1")
+    run("tag", "sql:v1", "sql:v2")
+    run("tag", "sql:v1", "other:x")  # a ref under another name comes along
+    run("add", world / "b", "--name", "sql:v3")
+    run("add", world / "ad2", "--name", "elsewhere:v1")
+    with lorahub.open(home) as hub:
+        every = hub.list_adapters()
+        expected = [i for i in every if any(r.startswith("sql:") for r in i.refs)]
+        assert len(expected) == 2
+        assert hub.list_adapters(["name=sql"]) == expected
+        assert hub.list_adapters(["name=sql"], limit=1) == expected[:1]
+        assert expected[1].refs == ("other:x", "sql:v1", "sql:v2")
+        assert hub.list_adapters(["name=sql", "target=o_proj"]) == expected[:1]
+        assert hub.list_adapters(["name=other"]) == expected[1:]
+        assert hub.list_adapters(["name=nobody"]) == []
+
+
 def _in_a_keeping_thread(work: Callable[[], None]) -> None:
     """Run ``work`` in a thread that keeps its own connections (as serve's event loop)."""
     failed: list[BaseException] = []

