@@ -133,9 +133,17 @@ def test_resolve_headers_and_a_range_request(served, exported, loopback_only):
     status, headers, body = served.get(path, {"Range": "bytes=10-99"})
     assert status == 206 and body == weights[10:100]
     assert headers["content-range"] == f"bytes 10-99/{len(weights)}"
+    # Offsets of thousands of digits (int() refuses past 4,300): a start past any file is
+    # unsatisfiable; an end past the file's is its end.
+    huge = "9" * 5000
+    status, headers, _ = served.get(path, {"Range": f"bytes={huge}-"})
+    assert status == 416 and headers["content-range"] == f"bytes */{len(weights)}"
+    status, headers, body = served.get(path, {"Range": f"bytes=5-{huge}"})
+    assert status == 206 and body == weights[5:]
+    assert headers["content-range"] == f"bytes 5-{len(weights) - 1}/{len(weights)}"
 
 
-def test_list_models_by_search_author_and_base(api):
+def test_list_models_by_search_author_and_base(api, served):
     assert [m.id for m in api.list_models(search="sql")] == [REPO]
     assert [m.id for m in api.list_models(author="team")] == [TEAM]
     assert {m.id for m in api.list_models()} == {REPO, TEAM}
@@ -143,6 +151,10 @@ def test_list_models_by_search_author_and_base(api):
     assert list(api.list_models(filter="base_model:adapter:tiny/llama")) == []
     tags = api.model_info(REPO).tags
     assert "peft" in tags
+    assert len(list(api.list_models(limit=1))) == 1
+    for limit in ("0", "-1", "x"):
+        status, _, body = served.get(f"/api/models?limit={limit}")
+        assert status == 400 and b"invalid limit" in body
 
 
 def test_unknown_repo_revision_and_file_raise_the_clients_errors(api, served, tmp_path):

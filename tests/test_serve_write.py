@@ -247,6 +247,7 @@ def test_a_non_lora_and_a_bad_config_are_refused_with_a_clear_error(
         api.upload_folder(folder_path=plain, repo_id="local/not-lora")
     assert err.value.response.status_code == 422
     assert "not stored" in str(err.value) and "LoRA" in str(err.value)
+    assert str(served.home) not in str(err.value)  # the server's own paths stay its own
     bad = tmp_path / "bad"
     shutil.copytree(world / "a", bad)
     (bad / "adapter_config.json").write_text("{not json")
@@ -689,3 +690,62 @@ def test_bad_field_types_and_sizes_are_a_400_not_a_500(served, world, loopback_o
     )
     assert status == 400
     assert served.api().whoami()["name"] == "alice"
+
+
+def test_hostile_values_in_write_requests_are_a_4xx_and_the_server_goes_on(
+    served, world, loopback_only
+):
+    # Each of these was a 500 (an exception the routes did not expect), found by a review,
+    # but the tag that is not a string, which was a 409.
+    served.api().create_repo("local/hostile-empty", exist_ok=True)
+    served.api().upload_folder(folder_path=world / "a", repo_id="local/hostile")
+    before = _ls(served.home)
+    oid = "ab" * 32
+    # A non-ASCII signature on an upload URL: hmac's compare refused to compare it.
+    status, _, _ = served.server.request(
+        "PUT", f"/lorahub-lfs/local/hostile/{oid}/1?expires=1&sig=%C3%A9", b"x"
+    )
+    assert status == 403
+    writer = _auth(served.writer)
+    # A lone surrogate (JSON "\ud800") where a path goes: it cannot be encoded to answer
+    # with it, nor be a file name.
+    preupload = b'{"files":[{"path":"\\ud800","size":1}]}'
+    status, _, answer = served.server.request(
+        "POST", "/api/models/local/hostile/preupload/main", preupload, writer
+    )
+    assert status == 400, answer
+    header = json.dumps(_header()).encode()
+    for line in (
+        b'{"key":"file","value":{"path":"a\\ud800","content":"aGk="}}',
+        b'{"key":"deletedFile","value":{"path":"\\ud800"}}',
+        b'{"key":"file","value":{"path":"d\\ud800/x","content":"aGk="}}',
+    ):
+        status, text = _commit(served, "local/hostile", header + b"\n" + line, served.writer)
+        assert 400 <= status < 500, text
+    # 200 characters, 400 bytes of UTF-8: longer than a file name may be.
+    long_name = _ndjson(_header(), {"key": "file", "value": {"path": "é" * 200, "content": ""}})
+    status, text = _commit(served, "local/hostile", long_name, served.writer)
+    assert status == 400 and "invalid path" in text
+    # A tag that is not a string; a branch name lorahub refuses, on a repo with an adapter
+    # and on one still empty.
+    status, _, answer = served.server.request(
+        "POST", "/api/models/local/hostile/tag/main", b'{"tag": 5}', writer
+    )
+    assert status == 400, answer
+    for repo in ("hostile", "hostile-empty"):
+        status, _, answer = served.server.request(
+            "POST", f"/api/models/local/{repo}/branch/..x", b"{}", writer
+        )
+        assert status == 400, answer
+    # verify with a size that is not a number of bytes
+    status, _, answer = served.server.request(
+        "POST",
+        "/lorahub-lfs/verify/local/hostile",
+        json.dumps({"oid": oid, "size": [1]}).encode(),
+        writer,
+    )
+    assert status == 400, answer
+    assert "Traceback" not in served.server.output()
+    assert served.api().whoami()["name"] == "alice"
+    assert served.tmp_files() == []
+    assert _ls(served.home) == before

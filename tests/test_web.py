@@ -332,6 +332,15 @@ def test_a_bad_header_token_is_refused_and_no_open_redirect(private, store):
     assert "httponly" in cookie and "samesite=strict" in cookie
 
 
+def test_a_login_body_over_its_cap_is_refused_before_it_is_read_whole(private, store):
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    body = f"token={store.reader}&next=/ui/&pad=".encode() + b"x" * (1 << 20)
+    status, _, answer = private.request("POST", "/ui/login", body, headers)
+    assert status == 413 and b"over the limit" in answer
+    body = f"token={store.reader}&next=/ui/".encode()
+    assert private.request("POST", "/ui/login", body, headers)[0] == 303
+
+
 def test_user_text_is_escaped(public, store, page, world):
     page.goto(public.url + "/ui/adapters?q=" + "%3Cscript%3Ewindow.__pwned%3D1%3C/script%3E")
     assert page.input_value("input[name=q]") == "<script>window.__pwned=1</script>"

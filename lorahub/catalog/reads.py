@@ -128,22 +128,7 @@ def list_infos(
 ) -> list[AdapterInfo]:
     """Adapters matching ``filters``, newest first, manifests left unparsed."""
     where, params = where_clause(filters)
-    order = " ORDER BY a.created_at DESC, a.id DESC"
-    if any(key == "name" for key, _ in filters):
-        # A name's few adapters: their refs come in the same statement (a row per ref),
-        # one read instead of two for what `lorahub serve` asks per request.
-        rows = run(
-            f"SELECT {INFO_COLUMNS}, r2.name, r2.tag FROM adapters a "
-            f"LEFT JOIN refs r2 ON r2.adapter_id = a.id{where}{order}",
-            params,
-        )
-        refs: dict[int, list[str]] = {}
-        for row in rows:
-            if row[-2] is not None:
-                refs.setdefault(row[0], []).append(format_ref(row[-2], row[-1]))
-        infos = infos_from_rows(run, [row[:-2] for row in rows], refs)
-        return infos[:limit] if limit else infos
-    sql = f"SELECT {INFO_COLUMNS} FROM adapters a{where}{order}"
+    sql = f"SELECT {INFO_COLUMNS} FROM adapters a{where} ORDER BY a.created_at DESC, a.id DESC"
     if limit:
         sql += f" LIMIT {int(limit)}"
     return infos_from_rows(run, run(sql, params))
@@ -227,14 +212,9 @@ def not_one(run: Run, ref: Reference, by_name: bool, found: Sequence[tuple[str, 
     raise AmbiguousReference(ref.text, [d for d, _ in found])
 
 
-def infos_from_rows(
-    run: Run, rows: Sequence[Sequence[Any]], refs: Mapping[int, list[str]] | None = None
-) -> list[AdapterInfo]:
-    """Infos from rows of ``INFO_COLUMNS`` (repeats of an adapter dropped), with their refs:
-    ``refs`` by adapter id when the caller read them already, else read here."""
+def infos_from_rows(run: Run, rows: list[tuple[Any, ...]]) -> list[AdapterInfo]:
     rows = list({row[0]: row for row in rows}.values())
-    if refs is None:
-        refs = _refs_of(run, [row[0] for row in rows])
+    refs = _refs_of(run, [row[0] for row in rows])
     # Only a manifest whose config spells out a rank_pattern (manifest.explicit_patterns
     # writes one whenever a module's rank is not r) can have modules of other ranks; a
     # substring test on canonical JSON may say yes wrongly (a nested key), never no.

@@ -66,7 +66,12 @@ def _config_repo_id(info: AdapterInfo) -> str | None:
     value = info.config.get(BASE_KEY)
     if not isinstance(value, str) or not value or value.startswith(("~", ".")):
         return None
-    return value if _valid_repo_id(value) else None
+    # Longer than any repo id (two parts of at most 96 characters): not one, and never a
+    # key of the cache below, which a config's megabytes would otherwise fill.
+    return value if len(value) <= _REPO_ID_MAX and _valid_repo_id(value) else None
+
+
+_REPO_ID_MAX = 96 + 1 + 96  # namespace/name, as the Hub client's check allows
 
 
 @functools.lru_cache(maxsize=1024)

@@ -12,6 +12,9 @@ class HubError(Exception):
     def __init__(
         self, status: int, message: str, code: str | None = None, commit: str | None = None
     ) -> None:
+        # A lone surrogate (from a client's JSON "\ud800") cannot be encoded: it is shown
+        # escaped, so the answer can always be sent.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status, self.message, self.code, self.commit = status, message, code, commit
 

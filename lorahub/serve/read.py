@@ -255,7 +255,9 @@ class ReadApi:
         try:
             limit = int(params["limit"]) if params.get("limit") else None
         except ValueError:
-            raise HubError(400, f"invalid limit {params['limit']!r}") from None
+            limit = 0
+        if limit is not None and limit < 1:
+            raise HubError(400, f"invalid limit {params['limit']!r}: a whole number from 1")
         seen: dict[str, AdapterInfo] = {}
         for info in self.hub.list_adapters():  # newest first
             for ref in info.refs:

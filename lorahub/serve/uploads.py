@@ -131,7 +131,7 @@ class Uploads:
         if when is None:
             raise HubError(403, "invalid upload URL: ask the LFS batch API for a new one")
         good = self._signature(repo_id, oid, size, when)
-        if not hmac.compare_digest(good, sig):
+        if not hmac.compare_digest(good.encode(), sig.encode("utf-8", "replace")):
             raise HubError(403, "invalid upload URL: ask the LFS batch API for a new one")
         if when < time.time():
             raise HubError(403, "this upload URL has expired: ask the LFS batch API for a new one")

@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,7 @@ from starlette.responses import JSONResponse, Response
 from ..errors import AdapterNotFound, AmbiguousReference, CorruptData, InvalidInput
 from ..formats import lorahub_json, peft
 from ..refs import validate_tag
+from .bodies import chunks, read_body
 from .errors import HubError, repo_not_found
 from .files import RepoFile
 from .mapping import MAIN, commit_id
@@ -124,14 +126,14 @@ class WriteApi:
         elif kind == "create" and not caller.can_write:
             raise HubError(403, f"token {caller.name!r} may not write")
         if kind == "validate-yaml":
-            await _read_body(request, JSON_CAP)
+            await read_body(request, JSON_CAP)
             return JSONResponse({"errors": [], "warnings": []})
         if kind == "commit":
             if request.query_params.get("create_pr") in ("1", "true", "True"):
                 raise HubError(400, "lorahub serve has no pull requests: commit directly")
             commit = await _read_commit(request, COMMIT_CAP)
             return await self._sync(self.commit, caller, s[2], s[3], s[5], commit, base)
-        body = _json(await _read_body(request, JSON_CAP))
+        body = _json(await read_body(request, JSON_CAP))
         if kind == "create":
             return await self._sync(self.create_repo, caller, body, base)
         if kind == "verify":
@@ -254,6 +256,8 @@ class WriteApi:
         for f in files:
             if not isinstance(f, dict) or not isinstance(f.get("path"), str):
                 raise HubError(400, "each preupload file needs a path")
+            if _utf8(f["path"]) is None:
+                raise HubError(400, f"invalid path {f['path']!r}")
             path, size, text = f["path"], f.get("size"), f.get("sample")
             if text is not None and not isinstance(text, str):
                 raise HubError(400, f"the sample of {path!r} is not a base64 string")
@@ -355,6 +359,8 @@ class WriteApi:
         repo_id, _, _ = self._target(ns, name)
         oid = check_oid(body.get("oid"))
         size = body.get("size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise HubError(400, f"invalid size {size!r}: a whole number of bytes")
         staged = self.uploads.staged(repo_id, oid)
         try:
             missing = staged is None or (isinstance(size, int) and staged.stat().st_size != size)
@@ -448,21 +454,32 @@ class WriteApi:
         work = tmp / f"serve-commit-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         work.mkdir()
         try:
-            for name, f in folder.items():
-                dest = work / name
-                if f.data is not None:
-                    dest.write_bytes(f.data)
-                else:
-                    assert f.path is not None
-                    try:
-                        os.link(f.path, dest)  # same filesystem: no copy of the weights
-                    except OSError:
-                        shutil.copyfile(f.path, dest)
+            try:
+                for name, f in folder.items():
+                    dest = work / name
+                    if f.data is not None:
+                        dest.write_bytes(f.data)
+                    else:
+                        assert f.path is not None
+                        try:
+                            os.link(f.path, dest)  # same filesystem: no copy of the weights
+                        except OSError:
+                            shutil.copyfile(f.path, dest)
+            except OSError as exc:  # the files never reached the store: nothing to undo
+                full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                raise HubError(
+                    507 if full else 500,
+                    f"{where}: not stored, the server could not write the commit's files: "
+                    f"{exc.strerror}",
+                ) from None
             try:
                 added = self.hub.add(work, name=reference).adapter
             except (InvalidInput, CorruptData) as exc:
+                # The message names files by the work folder's path: the client's names
+                # are enough, and the server's paths are not the client's business.
+                reason = str(exc).replace(f"{work}{os.sep}", "").replace(str(work), "the commit")
                 raise HubError(
-                    422, f"{where}: not stored, the commit does not make a LoRA adapter: {exc}"
+                    422, f"{where}: not stored, the commit does not make a LoRA adapter: {reason}"
                 ) from None
             assert added is not None  # add raises rather than refuse
             return added
@@ -479,12 +496,11 @@ class WriteApi:
         return repo_id, lname, infos
 
     def _new_ref(self, lname: str, infos: list[AdapterInfo], start: str, new: str) -> Response:
-        if new == MAIN or not isinstance(new, str):
+        if not isinstance(new, str):
+            raise HubError(400, f"invalid tag {new!r}: a string")
+        if new == MAIN:
             raise HubError(409, f"{new!r} already exists")
-        try:
-            validate_tag(new)
-        except InvalidInput as exc:
-            raise HubError(400, str(exc)) from None
+        _check_tag(new)
         if self._head(lname, new) is not None:
             raise HubError(409, f"{new!r} already exists in {lname}")
         info = self.read.revision(lname, infos, start)
@@ -508,6 +524,8 @@ class WriteApi:
         with self._locked(repo_id):
             _, lname, infos = self._existing(caller, ns, name)
             if not infos:  # every branch of an empty repo is empty: its first commit makes it
+                if branch != MAIN:
+                    _check_tag(branch)
                 return JSONResponse({"name": branch})
             start = body.get("startingPoint") or MAIN
             return self._new_ref(lname, infos, str(start), branch)
@@ -589,8 +607,9 @@ def _digest(text: str) -> Any:
 
 
 def _check_path(path: object) -> str:
-    """A file path of the commit: relative, at the repo's root, nothing odd in it."""
-    if not isinstance(path, str) or not path or len(path) > 255:
+    """A file path of the commit: relative, at the repo's root, nothing odd in it, a name
+    the file system takes (at most 255 bytes of UTF-8: no lone surrogate)."""
+    if not isinstance(path, str) or not path or len(_utf8(path) or b"x" * 256) > 255:
         raise HubError(400, f"invalid path in the commit: {path!r}")
     if "\0" in path or "\\" in path or path.startswith("/") or path in (".", ".."):
         raise HubError(400, f"invalid path in the commit: {path!r}")
@@ -696,6 +715,22 @@ class _Commit:
             raise HubError(400, f"unknown commit line {key!r}")
 
 
+def _check_tag(tag: str) -> None:
+    """A tag or branch name lorahub takes (``refs.validate_tag``), else a 400."""
+    try:
+        validate_tag(tag)
+    except InvalidInput as exc:
+        raise HubError(400, str(exc)) from None
+
+
+def _utf8(text: str) -> bytes | None:
+    """``text`` in UTF-8; None when it holds a lone surrogate (JSON's ``"\ud800"``)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+
+
 def _json(raw: bytes) -> dict[str, Any]:
     try:
         value = json.loads(raw)
@@ -706,28 +741,9 @@ def _json(raw: bytes) -> dict[str, Any]:
     return value
 
 
-async def _chunks(request: Request, cap: int) -> AsyncIterator[bytes]:
-    """The body's chunks, refused (413) as soon as they pass ``cap`` bytes (or its
-    Content-Length does, before any is read)."""
-    length = parse_size(request.headers.get("content-length"))
-    if length is not None and length > cap:
-        raise HubError(413, f"request body of {length} bytes is over the limit of {cap} bytes")
-    total = 0
-    async for chunk in request.stream():  # a dropped client: ClientDisconnect
-        total += len(chunk)
-        if total > cap:
-            raise HubError(413, f"request body over the limit of {cap} bytes")
-        yield chunk
-
-
-async def _read_body(request: Request, cap: int) -> bytes:
-    """The body, refused (413) as soon as it passes ``cap`` bytes."""
-    return b"".join([chunk async for chunk in _chunks(request, cap)])
-
-
 async def _read_commit(request: Request, cap: int) -> _Commit:
     """The NDJSON commit, parsed as it streams in, refused (413) past ``cap`` bytes."""
     commit = _Commit()
-    async for chunk in _chunks(request, cap):
+    async for chunk in chunks(request, cap):
         commit.feed(chunk)
     return commit.finish()

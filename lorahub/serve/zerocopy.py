@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ except ImportError:  # httptools not installed: the h11 protocol alone
 ZEROCOPY = "http.response.zerocopysend"
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_DIGITS = 18  # the longest offset read as a number: under 2**63
 _FALLBACK_CHUNK = 1 << 20
 
 
@@ -214,10 +216,14 @@ class BlobResponse(Response):
         match = _RANGE.match(wanted.strip())
         if match is None or not match.group(1):
             return None
-        start, last = int(match.group(1)), match.group(2)
-        if last and int(last) < start:
+        first, last = match.group(1), match.group(2)
+        # Past 18 digits a number is past any file (and int() of thousands of digits
+        # raises): such a start is unsatisfiable (416), such an end means the file's end.
+        start = int(first) if len(first) <= _DIGITS else sys.maxsize
+        end = int(last) + 1 if last and len(last) <= _DIGITS else None
+        if end is not None and end <= start:
             return None
-        return (start, int(last) + 1 if last else None, True)
+        return (start, end, True)
 
 
 #: What ``uvicorn.run(http=...)`` takes: the class itself (a string must name one of

@@ -32,6 +32,7 @@ from ...catalog.plain import plain_reads
 from ...digest import Digest
 from ...errors import AdapterNotFound, AmbiguousReference, LorahubError
 from ..auth import ANONYMOUS, Auth, Caller
+from ..bodies import read_body
 from ..errors import HubError
 from ..mapping import Mapping, commit_id
 from . import chart, queries, render
@@ -50,6 +51,7 @@ PREFIX = "/ui"
 COOKIE = "lorahub_token"
 PAGE_SIZE = 50
 TOTALS_TTL_S = 30.0
+LOGIN_CAP = 16 << 10  # a login form: a token and where to go next
 #: Weights up to this size have their chart computed while the page waits (tens of ms);
 #: larger ones in the background.
 INLINE_NORMS_BYTES = 32 << 20
@@ -105,7 +107,7 @@ class WebPages:
         if s == [""]:
             return RedirectResponse(f"{PREFIX}/", status_code=307)
         if s[1:] == ["login"] and request.method == "POST":
-            form = parse_qs((await request.body()).decode("utf-8", "replace"))
+            form = parse_qs((await read_body(request, LOGIN_CAP)).decode("utf-8", "replace"))
             return await run_in_threadpool(self.login, request, form)
         if s[1:] == ["logout"] and request.method == "POST":
             response = RedirectResponse(f"{PREFIX}/login", status_code=303)
