@@ -44,8 +44,8 @@ def test_a_failed_read_is_a_store_error_and_the_pool_goes_on(tmp_path):
 
 
 def test_a_listing_by_name_gives_each_adapter_all_its_refs_newest_first(world, tmp_path):
-    # Listing by name reads the refs with the adapters, in one statement: what it gives must
-    # be what the plain listing (adapters, then their refs) gives for the same adapters.
+    # What `lorahub serve` asks per request: a name's adapters, each with every ref it has
+    # (under other names too), as the unfiltered listing gives them.
     home = tmp_path / "store"
     run = cli_runner(home)
     run("add", world / "a", "--name", "sql:v1")
