@@ -609,7 +609,8 @@ def _digest(text: str) -> Any:
 def _check_path(path: object) -> str:
     """A file path of the commit: relative, at the repo's root, nothing odd in it, a name
     the file system takes (at most 255 bytes of UTF-8: no lone surrogate)."""
-    if not isinstance(path, str) or not path or len(_utf8(path) or b"x" * 256) > 255:
+    encoded = _utf8(path) if isinstance(path, str) else None
+    if not isinstance(path, str) or not encoded or len(encoded) > 255:
         raise HubError(400, f"invalid path in the commit: {path!r}")
     if "\0" in path or "\\" in path or path.startswith("/") or path in (".", ".."):
         raise HubError(400, f"invalid path in the commit: {path!r}")
@@ -724,7 +725,7 @@ def _check_tag(tag: str) -> None:
 
 
 def _utf8(text: str) -> bytes | None:
-    """``text`` in UTF-8; None when it holds a lone surrogate (JSON's ``"\ud800"``)."""
+    """``text`` in UTF-8; None when it holds a lone surrogate (JSON's ``"\\ud800"``)."""
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
