@@ -745,6 +745,12 @@ def test_hostile_values_in_write_requests_are_a_4xx_and_the_server_goes_on(
         writer,
     )
     assert status == 400, answer
+    # Thousands of tiny files: refused as the lines arrive, before any is written.
+    from lorahub.serve.write import COMMIT_FILES
+
+    many = [{"key": "file", "value": {"path": f"f{i}.txt", "content": ""}} for i in range(2000)]
+    status, text = _commit(served, "local/hostile", _ndjson(_header(), *many), served.writer)
+    assert status == 400 and f"at most {COMMIT_FILES} files" in text
     assert "Traceback" not in served.server.output()
     assert served.api().whoami()["name"] == "alice"
     assert served.tmp_files() == []

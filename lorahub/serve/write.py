@@ -72,6 +72,7 @@ LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".pkl",
 LFS_THRESHOLD = 10 << 20  # the Hub's: bigger files go through LFS too
 JSON_CAP = 1 << 20  # preupload, batch and the small requests
 COMMIT_CAP = 64 << 20  # an NDJSON commit: its regular files are under LFS_THRESHOLD
+COMMIT_FILES = 1000  # files (added, LFS or deleted) one commit may name
 LOCK_WAIT_S = 600.0  # how long a write waits for another one to the same repo
 _WEIGHTS = (peft.SAFETENSORS, peft.BIN)
 LFS_JSON = "application/vnd.git-lfs+json"
@@ -681,6 +682,10 @@ class _Commit:
     def _line(self, line: bytes) -> None:
         if not line.strip():
             return
+        if len(self.adds) + len(self.lfs) + len(self.deletes) >= COMMIT_FILES:
+            # An adapter folder holds a handful: thousands of tiny files would only cost
+            # the disk a file each before the import refuses them.
+            raise HubError(400, f"a commit holds at most {COMMIT_FILES} files")
         item = _json(line)
         key, value = item.get("key"), item.get("value")
         if not isinstance(value, dict):
