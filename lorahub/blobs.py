@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .digest import ALGO, Digest, hash_bytes, hash_file, hash_stream
-from .errors import BlobCollision, CorruptData, IntegrityError, StoreError
+from .errors import BlobCollision, CorruptData, DiskFull, IntegrityError, StoreError
 from .fsutil import current_umask, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,8 @@ def check_expected(actual: Digest, expected: Digest | None) -> None:
 
 
 def _disk_error(exc: OSError, what: str) -> StoreError:
-    if exc.errno == errno.ENOSPC:
-        return StoreError(f"no space left on device while {what}; free some space and retry")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"no space left on device while {what}; free some space and retry")
     return StoreError(f"{what} failed: {exc}")
 
 

@@ -146,6 +146,11 @@ class StoreError(LorahubError, OSError):
     disk, a broken or inconsistent catalog)."""
 
 
+class DiskFull(StoreError):
+    """No space is left on the disk under the store: free some, then retry (a server
+    answers 507, Insufficient Storage)."""
+
+
 # ----------------------------------------------------------- today's names, in their families
 
 

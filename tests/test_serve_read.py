@@ -140,6 +140,11 @@ def test_resolve_headers_and_a_range_request(served, exported, loopback_only):
     assert status == 416 and headers["content-range"] == f"bytes */{len(weights)}"
     status, headers, body = served.get(path, {"Range": f"bytes=5-{huge}"})
     assert status == 206 and body == weights[5:]
+    zeros = "0" * 25  # leading zeros say nothing of a number's size
+    status, _, body = served.get(path, {"Range": f"bytes={zeros}5-"})
+    assert status == 206 and body == weights[5:]
+    status, _, body = served.get(path, {"Range": f"bytes=5-{zeros}10"})
+    assert status == 206 and body == weights[5:11]
     assert headers["content-range"] == f"bytes 5-{len(weights) - 1}/{len(weights)}"
 
 

@@ -755,3 +755,74 @@ def test_hostile_values_in_write_requests_are_a_4xx_and_the_server_goes_on(
     assert served.api().whoami()["name"] == "alice"
     assert served.tmp_files() == []
     assert _ls(served.home) == before
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MB file system of its own (tmpfs), to fill up; needs root to mount."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small file system needs root")
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode(errors='replace')}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    """A file taking every free byte of ``disk``."""
+    filler = disk / "filler"
+    with filler.open("wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_is_a_507_that_stores_nothing_and_the_push_works_once_freed(
+    small_disk, world, tmp_path, loopback_only
+):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    home = small_disk / "store"
+    writer, _ = _tokens(home)
+    with serving(home, tmp_path / "work") as server:
+        api = HfApi(endpoint=server.url, token=writer)
+        api.create_repo("local/full")
+
+        def refused(repo: str, folder: Path, where: str) -> None:
+            filler = _fill(small_disk)
+            before = _ls(home)
+            with pytest.raises((HfHubHTTPError, RuntimeError)) as err:
+                api.upload_folder(folder_path=folder, repo_id=repo)
+            filler.unlink()
+            http = err.value  # an LFS upload's error comes as the cause of a RuntimeError
+            while not isinstance(http, HfHubHTTPError) and http.__cause__ is not None:
+                http = http.__cause__
+            assert isinstance(http, HfHubHTTPError), err.value
+            assert http.response.status_code == 507, http
+            assert where in str(http.response.url)
+            assert "no space left on the server's disk" in str(http)
+            assert _ls(home) == before
+            assert not list((home / "serve").rglob("*.partial"))
+            assert not list((home / "serve").rglob(".upload.key.*"))
+            assert not list((home / "tmp").iterdir())
+
+        # The first upload ever makes the store's upload key: the LFS batch fails to.
+        refused("local/full", world / "a", "/info/lfs/objects/batch")
+        api.upload_folder(folder_path=world / "b", repo_id="local/first")
+        # With the key made, the weights' PUT is what meets the full disk.
+        refused("local/full", world / "a", "/lorahub-lfs/")
+        api.upload_folder(folder_path=world / "a", repo_id="local/full")
+        assert _ls(home)["full:latest"] == _added_digest(world / "a", tmp_path)
+        assert "Traceback" not in server.output()

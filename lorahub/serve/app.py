@@ -41,7 +41,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..catalog.plain import keep_connections
-from ..errors import InvalidInput, LorahubError
+from ..errors import DiskFull, InvalidInput, LorahubError
 from .auth import Auth, Caller
 from .errors import HubError, repo_not_found
 from .files import WEIGHTS, HashNeeded, deferring_hashes
@@ -280,7 +280,10 @@ def create_app(
             return Response(status_code=400)  # nobody is listening
         except LorahubError as exc:  # a store problem (a damaged blob...): the client sees it
             log.warning("serving %s: %s", request.url.path, exc)
-            error = HubError(500 if not isinstance(exc, InvalidInput) else 400, str(exc))
+            status = (
+                507 if isinstance(exc, DiskFull) else 400 if isinstance(exc, InvalidInput) else 500
+            )
+            error = HubError(status, str(exc))
         response = error.response()
         if request.method not in ("GET", "HEAD"):
             # The rest of a refused upload is never read: closing stops the client sending it.

@@ -3,6 +3,8 @@ exceptions (``X-Error-Code``, ``X-Error-Message``, a JSON ``error``)."""
 
 from __future__ import annotations
 
+import errno
+
 from starlette.responses import JSONResponse, Response
 
 
@@ -27,6 +29,14 @@ class HubError(Exception):
         if self.commit:
             headers["X-Repo-Commit"] = self.commit
         return JSONResponse({"error": self.message}, self.status, headers=headers)
+
+
+def disk_failure(exc: OSError, what: str) -> HubError:
+    """A write the server could not make: 507 (Insufficient Storage) when the disk is full,
+    else 500, each saying why, never where."""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    reason = "no space left on the server's disk" if full else (exc.strerror or type(exc).__name__)
+    return HubError(507 if full else 500, f"{what}: not stored, {reason}; retry later")
 
 
 def repo_not_found(authenticated: bool) -> HubError:

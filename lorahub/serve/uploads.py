@@ -35,14 +35,14 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from starlette.concurrency import run_in_threadpool
 
 from ..fsutil import process_alive
-from .errors import HubError
+from .errors import HubError, disk_failure
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,22 @@ class Uploads:
             return self._key
         path = self._key_dir / "upload.key"
         if not path.is_file():
-            self._key_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self._key_dir / f".upload.key.{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                self._make_key(path)
+            except OSError as exc:  # a full disk: no upload can be staged either
+                raise disk_failure(exc, "the upload") from None
+        key = path.read_bytes()
+        if len(key) != 32:
+            raise HubError(500, f"the upload key {path} is damaged: remove it and restart")
+        self._key = key
+        return key
+
+    def _make_key(self, path: Path) -> None:
+        """Write a new key to ``path``, unless another process did first."""
+        self._key_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._key_dir / f".upload.key.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
             try:
                 os.write(fd, secrets.token_bytes(32))
                 os.fsync(fd)
@@ -108,12 +121,8 @@ class Uploads:
                 os.close(fd)
             with contextlib.suppress(FileExistsError):
                 os.link(tmp, path)  # never replaces a key another worker made first
+        finally:
             tmp.unlink()
-        key = path.read_bytes()
-        if len(key) != 32:
-            raise HubError(500, f"the upload key {path} is damaged: remove it and restart")
-        self._key = key
-        return key
 
     def _signature(self, repo_id: str, oid: str, size: int, expires: int) -> str:
         text = f"{repo_id}\n{oid}\n{size}\n{expires}".encode()
@@ -206,16 +215,16 @@ class Uploads:
                 buffer.append(chunk)
                 buffered += len(chunk)
                 if buffered >= _BUFFER:
-                    await run_in_threadpool(flush, buffer)
+                    await _written(flush, buffer, oid)
                     buffer, buffered = [], 0
-            await run_in_threadpool(flush, buffer)
+            await _written(flush, buffer, oid)
             if count != size:
                 raise HubError(400, f"got {count} bytes, {size} were announced")
             if sha.hexdigest() != oid:
                 raise HubError(
                     400, f"the bytes uploaded hash to sha256 {sha.hexdigest()}, not the oid {oid}"
                 )
-            await run_in_threadpool(_finish, fh)
+            await _written(_finish, fh, oid)
             final = folder / oid
             try:
                 os.replace(partial, final)
@@ -226,7 +235,9 @@ class Uploads:
             return final
         finally:
             if not fh.closed:
-                fh.close()
+                # Its buffered bytes may not fit either: the partial file goes anyway.
+                with contextlib.suppress(OSError):
+                    fh.close()
             if not done:
                 with contextlib.suppress(FileNotFoundError):
                     partial.unlink()
@@ -307,6 +318,15 @@ def _stale(entry: os.DirEntry[str], cutoff: float) -> bool:
     if st.st_mtime < cutoff:
         return True
     return m is not None and not process_alive(int(m.group("pid")))
+
+
+async def _written(write: Callable[[Any], None], arg: Any, oid: str) -> None:
+    """``write(arg)`` in a thread; a failed write (a full disk) is the client's 507 or 500
+    (the caller removes the partial file)."""
+    try:
+        await run_in_threadpool(write, arg)
+    except OSError as exc:
+        raise disk_failure(exc, f"LFS object {oid}") from None
 
 
 def _finish(fh: BinaryIO) -> None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -54,7 +53,7 @@ from ..errors import AdapterNotFound, AmbiguousReference, CorruptData, InvalidIn
 from ..formats import lorahub_json, peft
 from ..refs import validate_tag
 from .bodies import chunks, read_body
-from .errors import HubError, repo_not_found
+from .errors import HubError, disk_failure, repo_not_found
 from .files import RepoFile
 from .mapping import MAIN, commit_id
 from .uploads import Uploads, check_oid, parse_size
@@ -467,12 +466,7 @@ class WriteApi:
                         except OSError:
                             shutil.copyfile(f.path, dest)
             except OSError as exc:  # the files never reached the store: nothing to undo
-                full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-                raise HubError(
-                    507 if full else 500,
-                    f"{where}: not stored, the server could not write the commit's files: "
-                    f"{exc.strerror}",
-                ) from None
+                raise disk_failure(exc, where) from None
             try:
                 added = self.hub.add(work, name=reference).adapter
             except (InvalidInput, CorruptData) as exc:

@@ -216,7 +216,9 @@ class BlobResponse(Response):
         match = _RANGE.match(wanted.strip())
         if match is None or not match.group(1):
             return None
+        # Leading zeros are allowed (RFC 9110) and say nothing of a number's size.
         first, last = match.group(1), match.group(2)
+        first, last = first.lstrip("0") or first[:1], last.lstrip("0") or last[:1]
         # Past 18 digits a number is past any file (and int() of thousands of digits
         # raises): such a start is unsatisfiable (416), such an end means the file's end.
         start = int(first) if len(first) <= _DIGITS else sys.maxsize
